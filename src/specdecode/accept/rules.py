@@ -1,0 +1,74 @@
+"""Greedy matching and speculative sampling (Leviathan et al. 2023; Chen et al. 2023).
+
+Both rules see the target's logits at ``k + 1`` positions for a draft of ``k`` tokens: position
+``i`` is the target's prediction for draft token ``i``, position ``k`` the bonus position. They
+return how many draft tokens to keep and the one token the target contributes after them, so
+every step emits at least one token — with ``k == 0`` this is plain autoregressive decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from specdecode.propose.base import Draft
+from specdecode.sampling import SamplingSettings, process_logits, sample
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: int
+    next_token: int
+
+
+class AcceptanceRule(Protocol):
+    def __call__(self, draft: Draft, target_logits: torch.Tensor) -> Verdict: ...
+
+
+class GreedyMatch:
+    """Keep draft tokens while they equal the target's argmax: lossless w.r.t. greedy decoding."""
+
+    def __call__(self, draft: Draft, target_logits: torch.Tensor) -> Verdict:
+        choices = target_logits.argmax(dim=-1).tolist()
+        accepted = 0
+        while accepted < len(draft) and draft.tokens[accepted] == choices[accepted]:
+            accepted += 1
+        return Verdict(accepted, choices[accepted])
+
+
+class SpeculativeSampling:
+    """Accept token x with probability min(1, p(x)/q(x)); on rejection sample norm(max(0, p − q)).
+
+    The output is distributed exactly as sampling from the processed target ``p``. A draft
+    without ``probs`` was chosen deterministically, i.e. q is one-hot on the drafted token.
+    """
+
+    def __init__(self, sampling: SamplingSettings, generator: torch.Generator | None) -> None:
+        self.sampling = sampling
+        self.generator = generator
+
+    def __call__(self, draft: Draft, target_logits: torch.Tensor) -> Verdict:
+        p = process_logits(target_logits, self.sampling)
+        k = len(draft)
+        if k:
+            idx = torch.arange(k, device=p.device)
+            tokens = torch.tensor(draft.tokens, device=p.device)
+            p_tok = p[idx, tokens]
+            q_tok = draft.probs[idx, tokens] if draft.probs is not None else torch.ones_like(p_tok)
+            ratios = (p_tok / q_tok).clamp(max=1.0)
+            draws = torch.rand(k, generator=self.generator, device=p.device, dtype=ratios.dtype)
+            rejected = (draws >= ratios).nonzero()
+            if len(rejected):
+                i = int(rejected[0])
+                if draft.probs is not None:
+                    residual = (p[i] - draft.probs[i]).clamp(min=0)
+                else:
+                    residual = p[i].clone()
+                    residual[draft.tokens[i]] = 0
+                total = residual.sum()
+                # total == 0 only when p == q, where rejection has probability 0; guard rounding
+                dist = residual / total if total > 0 else p[i]
+                return Verdict(i, sample(dist, self.generator))
+        return Verdict(k, sample(p[k], self.generator))

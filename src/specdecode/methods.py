@@ -1,0 +1,107 @@
+"""Decoding methods by the names users know them from the papers, and how each is assembled.
+
+A method is a drafter plus an acceptance rule. Each builder takes the method's own options as
+keyword arguments; unknown options and out-of-range values are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from specdecode.accept.rules import AcceptanceRule, GreedyMatch, SpeculativeSampling
+from specdecode.errors import InvalidSettingError
+from specdecode.models.loading import LoadedModel, check_same_vocabulary
+from specdecode.propose.base import Proposer
+from specdecode.propose.draft_model import DraftModelProposer
+from specdecode.propose.ngram import NgramProposer
+from specdecode.sampling import SamplingSettings
+
+
+@dataclass
+class MethodContext:
+    """What every builder may use for one request."""
+
+    target: LoadedModel
+    draft: LoadedModel | None
+    sampling: SamplingSettings
+    generator: torch.Generator
+
+
+Builder = Callable[..., tuple[Proposer, AcceptanceRule]]
+_REGISTRY: dict[str, Builder] = {}
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+    def decorate(builder: Builder) -> Builder:
+        _REGISTRY[name] = builder
+        return builder
+
+    return decorate
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def method_options(name: str) -> list[str]:
+    return [p for p in inspect.signature(_builder(name)).parameters if p != "ctx"]
+
+
+def _builder(name: str) -> Builder:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise InvalidSettingError(f"unknown method {name!r}; choose one of {', '.join(method_names())}") from None
+
+
+def validate_options(name: str, options: dict[str, object]) -> None:
+    unknown = sorted(set(options) - set(method_options(name)))
+    if unknown:
+        valid = ", ".join(method_options(name)) or "none"
+        raise InvalidSettingError(f"unknown option(s) {', '.join(unknown)} for method {name!r} (valid: {valid})")
+
+
+def build(name: str, ctx: MethodContext, options: dict[str, object]) -> tuple[Proposer, AcceptanceRule]:
+    """Assemble method ``name`` for one request."""
+    validate_options(name, options)
+    return _builder(name)(ctx, **options)
+
+
+def default_rule(ctx: MethodContext) -> AcceptanceRule:
+    """Greedy match for greedy decoding, speculative sampling otherwise."""
+    return GreedyMatch() if ctx.sampling.greedy else SpeculativeSampling(ctx.sampling, ctx.generator)
+
+
+def require_draft(ctx: MethodContext, method: str) -> LoadedModel:
+    if ctx.draft is None:
+        raise InvalidSettingError(f"method {method!r} needs a draft model (--draft)")
+    check_same_vocabulary(ctx.target, ctx.draft)
+    return ctx.draft
+
+
+@register("ar")
+def build_autoregressive(ctx: MethodContext) -> tuple[Proposer, AcceptanceRule]:
+    """Plain autoregressive decoding: one target forward per token."""
+    return Proposer(), default_rule(ctx)
+
+
+@register("pld")
+def build_prompt_lookup(
+    ctx: MethodContext, gamma: int = 10, max_ngram: int = 3, min_ngram: int = 1
+) -> tuple[Proposer, AcceptanceRule]:
+    """Prompt lookup: draft the continuation of an earlier occurrence of the last n-gram."""
+    return NgramProposer(gamma, max_ngram, min_ngram), default_rule(ctx)
+
+
+@register("sps")
+def build_speculative_sampling(
+    ctx: MethodContext, gamma: int = 4, adaptive_gamma: bool = False
+) -> tuple[Proposer, AcceptanceRule]:
+    """Speculative decoding / sampling with a separate draft model."""
+    draft = require_draft(ctx, "sps")
+    proposer = DraftModelProposer(draft.model, ctx.sampling, ctx.generator, gamma, adaptive_gamma)
+    return proposer, default_rule(ctx)

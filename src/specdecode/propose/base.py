@@ -1,0 +1,54 @@
+"""What a drafter (proposer) hands to the acceptance rule, and the interface every drafter meets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Draft:
+    """Proposed continuation of the current sequence.
+
+    ``probs[i]`` is the (processed) draft distribution the i-th token was drawn from, needed by
+    speculative sampling; ``None`` means the tokens were chosen deterministically (n-gram lookup,
+    greedy drafts), which acceptance rules treat as a one-hot draft distribution.
+    ``log_q`` holds the draft log-probability of each drafted token (MTAD's joint ratio).
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    probs: torch.Tensor | None = None
+    log_q: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class DraftStats:
+    """Counters a drafter keeps for one generation."""
+
+    forwards: int = 0
+    proposed: int = 0
+
+
+class Proposer:
+    """Drafts tokens for one generation; a fresh instance serves each request.
+
+    The base class proposes nothing, which makes every step one target forward: autoregressive
+    decoding.
+    """
+
+    def __init__(self) -> None:
+        self.stats = DraftStats()
+
+    def on_prefill(self, prompt_hidden: torch.Tensor) -> None:
+        """See the target's final hidden states over the prompt (KNN routing uses them)."""
+
+    def propose(self, sequence: list[int], max_tokens: int) -> Draft:
+        """Draft at most ``max_tokens`` tokens continuing ``sequence`` (prompt + generated so far)."""
+        return Draft()
+
+    def observe(self, proposed: int, accepted: int) -> None:
+        """Learn from the outcome of the last verification (adaptive draft lengths)."""

@@ -1,0 +1,71 @@
+"""Drafting with a separate, smaller model that shares the target's vocabulary (classic SpS)."""
+
+from __future__ import annotations
+
+import torch
+
+from specdecode.errors import InvalidSettingError
+from specdecode.models.cache import KVCache, forward
+from specdecode.propose.base import Draft, Proposer
+from specdecode.sampling import SamplingSettings, process_logits, sample
+
+
+class DraftLengthSchedule:
+    """Draft length γ: fixed, or adapted like `transformers`' "heuristic" schedule
+    (+2 after a fully accepted draft, −1 otherwise, never below 1)."""
+
+    def __init__(self, gamma: int, adaptive: bool = False, max_gamma: int = 16) -> None:
+        if gamma < 1:
+            raise InvalidSettingError(f"gamma (draft length) must be >= 1, got {gamma}")
+        self.gamma, self.adaptive, self.max_gamma = gamma, adaptive, max(max_gamma, gamma)
+
+    def observe(self, proposed: int, accepted: int) -> None:
+        if not self.adaptive or proposed == 0:
+            return
+        if accepted == proposed:
+            self.gamma = min(self.gamma + 2, self.max_gamma)
+        else:
+            self.gamma = max(1, self.gamma - 1)
+
+
+class DraftModelProposer(Proposer):
+    """Autoregressively drafts γ tokens with ``draft_model``, keeping its own KV cache in sync."""
+
+    def __init__(
+        self,
+        draft_model: torch.nn.Module,
+        sampling: SamplingSettings,
+        generator: torch.Generator | None,
+        gamma: int = 4,
+        adaptive: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = draft_model
+        self.sampling = sampling
+        self.generator = generator
+        self.schedule = DraftLengthSchedule(gamma, adaptive)
+        self.kv = KVCache()
+
+    def propose(self, sequence: list[int], max_tokens: int) -> Draft:
+        limit = min(self.schedule.gamma, max_tokens)
+        if limit < 1:
+            return Draft()
+        pending = self.kv.sync(sequence)
+        tokens: list[int] = []
+        probs: list[torch.Tensor] = []
+        for _ in range(limit):
+            logits = forward(self.model, self.kv, pending, logits_to_keep=1)[-1]
+            self.stats.forwards += 1
+            if self.sampling.greedy:
+                token = int(logits.argmax())
+            else:
+                dist = process_logits(logits, self.sampling)
+                token = sample(dist, self.generator)
+                probs.append(dist)
+            tokens.append(token)
+            pending = [token]
+        self.stats.proposed += len(tokens)
+        return Draft(tokens=tokens, probs=torch.stack(probs) if probs else None)
+
+    def observe(self, proposed: int, accepted: int) -> None:
+        self.schedule.observe(proposed, accepted)

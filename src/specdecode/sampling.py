@@ -1,0 +1,91 @@
+"""Generation settings and the logits → probabilities processing every method shares.
+
+Target and draft distributions go through the same temperature / top-k / top-p processing, as
+in `transformers` and the reference implementations; speculative sampling is exact with respect
+to the *processed* target distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from specdecode.errors import InvalidSettingError
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """``temperature == 0`` means greedy; ``top_k == 0`` and ``top_p == 1`` disable those filters."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise InvalidSettingError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidSettingError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidSettingError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What to generate: length, sampling, stop conditions and seed."""
+
+    max_new_tokens: int = 128
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    stop_strings: tuple[str, ...] = ()
+    seed: int | None = None
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidSettingError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any(not s for s in self.stop_strings):
+            raise InvalidSettingError("stop strings must be non-empty")
+
+
+def process_logits(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """Turn logits ``[..., V]`` into the sampling distribution ``[..., V]`` (temperature, top-k, top-p).
+
+    Greedy settings give the one-hot distribution of the argmax.
+    """
+    if settings.greedy:
+        probs = torch.zeros_like(logits)
+        probs.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        return probs
+    logits = logits / settings.temperature
+    vocab = logits.shape[-1]
+    if 0 < settings.top_k < vocab:
+        kth = torch.topk(logits, settings.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if settings.top_p < 1.0:
+        k = settings.top_k if 0 < settings.top_k < vocab else vocab
+        top_vals, top_idx = torch.topk(logits, k, dim=-1)  # sorted, descending
+        cumulative = torch.softmax(top_vals, dim=-1).cumsum(dim=-1)
+        # drop a token once the mass before it already reaches top_p (always keep the first)
+        drop_sorted = (cumulative - torch.softmax(top_vals, dim=-1)) >= settings.top_p
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top_idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """Draw one token id from a 1-D distribution."""
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator

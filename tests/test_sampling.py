@@ -1,0 +1,108 @@
+"""Sampling methods must draw from the target's processed distribution — checked statistically."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from specdecode import SpeculativeDecoder
+from specdecode.accept.rules import SpeculativeSampling
+from specdecode.propose.base import Draft
+from specdecode.sampling import SamplingSettings, process_logits
+from tiny_models import tiny_model
+
+SMALL_VOCAB = 7
+
+
+def _first_tokens(decoder, prompt, settings, n):
+    counts = np.zeros(SMALL_VOCAB)
+    pairs = {}
+    for seed in range(n):
+        ids = decoder.generate(prompt, max_new_tokens=2, seed=seed, **settings).token_ids
+        counts[ids[0]] += 1
+        pairs[tuple(ids)] = pairs.get(tuple(ids), 0) + 1
+    return counts, pairs
+
+
+def _target_pair_distribution(target, prompt, sampling):
+    """Exact distribution of the first two sampled tokens by enumeration."""
+    with torch.no_grad():
+        p1 = process_logits(target.model(torch.tensor([prompt])).logits[0, -1].float(), sampling)
+        joint = {}
+        for a in range(SMALL_VOCAB):
+            p2 = process_logits(target.model(torch.tensor([prompt + [a]])).logits[0, -1].float(), sampling)
+            for b in range(SMALL_VOCAB):
+                joint[(a, b)] = float(p1[a] * p2[b])
+    return p1.double().numpy(), joint
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.7, top_k=4, top_p=0.9)])
+def test_sps_sampling_matches_target_distribution(settings):
+    target = tiny_model("llama", seed=3, vocab=SMALL_VOCAB)
+    draft = tiny_model("llama", seed=11, vocab=SMALL_VOCAB)  # a different model: many rejections
+    prompt = [1, 2, 3]
+    n = 2000
+    decoder = SpeculativeDecoder(target, "sps", draft=draft, gamma=2)
+    _, pairs = _first_tokens(decoder, prompt, settings, n)
+    _, joint = _target_pair_distribution(target, prompt, SamplingSettings(**settings))
+    support = [k for k, v in joint.items() if v > 0]
+    observed = np.array([pairs.get(k, 0) for k in support])
+    expected = np.array([joint[k] for k in support]) * n
+    assert sum(pairs.get(k, 0) for k in joint if joint[k] == 0) == 0
+    # merge tiny cells so chi-square's approximation holds
+    small = expected < 5
+    observed = np.append(observed[~small], observed[small].sum())
+    expected = np.append(expected[~small], expected[small].sum())
+    if expected[-1] == 0:
+        observed, expected = observed[:-1], expected[:-1]
+    assert chisquare(observed, expected * observed.sum() / expected.sum()).pvalue > 1e-3
+
+
+def test_residual_resampling_is_what_makes_it_exact():
+    """A rule that resamples from p (not norm(max(0, p − q))) on rejection must be caught."""
+    p = torch.tensor([0.5, 0.3, 0.2])
+    q = torch.tensor([0.1, 0.1, 0.8])
+    logits = torch.log(torch.stack([p, p]))
+    settings = SamplingSettings(temperature=1.0)
+    gen = torch.Generator().manual_seed(0)
+    rule = SpeculativeSampling(settings, gen)
+    n = 20000
+    counts = np.zeros(3)
+    for _ in range(n):
+        x = int(torch.multinomial(q, 1, generator=gen))
+        verdict = rule(Draft(tokens=[x], probs=q[None]), logits)
+        counts[x if verdict.accepted else verdict.next_token] += 1
+    assert chisquare(counts, p.numpy() * n).pvalue > 1e-3
+    # the wrong residual: accept with min(1, p/q), otherwise resample from p itself
+    wrong = np.zeros(3)
+    for _ in range(n):
+        x = int(torch.multinomial(q, 1, generator=gen))
+        keep = torch.rand(1, generator=gen) < min(1.0, float(p[x] / q[x]))
+        wrong[x if keep else int(torch.multinomial(p, 1, generator=gen))] += 1
+    assert chisquare(wrong, p.numpy() * n).pvalue < 1e-6
+
+
+@pytest.mark.parametrize("method", ["ar", "pld"])
+def test_single_token_methods_match_target_distribution(method):
+    target = tiny_model("gemma3", seed=5, vocab=SMALL_VOCAB)
+    prompt = [1, 2, 1, 2, 1]  # repetitive, so pld drafts from the prompt
+    n = 1500
+    counts, _ = _first_tokens(SpeculativeDecoder(target, method), prompt, dict(temperature=1.0), n)
+    p1, _ = _target_pair_distribution(target, prompt, SamplingSettings(temperature=1.0))
+    assert chisquare(counts, p1 * n).pvalue > 1e-3
+
+
+def test_sampling_is_reproducible_by_seed():
+    target = tiny_model("qwen2", seed=2)
+    decoder = SpeculativeDecoder(target, "sps", draft=tiny_model("qwen2", seed=4), gamma=3)
+    a = decoder.generate([1, 2, 3], max_new_tokens=20, temperature=1.0, seed=42).token_ids
+    b = decoder.generate([1, 2, 3], max_new_tokens=20, temperature=1.0, seed=42).token_ids
+    c = decoder.generate([1, 2, 3], max_new_tokens=20, temperature=1.0, seed=43).token_ids
+    assert a == b != c
+
+
+def test_top_p_keeps_smallest_set_reaching_mass():
+    probs = process_logits(torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])), SamplingSettings(1.0, top_p=0.8))
+    torch.testing.assert_close(probs, torch.tensor([0.625, 0.375, 0.0, 0.0]))
+    probs = process_logits(torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])), SamplingSettings(1.0, top_k=1))
+    torch.testing.assert_close(probs, torch.tensor([1.0, 0.0, 0.0, 0.0]))
