@@ -1,0 +1,63 @@
+"""Flags shared by several subcommands, and their translation into library arguments."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+from typing import Any
+
+from specdecode.errors import InvalidSettingError
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("models")
+    group.add_argument("--model", default="default", help="target: 'default', a .gguf file, a directory or hub id")
+    group.add_argument("--draft", default=None, help="draft model for sps (same forms as --model)")
+    group.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
+    group.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
+
+def add_generation_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation")
+    group.add_argument("--max-new-tokens", type=int, default=128)
+    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    group.add_argument("--top-k", type=int, default=0, help="0 = off")
+    group.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    group.add_argument("--seed", type=int, default=None)
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    group.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+
+
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("method options (only those the method takes)")
+    group.add_argument("--gamma", type=int, default=None, help="draft length (sps, pld)")
+    group.add_argument("--adaptive-gamma", action="store_true", default=None, help="adapt the draft length (sps)")
+    group.add_argument("--max-ngram", type=int, default=None, help="longest n-gram to look up (pld)")
+    group.add_argument("--min-ngram", type=int, default=None, help="shortest n-gram to look up (pld)")
+    group.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other method option, e.g. --option threshold=0.5 (repeatable)")
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), stop_at_eos=not args.ignore_eos)
+
+
+def method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Method options the user actually set (so methods never see options they do not take)."""
+    options = {name: getattr(args, name) for name in ("gamma", "adaptive_gamma", "max_ngram", "min_ngram")
+               if getattr(args, name, None) is not None}
+    for item in args.option:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise InvalidSettingError(f"--option expects KEY=VALUE, got {item!r}")
+        try:
+            options[key.replace("-", "_")] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            options[key.replace("-", "_")] = raw
+    return options
+
+
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(dtype=args.dtype, device=args.device, threads=args.threads)
