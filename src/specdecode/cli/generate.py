@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from specdecode.api import SpeculativeDecoder
+from specdecode.api import SpeculativeDecoder, make_settings
 from specdecode.cli.common import (
     add_generation_args,
     add_method_args,
@@ -15,7 +15,8 @@ from specdecode.cli.common import (
     method_kwargs,
     model_kwargs,
 )
-from specdecode.methods import method_names
+from specdecode.errors import PromptError
+from specdecode.methods import method_names, validate_options
 from specdecode.models.loading import load_model
 
 
@@ -32,6 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    # refuse bad settings before spending seconds on loading the model
+    make_settings(**generation_kwargs(args))
+    validate_options(args.method, method_kwargs(args))
+    if not prompt.strip():
+        raise PromptError("prompt is empty")
     target = load_model(args.model, **model_kwargs(args))
     draft = load_model(args.draft, **model_kwargs(args)) if args.draft else None
     decoder = SpeculativeDecoder(target, args.method, draft, **method_kwargs(args))

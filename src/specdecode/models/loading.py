@@ -156,7 +156,9 @@ def load_model(
 
 def _load_transformers(directory: str | Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a per-tensor bar for a load that takes seconds is noise
     try:
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
@@ -165,6 +167,8 @@ def _load_transformers(directory: str | Path, dtype: torch.dtype, device: torch.
             f"cannot load model {str(directory)!r}: not 'default', a .gguf file, a local model "
             f"directory or a reachable hub id ({first_line[:160]})"
         ) from None
+    finally:
+        hf_logging.enable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError, KeyError, TypeError):

@@ -1,0 +1,55 @@
+"""``specdecode demo``: the main job on the embedded default model — several methods on the same
+prompt, their statistics side by side, and whether each greedy output equals ``ar``'s."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from specdecode.api import SpeculativeDecoder
+from specdecode.cli.common import add_model_args, model_kwargs
+from specdecode.models.loading import load_model
+
+DEMO_PROMPT = (
+    "Summarize the following text in two sentences.\n\nThe city council met on Tuesday to discuss the new "
+    "bicycle lanes on Main Street. The council said the bicycle lanes on Main Street would be finished by "
+    "June, and that the bicycle lanes would connect the park to the train station.\n\nSummary:"
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="compare ar, pld and sps on the default model")
+    parser.add_argument("--prompt", default=DEMO_PROMPT)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    add_model_args(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    print(f"loading {args.model} ...", file=sys.stderr)
+    target = load_model(args.model, **model_kwargs(args))
+    if args.draft:
+        draft, draft_label = load_model(args.draft, **model_kwargs(args)), args.draft
+    else:
+        draft, draft_label = target, "the target itself (sanity check: every draft is accepted)"
+    decoders = {
+        "ar": SpeculativeDecoder(target, "ar"),
+        "pld": SpeculativeDecoder(target, "pld"),
+        "sps": SpeculativeDecoder(target, "sps", draft=draft, gamma=4),
+    }
+    print(f"sps draft: {draft_label}", file=sys.stderr)
+    decoders["ar"].generate(args.prompt, max_new_tokens=4)  # warm-up
+    results = {name: d.generate(args.prompt, max_new_tokens=args.max_new_tokens) for name, d in decoders.items()}
+    reference = results["ar"]
+    print(f"\n{reference.text.strip()}\n")
+    header = f"{'method':<8}{'tokens':>7}{'time s':>8}{'tok/s':>8}{'speedup':>9}{'tok/fwd':>9}{'accept':>8}  same as ar"
+    print(header)
+    print("-" * len(header))
+    for name, result in results.items():
+        stats = result.stats
+        speedup = reference.stats.total_s / stats.total_s if stats.total_s else 0.0
+        accept = f"{stats.acceptance_rate:.0%}" if stats.acceptance_rate is not None else "-"
+        same = "yes" if result.token_ids == reference.token_ids else "NO (bug!)"
+        print(f"{name:<8}{stats.new_tokens:>7}{stats.total_s:>8.2f}{stats.tokens_per_second:>8.1f}"
+              f"{speedup:>8.2f}x{stats.tokens_per_target_forward:>9.2f}{accept:>8}  {same}")
+    return 0

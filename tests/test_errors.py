@@ -1,0 +1,104 @@
+"""Bad input gets one clear error, and the decoder stays usable afterwards."""
+
+import pytest
+
+from specdecode import SpeculativeDecoder, load_model
+from specdecode.cli.main import main
+from specdecode.errors import (
+    InvalidSettingError,
+    ModelLoadError,
+    PromptError,
+    SpecDecodeError,
+    VocabularyMismatchError,
+)
+from tiny_models import tiny_model
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_model("llama")
+
+
+@pytest.mark.parametrize(
+    "settings, error",
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(nonsense=1), "nonsense"),
+    ],
+)
+def test_invalid_generation_settings(target, settings, error):
+    decoder = SpeculativeDecoder(target, "ar")
+    with pytest.raises(InvalidSettingError, match=error):
+        decoder.generate([1, 2], **settings)
+    assert len(decoder.generate([1, 2], max_new_tokens=3).token_ids) == 3  # still usable
+
+
+@pytest.mark.parametrize(
+    "method, options, error",
+    [
+        ("pld", dict(gamma=0), "gamma"),
+        ("sps", dict(gamma=0), "gamma"),
+        ("pld", dict(max_ngram=0), "ngram"),
+        ("pld", dict(beam_width=4), "beam_width"),
+        ("nosuch", {}, "unknown method 'nosuch'"),
+    ],
+)
+def test_invalid_method_options(target, method, options, error):
+    with pytest.raises(InvalidSettingError, match=error):
+        SpeculativeDecoder(target, method, draft=target, **options)
+
+
+def test_sps_without_draft(target):
+    with pytest.raises(InvalidSettingError, match="needs a draft"):
+        SpeculativeDecoder(target, "sps")
+
+
+def test_vocabulary_mismatch(target):
+    with pytest.raises(VocabularyMismatchError, match="vocabulary size"):
+        SpeculativeDecoder(target, "sps", draft=tiny_model("llama", vocab=50))
+
+
+def test_prompts(target):
+    decoder = SpeculativeDecoder(target, "ar")
+    with pytest.raises(PromptError, match="empty"):
+        decoder.generate([])
+    with pytest.raises(PromptError, match="token ids"):
+        decoder.generate([1, 10_000])
+    with pytest.raises(PromptError, match="context"):
+        decoder.generate([1] * 2040, max_new_tokens=16)
+    with pytest.raises(PromptError, match="no tokenizer"):
+        decoder.generate("text needs a tokenizer")
+
+
+def test_unknown_models(tmp_path):
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_model(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        load_model(str(tmp_path))  # an existing directory with no model in it
+    with pytest.raises(ModelLoadError, match="dtype"):
+        load_model("default", dtype="float8")
+
+
+def test_all_errors_are_value_errors():
+    assert issubclass(SpecDecodeError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--model", "/nonexistent/dir/model", "hello"],
+        ["generate", "--temperature", "-1", "hello"],
+        ["generate", "--top-p", "2", "hello"],
+        ["generate", "--method", "pld", "--gamma", "0", "hello"],
+        ["generate", "--option", "broken", "hello"],
+        ["generate", "  "],
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err

@@ -1,0 +1,52 @@
+"""The same guarantees on the embedded Gemma 3 270M (a real 262k-vocabulary model)."""
+
+import pytest
+
+from specdecode import SpeculativeDecoder
+from specdecode.models.loading import cache_dir
+
+pytestmark = pytest.mark.real_model
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Translate to German: The weather is nice today and we are going to the park. Translation:",
+]
+
+
+def test_converted_copy_is_cached(real_model):
+    assert any((cache_dir() / "converted").glob("*/model.safetensors"))
+    assert real_model.config.model_type == "gemma3_text"
+    assert real_model.vocab_size == 262144
+
+
+def test_greedy_methods_equal_ar(real_model):
+    ar = SpeculativeDecoder(real_model, "ar")
+    others = [SpeculativeDecoder(real_model, "pld"), SpeculativeDecoder(real_model, "sps", draft=real_model, gamma=3)]
+    for prompt in PROMPTS:
+        expected = ar.generate(prompt, max_new_tokens=24, stop_at_eos=False)
+        for decoder in others:
+            result = decoder.generate(prompt, max_new_tokens=24, stop_at_eos=False)
+            assert result.token_ids == expected.token_ids, (decoder.method, prompt)
+            assert result.text == expected.text
+
+
+def test_self_draft_accepts_every_token_when_sampling(real_model):
+    decoder = SpeculativeDecoder(real_model, "sps", draft=real_model, gamma=4)
+    stats = decoder.generate(PROMPTS[0], max_new_tokens=20, temperature=1.0, top_k=10, top_p=0.9,
+                             seed=0, stop_at_eos=False).stats
+    assert stats.acceptance_rate == 1.0
+    assert stats.tokens_per_target_forward == 5.0
+
+
+def test_streaming_and_stop_strings(real_model):
+    decoder = SpeculativeDecoder(real_model, "pld")
+    generation = decoder.start(PROMPTS[0], max_new_tokens=30, stop_at_eos=False)
+    streamed = "".join(generation)
+    result = generation.result()
+    assert streamed == result.text
+    stop = result.text.split()[3]
+    stopped = decoder.generate(PROMPTS[0], max_new_tokens=30, stop=stop)
+    assert stopped.stop_reason == "stop_string"
+    assert stop in stopped.text and stopped.text.count(stop) == 1
+    assert result.text.startswith(stopped.text)
