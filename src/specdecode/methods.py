@@ -12,11 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
+from specdecode.accept.joint_ratio import AcceptAll, JointRatioAcceptance
 from specdecode.accept.rules import AcceptanceRule, GreedyMatch, SpeculativeSampling
 from specdecode.errors import InvalidSettingError
 from specdecode.models.loading import LoadedModel, check_same_vocabulary
 from specdecode.propose.base import Proposer
+from specdecode.propose.beam_sampler import BeamSampleProposer
 from specdecode.propose.draft_model import DraftModelProposer
+from specdecode.propose.exact_joint import ExactJointProposer, exact_joint_feasible
 from specdecode.propose.ngram import NgramProposer
 from specdecode.sampling import SamplingSettings
 
@@ -105,3 +108,28 @@ def build_speculative_sampling(
     draft = require_draft(ctx, "sps")
     proposer = DraftModelProposer(draft.model, ctx.sampling, ctx.generator, gamma, adaptive_gamma)
     return proposer, default_rule(ctx)
+
+
+@register("mtad")
+def build_mtad(
+    ctx: MethodContext, beams: int = 4, gamma: int = 4, threshold: float = 0.5, with_replacement: bool = False
+) -> tuple[Proposer, AcceptanceRule]:
+    """Multi-token assisted decoding: beam-sampled joint drafts, joint-ratio verification."""
+    draft = require_draft(ctx, "mtad")
+    proposer = BeamSampleProposer(draft.model, ctx.sampling, ctx.generator, beams, gamma, with_replacement)
+    return proposer, JointRatioAcceptance(ctx.sampling, ctx.generator, threshold)
+
+
+@register("mtjd")
+def build_mtjd(
+    ctx: MethodContext, gamma: int = 4, beams: int = 4, exact: bool | None = None
+) -> tuple[Proposer, AcceptanceRule]:
+    """Multi-token joint decoding on the target itself: exact by enumeration (tiny vocabularies,
+    the default where feasible) or approximated by beam sampling on the target."""
+    if exact is None:
+        exact = exact_joint_feasible(ctx.target.vocab_size, gamma)
+    if exact:
+        proposer: Proposer = ExactJointProposer(ctx.target.model, ctx.sampling, ctx.generator, gamma)
+    else:
+        proposer = BeamSampleProposer(ctx.target.model, ctx.sampling, ctx.generator, beams, gamma)
+    return proposer, AcceptAll(ctx.sampling, ctx.generator)

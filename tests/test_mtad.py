@@ -1,0 +1,134 @@
+"""MTAD and MTJD: acceptance behaviour, distributions, and the quality ordering they promise."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from specdecode import SpeculativeDecoder
+from specdecode.errors import InvalidSettingError, VocabularyMismatchError
+from specdecode.propose.exact_joint import ExactJointProposer
+from specdecode.sampling import SamplingSettings, process_logits
+from tiny_models import ARCHITECTURES, tiny_model
+
+PAPER_SAMPLING = dict(temperature=1.0, top_k=10, top_p=0.9)
+
+
+def _blocks(decoder, prompt, gamma, n, **settings):
+    return Counter(
+        tuple(decoder.generate(prompt, max_new_tokens=gamma + 1, seed=seed, **settings).token_ids[:gamma])
+        for seed in range(n)
+    )
+
+
+def _joint_log_prob(model, prompt, block):
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + list(block)])).logits[0, len(prompt) - 1:-1]
+    return float(torch.log_softmax(logits, -1)[torch.arange(len(block)), torch.tensor(block)].sum())
+
+
+def test_self_draft_accepts_every_token():
+    target = tiny_model("llama", seed=1)
+    decoder = SpeculativeDecoder(target, "mtad", draft=target, beams=4, gamma=4, threshold=0.5)
+    stats = decoder.generate([1, 2, 3], max_new_tokens=25, seed=0, **PAPER_SAMPLING).stats
+    assert stats.acceptance_rate == 1.0
+    assert stats.tokens_per_target_forward == 5.0
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_mtad_equals_ar(arch):
+    target = tiny_model(arch, seed=2)
+    ar = SpeculativeDecoder(target, "ar")
+    for draft in (target, tiny_model(arch, seed=9)):
+        decoder = SpeculativeDecoder(target, "mtad", draft=draft, beams=3, gamma=3)
+        for prompt in ([1, 2, 3], [5] * 9 + [6]):
+            assert decoder.generate(prompt, max_new_tokens=30).token_ids == ar.generate(
+                prompt, max_new_tokens=30).token_ids
+
+
+def test_unreachable_threshold_gives_single_token_sampling():
+    vocab = 7
+    target = tiny_model("qwen2", seed=3, vocab=vocab)
+    draft = tiny_model("qwen2", seed=8, vocab=vocab)
+    decoder = SpeculativeDecoder(target, "mtad", draft=draft, beams=2, gamma=3, threshold=1e30)
+    prompt, n = [1, 2, 3], 800
+    counts = np.zeros(vocab)
+    for seed in range(n):
+        result = decoder.generate(prompt, max_new_tokens=1, seed=seed, temperature=1.0)
+        counts[result.token_ids[0]] += 1
+    with torch.no_grad():
+        p = process_logits(target.model(torch.tensor([prompt])).logits[0, -1], SamplingSettings(1.0))
+    assert chisquare(counts, p.double().numpy() * n).pvalue > 1e-3
+    stats = decoder.generate([1, 2, 3], max_new_tokens=10, seed=0, temperature=1.0).stats
+    assert stats.accepted_tokens == 0
+
+
+def test_wide_beams_with_perfect_draft_match_exact_mtjd():
+    """B ≥ vocab^γ makes beam sampling exhaustive: its block is the joint's mode, as in MTJD with top-k 1."""
+    vocab, gamma = 5, 3
+    target = tiny_model("llama", seed=4, vocab=vocab)
+    prompt, n = [1, 2], 60
+    mtad = _blocks(SpeculativeDecoder(target, "mtad", draft=target, beams=vocab ** gamma, gamma=gamma),
+                   prompt, gamma, n, temperature=1.0)
+    mtjd = _blocks(SpeculativeDecoder(target, "mtjd", gamma=gamma, exact=True), prompt, gamma, n,
+                   temperature=1.0, top_k=1)
+    tv = 0.5 * sum(abs(mtad[b] - mtjd[b]) / n for b in set(mtad) | set(mtjd))
+    assert tv <= 0.05
+
+
+def test_exact_mtjd_samples_the_block_level_joint():
+    vocab, gamma = 4, 2
+    target = tiny_model("gemma3", seed=6, vocab=vocab)
+    prompt, n = [1, 2, 3], 300
+    blocks = _blocks(SpeculativeDecoder(target, "mtjd", gamma=gamma, exact=True), prompt, gamma, n,
+                     temperature=1.0, top_k=6)
+    proposer = ExactJointProposer(target.model, SamplingSettings(1.0, top_k=6), None, gamma)
+    with torch.no_grad():
+        all_blocks, joint = proposer.block_log_probs(prompt, gamma)
+    probs = process_logits(joint, SamplingSettings(1.0, top_k=6)).numpy()
+    keys = [tuple(b) for b in all_blocks.tolist()]
+    assert all(probs[keys.index(b)] > 0 for b in blocks)
+    support = [i for i, p in enumerate(probs) if p > 0]
+    observed = np.array([blocks[keys[i]] for i in support])
+    assert chisquare(observed, probs[support] * n).pvalue > 1e-3
+
+
+def test_joint_likelihood_ordering():
+    """MTJD > MTAD (B=4) > single-token sampling in mean joint likelihood of the emitted blocks."""
+    vocab, gamma, n = 6, 3, 80
+    target = tiny_model("llama", seed=5, vocab=vocab)
+    prompt = [1, 2, 3]
+
+    def mean_ll(decoder, **settings):
+        blocks = _blocks(decoder, prompt, gamma, n, **settings)
+        return sum(c * _joint_log_prob(target.model, prompt, b) for b, c in blocks.items()) / n
+
+    ar = mean_ll(SpeculativeDecoder(target, "ar"), temperature=1.0)
+    mtad = mean_ll(SpeculativeDecoder(target, "mtad", draft=target, beams=4, gamma=gamma), temperature=1.0)
+    mtjd = mean_ll(SpeculativeDecoder(target, "mtjd", gamma=gamma, exact=True), temperature=1.0, top_k=4)
+    assert mtjd > mtad > ar
+
+
+def test_reproducible_by_seed():
+    target = tiny_model("qwen2", seed=2)
+    decoder = SpeculativeDecoder(target, "mtad", draft=tiny_model("qwen2", seed=5), beams=3, gamma=3)
+    runs = [decoder.generate([4, 5], max_new_tokens=20, seed=s, **PAPER_SAMPLING).token_ids for s in (1, 1, 2)]
+    assert runs[0] == runs[1] != runs[2]
+
+
+@pytest.mark.parametrize(
+    "options, error",
+    [(dict(beams=0), "beams"), (dict(gamma=0), "gamma"), (dict(threshold=0.0), "threshold"),
+     (dict(threshold=-1.0), "threshold")],
+)
+def test_bad_options(options, error):
+    target = tiny_model("llama")
+    with pytest.raises(InvalidSettingError, match=error):
+        SpeculativeDecoder(target, "mtad", draft=target, **options)
+
+
+def test_vocabulary_mismatch_refused():
+    with pytest.raises(VocabularyMismatchError):
+        SpeculativeDecoder(tiny_model("llama"), "mtad", draft=tiny_model("llama", vocab=31))
