@@ -10,10 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from specdecode.cli import generate
+from specdecode.cli import bench, generate
 from specdecode.errors import SpecDecodeError
 
-SUBCOMMANDS = [generate]  # each module: register(subparsers) -> sets args.run
+SUBCOMMANDS = [generate, bench]  # each module: register(subparsers) -> sets args.run
 
 
 def build_parser() -> argparse.ArgumentParser:
