@@ -98,7 +98,7 @@ def render_table(result: BenchResult) -> str:
         f"{len(result.of(BASELINE))} prompts ({', '.join(f'{c} {n}' for c, n in counts.items())}) · "
         f"repeats {config.repeats} (median) · warm-up {config.warmup}",
         "",
-        f"{meta.get('device')} · {meta.get('dtype')} · {meta.get('threads')} threads · torch {meta.get('torch')} · "
+        f"{meta.get('device')} · {meta.get('dtype')} · torch threads {meta.get('threads')} · torch {meta.get('torch')} · "
         f"transformers {meta.get('transformers')} · draft: {meta.get('draft') or 'none'} · "
         f"energy: {meta.get('energy')}",
         "",
@@ -147,7 +147,7 @@ def _plot_speedup(result: BenchResult, path: Path) -> None:
         values = [table[label][c].speedup or 0.0 for c in cols]
         ax.bar([x + (i - (len(labels) - 1) / 2) * width for x in range(len(cols))], values, width, label=label)
     ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="ar")
-    ax.set_xticks(range(len(cols)), cols, rotation=20)
+    ax.set_xticks(range(len(cols)), cols, rotation=20, ha="right")
     ax.set_ylabel("speedup over our ar (×)")
     ax.set_title(f"Speedup per category — {result.meta.get('model', '')}")
     ax.legend(fontsize=8, ncol=2)
@@ -163,7 +163,7 @@ def _plot_tau(result: BenchResult, path: Path) -> None:
     data = [[r.stats.tokens_per_target_forward for r in result.of(label)] for label in labels]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(labels)), 4.0))
     ax.boxplot(data)
-    ax.set_xticks(range(1, len(labels) + 1), labels, rotation=20)
+    ax.set_xticks(range(1, len(labels) + 1), labels, rotation=20, ha="right")
     ax.set_ylabel("τ per prompt (tokens per target forward)")
     ax.set_title("Distribution of τ over prompts")
     fig.tight_layout()
@@ -182,7 +182,7 @@ def write_report(result: BenchResult, out_dir: str | Path, command: str | None =
     try:
         with (staging / "records.jsonl").open("w", encoding="utf-8") as handle:
             for record in result.records:
-                handle.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
+                handle.write(json.dumps(record.to_dict(), ensure_ascii=False, default=str) + "\n")
         (staging / "table.md").write_text(render_table(result), encoding="utf-8")
         summary = {
             "config": asdict(result.config),
