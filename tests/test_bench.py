@@ -23,7 +23,7 @@ from specdecode.engine.stats import GenerationStats
 from specdecode.errors import InvalidSettingError, SpecDecodeError
 from specdecode.models.loading import LoadedModel
 from specdecode.propose.base import Draft, Proposer
-from tiny_models import VOCAB, tiny_model
+from tiny_models import VOCAB, perturbed_copy, tiny_model
 
 CHARS = string.ascii_letters + string.digits + " .,:?!'\n-"
 
@@ -245,6 +245,16 @@ def test_greedy_run_flags_a_wrong_method_and_reports(target, data_file, tmp_path
     assert len(lines) == len(result.records)
     assert json.loads(lines[0])["identical_to_ar"] is True
     assert (tmp_path / "out" / "tau_distribution.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_draft_model_method_and_peer(target, data_file):
+    draft = perturbed_copy(target, 0.05)
+    result = run_bench(target, load_prompts(data_file, ["qa"]), ["sps:gamma=3"], ["hf-assisted:num_tokens=3"],
+                       draft=draft, config=BenchConfig(max_new_tokens=10, warmup=0), progress=False)
+    assert all(r.identical for r in result.records)
+    for label in ("sps:gamma=3", "hf-assisted:num_tokens=3"):
+        stats = [r.stats for r in result.of(label)]
+        assert sum(s.draft_forwards for s in stats) > 0 and sum(s.accepted_tokens for s in stats) > 0
 
 
 def test_sampling_run_scores_perplexity(target, data_file):
