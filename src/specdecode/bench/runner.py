@@ -1,0 +1,272 @@
+"""The benchmark loop: every contender on every prompt, interleaved, after a warm-up.
+
+For each prompt, all contenders run back to back (their order rotated from prompt to prompt), so
+that machine drift — other processes, thermal throttling — hits every method alike, and a
+method's speedup is always measured against ``ar`` on the same prompt within seconds.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from statistics import mean, median
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from specdecode.bench.contenders import Contender, ContenderSpec, OurMethod, parse_spec
+from specdecode.bench.dataset import DEFAULT_TEMPLATE, BenchPrompt, check_template, format_prompt
+from specdecode.bench.metrics import EnergyMeter, first_mismatch, generated_nll
+from specdecode.bench.peers import HFPeer, peer_names
+from specdecode.engine.stats import GenerationStats
+from specdecode.errors import InvalidSettingError, PromptError
+from specdecode.methods import method_names
+from specdecode.models.loading import LoadedModel, check_same_vocabulary
+from specdecode.sampling import GenerationSettings, SamplingSettings
+
+BASELINE = "ar"
+WARMUP_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Generation settings shared by every contender, and how often to run each."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    repeats: int = 1
+    warmup: int = 1
+    prompt_template: str = DEFAULT_TEMPLATE
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise InvalidSettingError(f"repeats must be >= 1, got {self.repeats}")
+        if self.warmup < 0:
+            raise InvalidSettingError(f"warmup must be >= 0, got {self.warmup}")
+        check_template(self.prompt_template)
+        self.settings(0)  # validates max_new_tokens and sampling
+
+    @property
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings(self.temperature, self.top_k, self.top_p)
+
+    def settings(self, prompt_index: int, max_new_tokens: int | None = None) -> GenerationSettings:
+        """Every run produces exactly ``max_new_tokens`` tokens (EOS does not stop it), so all
+        contenders do the same amount of work; sampling seeds differ per prompt, not per method."""
+        return GenerationSettings(
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            sampling=self.sampling,
+            seed=self.seed + prompt_index,
+            stop_at_eos=False,
+        )
+
+
+@dataclass
+class Record:
+    """One contender on one prompt."""
+
+    prompt: BenchPrompt
+    label: str
+    prompt_tokens: int
+    token_ids: list[int]
+    seconds: list[float]  # one per repeat
+    stats: GenerationStats  # of the first repeat
+    draft_timed: bool = True
+    energies_j: list[float] | None = None
+    identical: bool | None = None  # greedy runs: output equals ar's
+    mismatch_at: int | None = None
+    nll: float | None = None  # sampling runs: summed NLL of the output under the raw target
+    text: str | None = None
+
+    @property
+    def time(self) -> float:
+        return median(self.seconds)
+
+    @property
+    def energy_j(self) -> float | None:
+        return mean(self.energies_j) if self.energies_j else None
+
+    def to_dict(self) -> dict[str, Any]:
+        stats = self.stats.to_dict()
+        stats.pop("total_s")  # the wall-clock times of every repeat are in "seconds"
+        if not self.draft_timed:
+            stats["draft_s"] = None
+        return {
+            "question_id": self.prompt.question_id, "category": self.prompt.category, "task": self.prompt.task,
+            "method": self.label, "prompt_tokens": self.prompt_tokens, "seconds": self.seconds,
+            "median_s": self.time, "energy_j": self.energy_j, "identical_to_ar": self.identical,
+            "first_mismatch": self.mismatch_at, "nll": self.nll, "stats": stats, "text": self.text,
+            "token_ids": self.token_ids,
+        }
+
+
+@dataclass(frozen=True)
+class ContenderInfo:
+    label: str
+    peer: bool
+    lossless: bool
+
+
+@dataclass
+class BenchResult:
+    config: BenchConfig
+    contenders: list[ContenderInfo]
+    records: list[Record]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def of(self, label: str) -> list[Record]:
+        return [r for r in self.records if r.label == label]
+
+    @property
+    def greedy(self) -> bool:
+        return self.config.sampling.greedy
+
+    def mismatches(self) -> dict[str, list[Record]]:
+        """Lossless contenders whose greedy output differs from ar: always a bug (or a numerical tie)."""
+        lossless = {c.label for c in self.contenders if c.lossless}
+        found: dict[str, list[Record]] = {}
+        for record in self.records:
+            if record.label in lossless and record.identical is False:
+                found.setdefault(record.label, []).append(record)
+        return found
+
+
+def build_contenders(
+    target: LoadedModel,
+    draft: LoadedModel | None,
+    methods: list[ContenderSpec | str],
+    peers: list[ContenderSpec | str],
+    sampling: SamplingSettings,
+) -> list[Contender]:
+    """Our methods (``ar`` first, added when missing) then the peers; every spec is checked here,
+    before anything runs."""
+    specs = [parse_spec(m) if isinstance(m, str) else m for m in methods]
+    peer_specs = [parse_spec(p) if isinstance(p, str) else p for p in peers]
+    if not any(s.label == BASELINE for s in specs):
+        specs.insert(0, ContenderSpec(BASELINE))
+    labels = [s.label for s in specs + peer_specs]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise InvalidSettingError(f"method(s) listed twice: {', '.join(duplicates)}")
+    for spec in specs:
+        if spec.name in peer_names():
+            raise InvalidSettingError(f"{spec.name!r} is a transformers peer, not one of our methods: pass it as a peer")
+    for spec in peer_specs:
+        if spec.name in method_names():
+            raise InvalidSettingError(f"{spec.name!r} is one of our methods, not a transformers peer: pass it as a method")
+    contenders: list[Contender] = [OurMethod(s, target, draft, sampling) for s in specs]
+    contenders += [HFPeer(s, target, draft, sampling) for s in peer_specs]
+    return contenders
+
+
+def encode_prompts(target: LoadedModel, prompts: list[BenchPrompt], config: BenchConfig) -> list[list[int]]:
+    """The token ids every contender gets for each prompt."""
+    if not prompts:
+        raise PromptError("no prompts to benchmark")
+    if target.tokenizer is None:
+        raise PromptError(f"model {target.name!r} has no tokenizer: the benchmark needs one to encode its prompts")
+    encoded = []
+    for prompt in prompts:
+        ids = list(target.tokenizer(format_prompt(prompt, config.prompt_template))["input_ids"])
+        if len(ids) + config.max_new_tokens > target.max_context:
+            raise PromptError(
+                f"question {prompt.question_id!r}: {len(ids)} prompt tokens + max_new_tokens "
+                f"{config.max_new_tokens} exceed the model's context of {target.max_context}"
+            )
+        encoded.append(ids)
+    return encoded
+
+
+def run_bench(
+    target: LoadedModel,
+    prompts: list[BenchPrompt],
+    methods: Sequence[ContenderSpec | str],
+    peers: Sequence[ContenderSpec | str] = (),
+    draft: LoadedModel | None = None,
+    config: BenchConfig | None = None,
+    progress: bool = True,
+) -> BenchResult:
+    """Run every contender on every prompt and return the measurements (nothing is written)."""
+    config = config or BenchConfig()
+    if draft is not None:
+        check_same_vocabulary(target, draft)
+    contenders = build_contenders(target, draft, list(methods), list(peers), config.sampling)
+    encoded = encode_prompts(target, prompts, config)
+    meter = EnergyMeter(target.device)
+
+    # untimed: first calls pay for lazy initialisation (allocator, thread pools, kernels)
+    warm = config.settings(0, min(WARMUP_TOKENS, config.max_new_tokens))
+    for contender in tqdm(contenders * config.warmup, desc="warm-up", disable=not progress, file=sys.stderr,
+                          leave=False):
+        contender.run(encoded[0], warm)
+
+    records: dict[tuple[int, str], Record] = {}
+    total = len(prompts) * config.repeats * len(contenders)
+    with tqdm(total=total, desc="bench", unit="run", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        for index, (prompt, ids) in enumerate(zip(prompts, encoded)):
+            settings = config.settings(index)
+            shift = index % len(contenders)
+            order = contenders[shift:] + contenders[:shift]
+            for _ in range(config.repeats):
+                for contender in order:
+                    bar.set_postfix_str(f"{prompt.category} #{prompt.question_id} {contender.label}")
+                    before = meter.read_j()
+                    outcome = contender.run(ids, settings)
+                    after = meter.read_j()
+                    key = (index, contender.label)
+                    if key not in records:
+                        records[key] = Record(prompt, contender.label, len(ids), outcome.token_ids, [],
+                                              outcome.stats, outcome.draft_timed,
+                                              [] if before is not None else None)
+                    records[key].seconds.append(outcome.seconds)
+                    if before is not None and after is not None:
+                        records[key].energies_j.append(after - before)  # type: ignore[union-attr]
+                    bar.update()
+
+    ordered = [records[(i, c.label)] for i in range(len(prompts)) for c in contenders]
+    for record in ordered:
+        record.text = target.tokenizer.decode(record.token_ids, skip_special_tokens=True)
+    if config.sampling.greedy:
+        for i in range(len(prompts)):
+            reference = records[(i, BASELINE)].token_ids
+            for contender in contenders:
+                record = records[(i, contender.label)]
+                record.mismatch_at = first_mismatch(record.token_ids, reference)
+                record.identical = record.mismatch_at is None
+    else:
+        pairs = [(records[(i, c.label)], encoded[i]) for i in range(len(prompts)) for c in contenders]
+        for record, ids in tqdm(pairs, desc="perplexity", disable=not progress, file=sys.stderr, leave=False):
+            record.nll = generated_nll(target, ids, record.token_ids)
+
+    return BenchResult(
+        config=config,
+        contenders=[ContenderInfo(c.label, c.peer, c.lossless) for c in contenders],
+        records=ordered,
+        meta=_environment(target, draft, meter),
+    )
+
+
+def _environment(target: LoadedModel, draft: LoadedModel | None, meter: EnergyMeter) -> dict[str, Any]:
+    import transformers
+
+    dtype = next(target.model.parameters()).dtype
+    return {
+        "model": target.name,
+        "model_fingerprint": target.fingerprint,
+        "draft": draft.name if draft is not None else None,
+        "device": str(target.device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "energy": meter.unavailable or "NVML total energy counter",
+    }
