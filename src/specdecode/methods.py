@@ -7,6 +7,7 @@ keyword arguments; unknown options and out-of-range values are refused with a cl
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,7 +22,9 @@ from specdecode.propose.beam_sampler import BeamSampleProposer
 from specdecode.propose.draft_model import DraftModelProposer
 from specdecode.propose.exact_joint import ExactJointProposer, exact_joint_feasible
 from specdecode.propose.ngram import NgramProposer
+from specdecode.propose.self_draft import SelfDraftProposer
 from specdecode.sampling import SamplingSettings
+from specdecode.search.profile import SkipProfile, self_draft_settings
 
 
 @dataclass
@@ -133,3 +136,25 @@ def build_mtjd(
     else:
         proposer = BeamSampleProposer(ctx.target.model, ctx.sampling, ctx.generator, beams, gamma)
     return proposer, AcceptAll(ctx.sampling, ctx.generator)
+
+
+@register("ssd")
+def build_self_speculative(
+    ctx: MethodContext,
+    profile: str | os.PathLike[str] | SkipProfile | None = None,
+    skip_attention: list[int] | None = None,
+    skip_mlp: list[int] | None = None,
+    threshold: float | None = None,
+    max_draft: int | None = None,
+    draft_vocab: int | list[int] | None = None,
+    int8: bool | None = None,
+) -> tuple[Proposer, AcceptanceRule]:
+    """Self-speculative decoding: the target itself, with sub-layers skipped, drafts.
+
+    Skip sets and draft settings come from a searched ``profile`` (see ``specdecode search``) or
+    the explicit options, which override the profile's; defaults: nothing skipped, threshold
+    0.8, max_draft 12, full-vocabulary float head.
+    """
+    settings = self_draft_settings(ctx.target, profile, skip_attention, skip_mlp, threshold, max_draft,
+                                   draft_vocab, int8)
+    return SelfDraftProposer(ctx.target, settings, ctx.sampling, ctx.generator), default_rule(ctx)

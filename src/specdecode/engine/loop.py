@@ -3,7 +3,8 @@
 Invariant: the target's KV cache holds every token of the sequence except the last one. A step
 feeds ``[last token] + draft`` (k + 1 tokens) and reads k + 1 next-token distributions; after
 accepting ``a`` draft tokens and the target's own token, the cache is cropped to the new
-sequence minus its last token. Drafters keep their own caches and sync them the same way.
+sequence minus its last token. Drafters keep their own caches and sync them the same way, or
+(self-drafts) borrow the target's cache during ``propose`` and leave it as they found it.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Generation:
     def _run(self) -> Iterator[list[int]]:
         model, device, stats = self.target.model, self.target.device, self.stats
         kv = KVCache()
+        self.proposer.bind_target_cache(kv)
         start = _now(device)
         with torch.inference_mode():
             if len(self.prompt_ids) > 1:

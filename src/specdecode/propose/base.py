@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specdecode.models.cache import KVCache
+
 
 @dataclass
 class Draft:
@@ -42,6 +44,14 @@ class Proposer:
 
     def __init__(self) -> None:
         self.stats = DraftStats()
+
+    def bind_target_cache(self, target_cache: KVCache) -> None:
+        """See the target's KV cache once, before the prefill.
+
+        A self-draft (the target with layers skipped) reads the context from it instead of
+        prefilling a cache of its own. It may append draft tokens during :meth:`propose` but must
+        crop them off again: when ``propose`` returns, the cache must hold what it held before.
+        """
 
     def on_prefill(self, prompt_hidden: torch.Tensor) -> None:
         """See the target's final hidden states over the prompt (KNN routing uses them)."""
