@@ -73,6 +73,12 @@ def num_layers(model: nn.Module) -> int:
     return len(decoder_layers(model))
 
 
+def sublayers(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """The (attention, MLP) sub-layer pair of every decoder layer."""
+    layout = _layout(model)
+    return [(getattr(layer, layout.attention), getattr(layer, layout.mlp)) for layer in decoder_layers(model)]
+
+
 @dataclass(frozen=True)
 class SkipSet:
     """Indices of the attention sub-layers and the MLP sub-layers the draft skips (sorted, unique)."""

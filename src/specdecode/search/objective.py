@@ -1,0 +1,212 @@
+"""What the skip-set search maximises: measured or simulated ``ssd`` tokens per second.
+
+``measured`` runs real ``ssd`` generations on the calibration prompts and times them, like the
+reference implementations. On a shared CPU that number is noisy (a skip set can win because a
+neighbour's job paused), and Bayesian optimisation chases the noise.
+
+``simulated`` is deterministic. Greedy ``ssd`` emits exactly the target's greedy text, so the
+accepted length of every step can be replayed without running the target: the draft proposes
+from the target's cache of the context (one full forward per prompt, computed once), and its
+tokens are matched against the target's own continuation. Time comes from a cost model timed
+once per search: the target's verification forward for 1..k+1 tokens, and a draft forward
+whose cost falls linearly with the parameters of the sub-layers it skips. The estimate is
+``tokens / Σ_steps (verify(k_i + 1) + drafts_i · draft_cost)``; it ignores the prefill, which
+``ssd`` and ``ar`` share, and the replay is also several times faster than a measured
+evaluation because it never runs a verification forward.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from specdecode.api import SpeculativeDecoder
+from specdecode.models.cache import KVCache, forward
+from specdecode.models.layer_skip import SkipSet, sublayers
+from specdecode.models.loading import LoadedModel
+from specdecode.propose.self_draft import SelfDraftProposer, SelfDraftSettings
+from specdecode.sampling import SamplingSettings
+from specdecode.search.calibration import CalibrationSet
+
+
+@dataclass
+class Evaluation:
+    """One skip set's score (what the search maximises) and the statistics behind it."""
+
+    score: float  # tokens per second, measured or estimated
+    speedup: float  # against autoregressive decoding on the same prompts
+    tau: float  # tokens per target forward
+    acceptance_rate: float
+    new_tokens: int
+    draft_forwards: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Objective(Protocol):
+    name: str
+
+    def __call__(self, settings: SelfDraftSettings) -> Evaluation: ...
+
+
+def ssd_options(settings: SelfDraftSettings) -> dict[str, Any]:
+    """``ssd`` method options that reproduce ``settings``."""
+    return dict(skip_attention=list(settings.skip.attention), skip_mlp=list(settings.skip.mlp),
+                threshold=settings.threshold, max_draft=settings.max_draft, int8=settings.int8,
+                draft_vocab=list(settings.vocab_ids) if settings.vocab_ids is not None else 0)
+
+
+class MeasuredObjective:
+    """Wall-clock tokens/s of greedy ``ssd`` over the calibration prompts (prefill included)."""
+
+    name = "measured"
+
+    def __init__(self, target: LoadedModel, calibration: CalibrationSet) -> None:
+        self.target, self.calibration = target, calibration
+
+    def __call__(self, settings: SelfDraftSettings) -> Evaluation:
+        decoder = SpeculativeDecoder(self.target, "ssd", **ssd_options(settings))
+        tokens = forwards = drafts = proposed = accepted = 0
+        seconds = 0.0
+        for prompt in self.calibration.prompts:
+            stats = decoder.generate(prompt, max_new_tokens=self.calibration.max_new_tokens).stats
+            tokens += stats.new_tokens
+            seconds += stats.total_s
+            forwards += stats.target_forwards
+            drafts += stats.draft_forwards
+            proposed += stats.proposed_tokens
+            accepted += stats.accepted_tokens
+        score = tokens / seconds
+        return Evaluation(score, score / self.calibration.ar_tokens_per_second, tokens / forwards,
+                          accepted / proposed if proposed else 0.0, tokens, drafts)
+
+
+@dataclass
+class CostModel:
+    """Seconds per forward, timed once: verification by number of tokens, draft by what it keeps."""
+
+    verify_s: list[float]  # verify_s[k - 1]: the target fed k tokens, logits for all of them
+    draft_fixed_s: float  # a draft forward that skips every sub-layer (embedding, norms, head)
+    draft_layers_s: float  # what keeping every sub-layer adds to that
+    attention_share: list[float]  # share of draft_layers_s per attention sub-layer (by parameters)
+    mlp_share: list[float]
+
+    def verify(self, tokens: int) -> float:
+        return self.verify_s[min(tokens, len(self.verify_s)) - 1]
+
+    def draft(self, skip: SkipSet) -> float:
+        skipped = sum(self.attention_share[i] for i in skip.attention) + sum(self.mlp_share[i] for i in skip.mlp)
+        return self.draft_fixed_s + self.draft_layers_s * max(0.0, 1.0 - skipped)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def measure(cls, target: LoadedModel, context: list[int], draft: SelfDraftSettings, repeats: int = 5) -> CostModel:
+        """Time the forwards on ``context`` (medians of ``repeats``) with the draft head of ``draft``."""
+        model = target.model
+        pairs = sublayers(model)
+        count = len(pairs)
+        kv = KVCache()
+
+        def timed(step: Any) -> float:
+            samples = []
+            for _ in range(repeats + 1):  # the first run warms caches and is dropped
+                start = time.perf_counter()
+                step()
+                samples.append(time.perf_counter() - start)
+                kv.crop(len(context) - 1)
+            return statistics.median(samples[1:])
+
+        def draft_time(skip: SkipSet) -> float:
+            proposer = SelfDraftProposer(target, SelfDraftSettings(skip, threshold=1.0, max_draft=1,
+                                                                   vocab_ids=draft.vocab_ids, int8=draft.int8),
+                                         SamplingSettings(), None)
+            proposer.bind_target_cache(kv)
+            return timed(lambda: proposer.propose(context, max_tokens=1))
+
+        with torch.inference_mode():
+            forward(model, kv, context[:-1], logits_to_keep=0)
+            probe = context[-1:] * (draft.max_draft + 1)
+            verify_s = [timed(lambda k=k: forward(model, kv, probe[:k], logits_to_keep=k))
+                        for k in range(1, draft.max_draft + 2)]
+            everything = SkipSet(tuple(range(count)), tuple(range(count)))
+            fixed = draft_time(everything)
+            full = draft_time(SkipSet())
+        attention = [_parameters(attn) for attn, _ in pairs]
+        mlp = [_parameters(mlp) for _, mlp in pairs]
+        total = sum(attention) + sum(mlp)
+        return cls(verify_s, fixed, max(0.0, full - fixed), [a / total for a in attention], [m / total for m in mlp])
+
+
+def _parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class SimulatedObjective:
+    """Deterministic estimate: replayed greedy acceptance × the cost model (see module docstring)."""
+
+    name = "simulated"
+
+    def __init__(self, target: LoadedModel, calibration: CalibrationSet, costs: CostModel) -> None:
+        self.target, self.calibration, self.costs = target, calibration, costs
+        self.sequences = [p + c for p, c in zip(calibration.prompts, calibration.continuations)]
+        self.caches = []
+        with torch.inference_mode():
+            for sequence in self.sequences:
+                kv = KVCache()
+                forward(target.model, kv, sequence[:-1], logits_to_keep=0)
+                self.caches.append(kv)
+
+    def __call__(self, settings: SelfDraftSettings) -> Evaluation:
+        tokens = steps = drafts = proposed = accepted = 0
+        seconds = 0.0
+        for prompt, full, cache in zip(self.calibration.prompts, self.sequences, self.caches):
+            continuation = full[len(prompt):]
+            proposer = SelfDraftProposer(self.target, settings, SamplingSettings(), None)
+            position = 0
+            with torch.inference_mode():
+                while position < len(continuation):
+                    sequence = full[: len(prompt) + position]
+                    proposer.bind_target_cache(_prefix_view(cache, len(sequence) - 1))
+                    before = proposer.stats.forwards
+                    draft = proposer.propose(sequence, self.calibration.max_new_tokens - position - 1)
+                    expected = continuation[position:]
+                    kept = 0
+                    while kept < min(len(draft), len(expected) - 1) and draft.tokens[kept] == expected[kept]:
+                        kept += 1
+                    seconds += self.costs.verify(len(draft) + 1)
+                    seconds += (proposer.stats.forwards - before) * self.costs.draft(settings.skip)
+                    steps += 1
+                    proposed += len(draft)
+                    accepted += kept
+                    position += kept + 1
+            tokens += len(continuation)
+            drafts += proposer.stats.forwards
+        score = tokens / seconds
+        return Evaluation(score, score * self.costs.verify(1), tokens / steps,
+                          accepted / proposed if proposed else 0.0, tokens, drafts)
+
+
+def _prefix_view(kv: KVCache, length: int) -> KVCache:
+    """A cache holding the first ``length`` tokens of ``kv`` without copying them.
+
+    Appending to the view makes new tensors (``DynamicLayer.update`` concatenates), so ``kv``
+    itself is never modified.
+    """
+    view = KVCache()
+    view.cache = DynamicCache()
+    for layer in kv.cache.layers:
+        part = DynamicLayer()
+        part.lazy_initialization(layer.keys, layer.values)
+        part.keys, part.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+        view.cache.layers.append(part)
+    view.token_ids = kv.token_ids[:length]
+    return view
