@@ -20,8 +20,10 @@ from typing import Any
 import torch
 
 from specdecode.errors import ModelLoadError, VocabularyMismatchError
+from specdecode.models.vocab_map import VocabMap, apply_vocab_map, tokenizer_digest, vocab_map_of
 
 DEFAULT_MODEL = "default"
+DEFAULT_DRAFT = "default-draft"  # the distilled draft shipped for the embedded default (see drafts/)
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "float64": torch.float64}
@@ -51,8 +53,10 @@ class LoadedModel:
 
     @property
     def vocab_size(self) -> int:
-        """Width of the output distribution (may exceed the tokenizer's size when padded)."""
-        return int(self.model.get_output_embeddings().weight.shape[0])
+        """Width of the output distribution (may exceed the tokenizer's size when padded); a
+        reduced-vocabulary draft reports its target's width, which is what its logits have."""
+        head = self.model.get_output_embeddings()
+        return int(getattr(head, "vocab_size", None) or head.weight.shape[0])
 
     @property
     def max_context(self) -> int:
@@ -142,6 +146,8 @@ def load_model(
     spec_str = str(spec)
     if spec_str == DEFAULT_MODEL:
         directory, name = _embedded_default_dir(), "gemma-3-270m (embedded default)"
+    elif spec_str == DEFAULT_DRAFT:
+        directory, name = shipped_draft_dir(), "gemma-3-270m distilled draft (shipped)"
     elif spec_str.endswith(".gguf"):
         path = Path(spec_str).expanduser()
         if not path.is_file():
@@ -172,8 +178,16 @@ def _load_transformers(directory: str | Path, dtype: torch.dtype, device: torch.
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError, KeyError, TypeError):
-        tokenizer = None  # token-id-only use (e.g. tiny test models) needs none
+        tokenizer = None  # token-id-only use (tiny test models, drafts sharing the target's tokenizer)
+    vocab_map = VocabMap.load(directory) if Path(directory).is_dir() else None
+    if vocab_map is not None:
+        apply_vocab_map(model, vocab_map)
     return model.to(device), tokenizer
+
+
+def shipped_draft_dir() -> Path:
+    """The distilled draft for the embedded default, shipped inside the package."""
+    return Path(__file__).resolve().parent.parent / "drafts" / "gemma-3-270m-draft"
 
 
 def _embedded_default_dir() -> Path:
@@ -240,6 +254,12 @@ def check_same_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
             f"draft {draft.name!r} has vocabulary size {draft.vocab_size}, target {target.name!r} has "
             f"{target.vocab_size}: speculative decoding needs a shared vocabulary"
         )
+    vocab_map = vocab_map_of(draft.model)
+    if vocab_map is not None and vocab_map.tokenizer_sha and target.tokenizer is not None:
+        if tokenizer_digest(target.tokenizer) != vocab_map.tokenizer_sha:
+            raise VocabularyMismatchError(
+                f"draft {draft.name!r} was distilled for a target with another tokenizer than {target.name!r}"
+            )
     if target.tokenizer is not None and draft.tokenizer is not None:
         if target.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
             raise VocabularyMismatchError(

@@ -1,0 +1,129 @@
+"""Drafts with a reduced vocabulary that still speak the target's token ids.
+
+A distilled draft for a 262k-vocabulary target keeps only the N most frequent tokens (FR-Spec):
+its embedding and tied head are N+1 rows instead of 262k, which is what makes it small enough to
+ship and cheap enough to run. ``vocab_map.json`` beside the model lists, for every draft id, the
+target id it stands for; the last draft id stands for every other token on the input side.
+
+:func:`apply_vocab_map` swaps the loaded model's input embedding and head for thin wrappers, so
+the model reads target ids and writes target-vocabulary logits (``-inf`` outside its subset):
+every drafter and `transformers`' ``generate(assistant_model=...)`` use it unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from specdecode.errors import VocabularyMismatchError
+from specdecode.models.frequent_vocab import expand_logits, validate_token_ids
+
+VOCAB_MAP_FILE = "vocab_map.json"
+FORMAT = "specdecode-vocab-map/1"
+
+
+@dataclass(frozen=True)
+class VocabMap:
+    """Draft id i stands for target id ``target_ids[i]``; draft id ``len(target_ids)`` is "any other token"."""
+
+    target_ids: tuple[int, ...]
+    target_vocab_size: int
+    tokenizer_sha: str | None = None  # digest of the target tokenizer's vocabulary, checked when both are known
+
+    @property
+    def unknown_id(self) -> int:
+        return len(self.target_ids)
+
+    def validate(self, draft_vocab_size: int | None = None) -> None:
+        try:
+            validate_token_ids(torch.tensor(self.target_ids, dtype=torch.long), self.target_vocab_size, "vocab map")
+        except Exception as exc:  # InvalidSettingError from the shared validator, reworded for a draft
+            raise VocabularyMismatchError(f"inconsistent draft vocabulary map: {exc}") from None
+        if draft_vocab_size is not None and draft_vocab_size != self.unknown_id + 1:
+            raise VocabularyMismatchError(
+                f"inconsistent draft vocabulary map: it maps {len(self.target_ids)} ids (+1 unknown) but the "
+                f"draft model has {draft_vocab_size} output rows"
+            )
+
+    def save(self, directory: str | Path) -> None:
+        payload = {"format": FORMAT, "target_vocab_size": self.target_vocab_size, "tokenizer_sha": self.tokenizer_sha,
+                   "target_ids": list(self.target_ids)}
+        (Path(directory) / VOCAB_MAP_FILE).write_text(json.dumps(payload))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> VocabMap | None:
+        """The map saved in ``directory``, or None when the model there uses the full vocabulary."""
+        path = Path(directory) / VOCAB_MAP_FILE
+        if not path.is_file():
+            return None
+        try:
+            payload = json.loads(path.read_text())
+            if payload.get("format") != FORMAT:
+                raise ValueError(f"format {payload.get('format')!r}, expected {FORMAT!r}")
+            ids = payload["target_ids"]
+            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError("target_ids must be a list of integers")
+            sha = payload.get("tokenizer_sha")
+            if sha is not None and not isinstance(sha, str):
+                raise ValueError("tokenizer_sha must be a string")
+            return cls(tuple(ids), int(payload["target_vocab_size"]), sha)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise VocabularyMismatchError(f"corrupt draft vocabulary map {path}: {exc}") from None
+
+
+class MappedEmbedding(nn.Module):
+    """Input embedding that takes target ids (unknown ones share one row)."""
+
+    def __init__(self, embedding: nn.Module, draft_id_of: torch.Tensor) -> None:
+        super().__init__()
+        self.inner = embedding
+        self.register_buffer("draft_id_of", draft_id_of, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.draft_id_of[input_ids])
+
+
+class MappedHead(nn.Module):
+    """Output head that scores the draft's subset and scatters it into the target's vocabulary."""
+
+    def __init__(self, head: nn.Module, target_ids: torch.Tensor, vocab_map: VocabMap) -> None:
+        super().__init__()
+        self.inner = head
+        self.vocab_map = vocab_map
+        self.vocab_size = vocab_map.target_vocab_size
+        self.register_buffer("target_ids", target_ids, persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.inner.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.inner(hidden)[..., : self.target_ids.numel()]  # the "unknown" row is never proposed
+        return expand_logits(logits, self.target_ids, self.vocab_size)
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """A digest of a tokenizer's token → id table: equal digests mean ids mean the same strings."""
+    table = json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]), ensure_ascii=False)
+    return hashlib.sha256(table.encode()).hexdigest()[:16]
+
+
+def vocab_map_of(model: nn.Module) -> VocabMap | None:
+    return getattr(model.get_output_embeddings(), "vocab_map", None)
+
+
+def apply_vocab_map(model: nn.Module, vocab_map: VocabMap) -> nn.Module:
+    """Make ``model`` (a reduced-vocabulary causal LM) read and write target ids, in place."""
+    vocab_map.validate(int(model.get_output_embeddings().weight.shape[0]))
+    device = next(model.parameters()).device
+    target_ids = torch.tensor(vocab_map.target_ids, dtype=torch.long, device=device)
+    draft_id_of = torch.full((vocab_map.target_vocab_size,), vocab_map.unknown_id, dtype=torch.long, device=device)
+    draft_id_of[target_ids] = torch.arange(target_ids.numel(), device=device)
+    model.set_input_embeddings(MappedEmbedding(model.get_input_embeddings(), draft_id_of))
+    model.set_output_embeddings(MappedHead(model.get_output_embeddings(), target_ids, vocab_map))
+    return model

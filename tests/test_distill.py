@@ -1,0 +1,122 @@
+"""Draft distillation: the loop learns, the result loads as a draft, and a bad vocabulary map is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from specdecode.api import SpeculativeDecoder
+from specdecode.distill.student import build_student
+from specdecode.distill.teacher import collect_teacher_data
+from specdecode.distill.train import TrainSettings, train_draft
+from specdecode.errors import InvalidSettingError, VocabularyMismatchError
+from specdecode.models.loading import LoadedModel, check_same_vocabulary, load_model
+from specdecode.models.vocab_map import VOCAB_MAP_FILE, VocabMap, apply_vocab_map
+from tiny_models import VOCAB, tiny_model
+
+KEPT = list(range(0, VOCAB, 2))  # the draft's reduced vocabulary: every other id
+
+
+@pytest.fixture(scope="module")
+def target() -> LoadedModel:
+    return tiny_model("gemma3", layers=4)
+
+
+@pytest.fixture(scope="module")
+def teacher(target, tmp_path_factory):
+    prompts = [torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(6)]
+    return collect_teacher_data(target, prompts, tmp_path_factory.mktemp("teacher"), max_new_tokens=10,
+                                top_k=8, batch_size=3, progress=False)
+
+
+def _saved_draft(target, tmp_path, layers=(0, 3)):
+    student, vocab_map = build_student(target, list(layers), KEPT)
+    student.save_pretrained(tmp_path)
+    vocab_map.save(tmp_path)
+    return tmp_path
+
+
+def test_student_with_every_layer_and_full_vocabulary_is_the_target(target):
+    student, vocab_map = build_student(target, [0, 1, 2, 3], list(range(VOCAB)))
+    apply_vocab_map(student, vocab_map)
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = target.model(input_ids=ids).logits
+        got = student.double()(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)  # the student is built in float32
+
+
+def test_training_reduces_the_distillation_loss(target, teacher):
+    assert teacher and all(len(s.top_ids) == len(s.ids) - 1 for s in teacher)
+    student, vocab_map = build_student(target, [0, 3], KEPT)
+    log = train_draft(student, vocab_map, teacher, TrainSettings(steps=40, batch_size=4, lr=3e-3, warmup=2),
+                      progress=False)
+    first, last = sum(log.losses[:5]) / 5, sum(log.losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+
+
+def test_training_resumes_from_its_checkpoint(target, teacher, tmp_path):
+    settings = TrainSettings(steps=6, batch_size=2, lr=1e-3, warmup=1, checkpoint_every=3)
+    straight, vocab_map = build_student(target, [0, 3], KEPT)
+    train_draft(straight, vocab_map, teacher, settings, progress=False)
+    resumed, _ = build_student(target, [0, 3], KEPT)
+    train_draft(resumed, vocab_map, teacher, settings, checkpoint=tmp_path / "ckpt.pt", progress=False, stop_at=4)
+    resumed, _ = build_student(target, [0, 3], KEPT)  # a fresh process: only the checkpoint carries state
+    train_draft(resumed, vocab_map, teacher, settings, checkpoint=tmp_path / "ckpt.pt", progress=False)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_saved_draft_loads_in_target_ids_and_sps_stays_lossless(target, tmp_path):
+    draft = load_model(_saved_draft(target, tmp_path))
+    assert draft.vocab_size == target.vocab_size
+    check_same_vocabulary(target, draft)
+    logits = draft.model(input_ids=torch.tensor([[1, 2, 3]])).logits[0, -1]
+    assert torch.isinf(logits[1::2]).all() and torch.isfinite(logits[0::2]).all()  # odd ids are outside the draft
+    prompt = [5, 9, 11, 3, 7]
+    ar = SpeculativeDecoder(target, "ar").generate(prompt, max_new_tokens=20, stop_at_eos=False)
+    sps = SpeculativeDecoder(target, "sps", draft).generate(prompt, max_new_tokens=20, stop_at_eos=False)
+    assert sps.token_ids == ar.token_ids
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda m: {**m, "target_ids": m["target_ids"][:-1]},  # fewer ids than the draft has rows
+    lambda m: {**m, "target_ids": [0] + m["target_ids"][1:-1] + [0]},  # repeated id
+    lambda m: {**m, "target_ids": m["target_ids"][:-1] + [VOCAB + 5]},  # outside the target's vocabulary
+    lambda m: {**m, "format": "something-else/9"},
+])
+def test_inconsistent_vocabulary_map_is_refused(target, tmp_path, corrupt):
+    path = _saved_draft(target, tmp_path) / VOCAB_MAP_FILE
+    path.write_text(json.dumps(corrupt(json.loads(path.read_text()))))
+    with pytest.raises(VocabularyMismatchError, match="vocabulary map"):
+        load_model(path.parent)
+
+
+def test_draft_for_another_vocabulary_or_tokenizer_is_refused(target, tmp_path):
+    draft = load_model(_saved_draft(target, tmp_path))
+    bigger = tiny_model("gemma3", vocab=VOCAB + 3)
+    with pytest.raises(VocabularyMismatchError, match="vocabulary size"):
+        check_same_vocabulary(bigger, draft)
+    mapped = draft.model.get_output_embeddings().vocab_map
+    draft.model.get_output_embeddings().vocab_map = VocabMap(mapped.target_ids, mapped.target_vocab_size, "0" * 16)
+
+    class Tokenizer:
+        def get_vocab(self):
+            return {f"t{i}": i for i in range(VOCAB)}
+
+    with pytest.raises(VocabularyMismatchError, match="another tokenizer"):
+        check_same_vocabulary(LoadedModel(target.model, Tokenizer(), "t"), draft)
+
+
+def test_bad_student_and_training_settings(target, teacher):
+    with pytest.raises(InvalidSettingError, match="layers"):
+        build_student(target, [0, 9], KEPT)
+    with pytest.raises(VocabularyMismatchError, match="repeats"):
+        build_student(target, [0], [1, 1, 2])
+    student, vocab_map = build_student(target, [0], KEPT)
+    with pytest.raises(InvalidSettingError, match="steps"):
+        train_draft(student, vocab_map, teacher, TrainSettings(steps=0))
+    with pytest.raises(InvalidSettingError, match="no teacher"):
+        train_draft(student, vocab_map, [], TrainSettings())
