@@ -12,7 +12,8 @@ from specdecode.errors import InvalidSettingError
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("models")
     group.add_argument("--model", default="default", help="target: 'default', a .gguf file, a directory or hub id")
-    group.add_argument("--draft", default=None, help="draft model for sps (same forms as --model)")
+    group.add_argument("--draft", default=None,
+                       help="draft model for sps / mtad: 'default-draft' (shipped for the default target) or the forms of --model")
     group.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
     group.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
@@ -35,6 +36,9 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--adaptive-gamma", action="store_true", default=None, help="adapt the draft length (sps)")
     group.add_argument("--max-ngram", type=int, default=None, help="longest n-gram to look up (pld)")
     group.add_argument("--min-ngram", type=int, default=None, help="shortest n-gram to look up (pld)")
+    group.add_argument("--beams", type=int, default=None, help="beam width B of the joint draft (mtad, mtjd)")
+    group.add_argument("--threshold", type=float, default=None,
+                       help="acceptance threshold tau on the joint ratio (mtad); draft confidence stop (ssd)")
     group.add_argument("--profile", default=None, metavar="PATH", help="saved profile of a searched method (ssd)")
     group.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="any other method option, e.g. --option threshold=0.5 (repeatable)")
@@ -47,7 +51,7 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Method options the user actually set (so methods never see options they do not take)."""
-    options = {name: getattr(args, name) for name in ("gamma", "adaptive_gamma", "max_ngram", "min_ngram", "profile")
+    options = {name: getattr(args, name) for name in ("gamma", "adaptive_gamma", "max_ngram", "min_ngram", "beams", "threshold", "profile")
                if getattr(args, name, None) is not None}
     for item in args.option:
         key, sep, raw = item.partition("=")
