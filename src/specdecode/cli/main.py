@@ -10,10 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from specdecode.cli import bench, demo, generate, search
+from specdecode.cli import bench, demo, generate, knn, search
 from specdecode.errors import SpecDecodeError
 
-SUBCOMMANDS = [demo, generate, bench, search]  # each module: register(subparsers) -> sets args.run
+SUBCOMMANDS = [demo, generate, bench, search, knn]  # each module: register(subparsers) -> sets args.run
 
 
 def build_parser() -> argparse.ArgumentParser:
