@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     routing.add_argument("--anchors", type=int, default=10, help="k-means anchors per category (default 10)")
     routing.add_argument("--radius-percentile", type=float, default=95.0,
                          help="fallback radius: this percentile of calibration nearest-anchor distances (default 95)")
-    routing.add_argument("--radius-margin", type=float, default=1.5, help="... times this margin (default 1.5)")
+    routing.add_argument("--radius-margin", type=float, default=2.0, help="... times this margin (default 2)")
     routing.add_argument("--profiles-dir", default=None,
                          help="reuse searched profiles DIR/<category>.json and DIR/mixed.json where present")
     add_search_args(build)
