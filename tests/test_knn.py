@@ -269,3 +269,26 @@ def test_cli_eval_bad_bundle_exits_2_with_one_line(tmp_path, capsys):
     assert main(["knn-eval", "--bundle", str(tmp_path / "none"), "--data", str(tmp_path / "d.jsonl")]) == 2
     assert capsys.readouterr().err.strip() == (f"error: bundle {str(tmp_path / 'none')!r} not found "
                                                "(expected a directory with bundle.json)")
+
+
+@pytest.mark.real_model
+def test_real_model_knn_ssd_routes_and_equals_ar(real_model):
+    """Hand-made profiles (no search): the embedded Gemma separates two kinds of prompt, and
+    greedy knn-ssd reproduces ar with whichever profile it picks."""
+    kinds = {"translate": [f"Translate to French: {s}" for s in ("the cat sleeps", "good morning", "I like tea",
+                                                                 "where is the station")],
+             "arith": [f"Compute {a} + {b} =" for a, b in ((3, 4), (12, 9), (70, 5), (8, 8))]}
+    ids = {c: [real_model.tokenizer(t)["input_ids"] for t in texts] for c, texts in kinds.items()}
+    vectors = {c: embed_prompts(real_model, rows) for c, rows in ids.items()}
+    anchors, labels = fit_anchors(vectors, anchors_per_category=2)
+    radius = fallback_radius(anchors, np.concatenate(list(vectors.values())))
+    fingerprint, layers = real_model.fingerprint, real_model.config.num_hidden_layers
+    profiles = {"translate": _profile(fingerprint, SkipSet.of([14, 15], [16, 17]), layers),
+                "arith": _profile(fingerprint, SkipSet.of([12], [13, 17]), layers)}
+    bundle = ProfileBundle(anchors, labels, profiles, _profile(fingerprint, SkipSet.of([17], []), layers), radius,
+                           fingerprint, real_model.name)
+    knn, ar = SpeculativeDecoder(real_model, "knn-ssd", bundle=bundle), SpeculativeDecoder(real_model, "ar")
+    for category, prompt in (("translate", "Translate to French: the dog runs"), ("arith", "Compute 41 + 6 =")):
+        result = knn.generate(prompt, max_new_tokens=16)
+        assert result.stats.extra["route"]["category"] == category
+        assert result.token_ids == ar.generate(prompt, max_new_tokens=16).token_ids
