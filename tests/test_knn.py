@@ -13,7 +13,7 @@ from specdecode.errors import InvalidSettingError, PromptError
 from specdecode.models.layer_skip import SkipSet
 from specdecode.propose.self_draft import SelfDraftSettings
 from specdecode.routing.build import build_bundle, embed_prompts, fallback_radius, fit_anchors
-from specdecode.routing.bundle import MIXED, ProfileBundle, load_bundle
+from specdecode.routing.bundle import MIXED, ProfileBundle, Route, load_bundle
 from specdecode.routing.evaluate import mixed_stream
 from specdecode.search.profile import SkipProfile
 from test_search import _tiny_model_dir
@@ -60,7 +60,7 @@ def test_far_query_falls_back_to_the_mixed_profile(synthetic):
     route = bundle.route(np.eye(8)[5])  # a direction no calibration prompt had
     assert route.fallback and route.profile == MIXED and route.distance > bundle.radius
     assert bundle.profile(route) is bundle.mixed
-    assert bundle.route(None).profile == MIXED  # nothing to embed (one-token prompt)
+    assert bundle.route(None) == Route(MIXED, None, True, MIXED)  # nothing to embed (one-token prompt)
 
 
 def test_bundle_round_trip(synthetic, tmp_path):
@@ -171,7 +171,7 @@ def test_greedy_knn_ssd_equals_ar_and_routes_like_the_offline_embedding(arch):
             assert route["category"] == offline.category and route["distance"] == pytest.approx(offline.distance)
             assert result.stats.draft_forwards > 0
     single = knn.generate([5], max_new_tokens=4)  # no prefill: the mixed profile drafts
-    assert single.stats.extra["route"]["profile"] == MIXED
+    assert single.stats.extra["route"]["profile"] == MIXED and single.stats.extra["route"]["distance"] is None
     assert single.token_ids == ar.generate([5], max_new_tokens=4).token_ids
 
 

@@ -17,7 +17,7 @@ from specdecode.errors import InvalidSettingError
 from specdecode.models.loading import load_model
 from specdecode.routing.build import build_bundle, plot_tsne
 from specdecode.routing.bundle import MIXED, load_bundle
-from specdecode.routing.evaluate import evaluate, held_out_prompts, mixed_stream, render, write
+from specdecode.routing.evaluate import evaluate, category_prompts, mixed_stream, render, write
 from specdecode.search.calibration import load_labelled_prompts
 from specdecode.search.profile import load_profile
 
@@ -91,7 +91,7 @@ def run_build(args: argparse.Namespace) -> int:
             raise InvalidSettingError("--categories is empty")
     else:
         categories = list(dict.fromkeys(label for label, _ in load_labelled_prompts(args.data, args.category_field)))
-    chosen = held_out_prompts(args.data, categories, args.prompts_per_category, 0, args.category_field)
+    chosen = category_prompts(args.data, categories, args.prompts_per_category, 0, args.category_field)
     prompts = {c: [format_prompt(p, args.prompt_template) for p in rows] for c, rows in chosen.items()}
     target = load_model(args.model, **model_kwargs(args))
     reuse = {}
@@ -128,7 +128,7 @@ def run_eval(args: argparse.Namespace) -> int:
     offset = args.prompt_offset
     if offset is None:
         offset = max(dict(bundle.settings.get("prompts_per_category") or {0: 0}).values())
-    chosen = held_out_prompts(args.data, bundle.categories, args.per_category, offset, field)
+    chosen = category_prompts(args.data, bundle.categories, args.per_category, offset, field)
     stream = mixed_stream(chosen, args.mix_ratio, args.stream_seed)
     config = BenchConfig(max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup,
                          prompt_template=bundle.settings.get("prompt_template", DEFAULT_TEMPLATE))

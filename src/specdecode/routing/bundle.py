@@ -50,7 +50,7 @@ class Route:
     """Which profile one request drafts with, and why."""
 
     category: str  # the nearest anchor's category
-    distance: float  # to that anchor
+    distance: float | None  # to that anchor (None: nothing was embedded)
     fallback: bool  # beyond the radius (or nothing to embed): the mixed profile drafts
     profile: str  # the category whose profile drafts (``mixed`` on fallback)
 
@@ -112,7 +112,7 @@ class ProfileBundle:
     def route(self, vector: np.ndarray | None) -> Route:
         """The profile for an embedded prompt (``None``: a one-token prompt, nothing to embed)."""
         if vector is None:
-            return Route(MIXED, float("inf"), True, MIXED)
+            return Route(MIXED, None, True, MIXED)
         distances, indices = self.index.kneighbors(np.asarray(vector, dtype=self.anchors.dtype).reshape(1, -1))
         distance, category = float(distances[0, 0]), self.labels[int(indices[0, 0])]
         fallback = distance > self.radius

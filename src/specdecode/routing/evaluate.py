@@ -28,10 +28,11 @@ from specdecode.search.calibration import load_labelled_prompts
 KNN = "knn-ssd"
 
 
-def held_out_prompts(
+def category_prompts(
     path: str | Path, categories: list[str], per_category: int, offset: int, field: str = "category"
 ) -> dict[str, list[BenchPrompt]]:
-    """Prompts ``offset .. offset + per_category`` of each category (after the ones a bundle was built on)."""
+    """Prompts ``offset .. offset + per_category`` of each category (a bundle is built on the first ones,
+    evaluated on the ones after them)."""
     if per_category < 1 or offset < 0:
         raise InvalidSettingError(f"need per-category >= 1 and prompt offset >= 0, got {per_category} and {offset}")
     records = load_labelled_prompts(path, field)
@@ -97,9 +98,10 @@ class KnnEvaluation:
             mine = [r for r in records if key in ("overall", r.prompt.category)]
             routes = [r.stats.extra["route"] for r in mine]
             correct = sum(route["category"] == r.prompt.category for route, r in zip(routes, mine))
+            distances = [route["distance"] for route in routes if route["distance"] is not None]
             rows[key] = {"requests": len(mine), "correct": correct, "accuracy": correct / len(mine),
                          "fallbacks": sum(route["fallback"] for route in routes),
-                         "mean_distance": sum(route["distance"] for route in routes) / len(mine)}
+                         "mean_distance": sum(distances) / len(distances) if distances else None}
         return rows
 
     def switches(self) -> int:
@@ -154,7 +156,7 @@ def render(evaluation: KnnEvaluation) -> str:
             "|---|---:|---:|---:|---:|"]
     for category, row in evaluation.routing().items():
         out.append(f"| {category} | {row['requests']} | {row['correct']} ({row['accuracy']:.0%}) | "
-                   f"{row['fallbacks']} | {row['mean_distance']:.4f} |")
+                   f"{row['fallbacks']} | {_fmt(row['mean_distance'], '{:.4f}')} |")
     out += ["", "`ssd[c]` drafts with category c's profile on every request; `knn-ssd` picks the profile of the "
             "prompt's nearest anchor. Speedup and tokens/s include the prefill. Per-request records: records.jsonl.", ""]
     return "\n".join(out)
