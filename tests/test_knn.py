@@ -5,7 +5,6 @@ import random
 
 import numpy as np
 import pytest
-import torch
 
 from specdecode import SpeculativeDecoder
 from specdecode.bench.dataset import BenchPrompt
