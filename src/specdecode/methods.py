@@ -21,8 +21,10 @@ from specdecode.propose.base import Proposer
 from specdecode.propose.beam_sampler import BeamSampleProposer
 from specdecode.propose.draft_model import DraftModelProposer
 from specdecode.propose.exact_joint import ExactJointProposer, exact_joint_feasible
+from specdecode.propose.knn_self_draft import KnnSelfDraftProposer
 from specdecode.propose.ngram import NgramProposer
 from specdecode.propose.self_draft import SelfDraftProposer
+from specdecode.routing.bundle import ProfileBundle, load_bundle_cached
 from specdecode.sampling import SamplingSettings
 from specdecode.search.profile import SkipProfile, self_draft_settings
 
@@ -158,3 +160,16 @@ def build_self_speculative(
     settings = self_draft_settings(ctx.target, profile, skip_attention, skip_mlp, threshold, max_draft,
                                    draft_vocab, int8)
     return SelfDraftProposer(ctx.target, settings, ctx.sampling, ctx.generator), default_rule(ctx)
+
+
+@register("knn-ssd")
+def build_knn_self_speculative(
+    ctx: MethodContext, bundle: str | os.PathLike[str] | ProfileBundle | None = None
+) -> tuple[Proposer, AcceptanceRule]:
+    """KNN-SSD: ``ssd`` whose skip profile is picked per request by the prompt's nearest anchor in a
+    bundle built by ``specdecode build-knn`` (the mixed profile beyond the bundle's radius)."""
+    if bundle is None:
+        raise InvalidSettingError("method 'knn-ssd' needs bundle=PATH (a directory written by specdecode build-knn)")
+    loaded = bundle if isinstance(bundle, ProfileBundle) else load_bundle_cached(bundle)
+    loaded.check_model(ctx.target, "bundle" if isinstance(bundle, ProfileBundle) else f"bundle {str(bundle)!r}")
+    return KnnSelfDraftProposer(ctx.target, loaded, ctx.sampling, ctx.generator), default_rule(ctx)

@@ -40,6 +40,7 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threshold", type=float, default=None,
                        help="acceptance threshold tau on the joint ratio (mtad); draft confidence stop (ssd)")
     group.add_argument("--profile", default=None, metavar="PATH", help="saved profile of a searched method (ssd)")
+    group.add_argument("--bundle", default=None, metavar="DIR", help="KNN-SSD bundle from build-knn (knn-ssd)")
     group.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="any other method option, e.g. --option threshold=0.5 (repeatable)")
 
@@ -51,8 +52,8 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Method options the user actually set (so methods never see options they do not take)."""
-    options = {name: getattr(args, name) for name in ("gamma", "adaptive_gamma", "max_ngram", "min_ngram", "beams", "threshold", "profile")
-               if getattr(args, name, None) is not None}
+    named = ("gamma", "adaptive_gamma", "max_ngram", "min_ngram", "beams", "threshold", "profile", "bundle")
+    options = {name: getattr(args, name) for name in named if getattr(args, name, None) is not None}
     for item in args.option:
         key, sep, raw = item.partition("=")
         if not sep or not key:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from specdecode.cli.common import add_model_args, model_kwargs
@@ -27,6 +28,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--prompts", type=int, default=8, help="calibration prompts (default 8)")
     data.add_argument("--prompt-offset", type=int, default=0, help="skip this many prompts first (held-out splits)")
     data.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
+    add_search_args(parser)
+    add_draft_args(parser)
+    parser.add_argument("--checkpoint", default=None, help="resumable state (default: OUT.checkpoint.json)")
+    parser.add_argument("--vocab-data", default=None,
+                        help="text to rank draft tokens on: JSON-lines prompts, all categories (default: --data)")
+    parser.add_argument("--out", required=True, help="profile file to write (JSON)")
+    parser.set_defaults(run=run)
+
+
+def add_search_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the skip-set search, shared with ``build-knn``."""
     search = parser.add_argument_group("search")
     search.add_argument("--iterations", type=int, default=40, help="optimiser suggestions after the random starts")
     search.add_argument("--init-points", type=int, default=8, help="random skip sets to start from (default 8)")
@@ -36,19 +48,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--objective", choices=OBJECTIVES, default="simulated",
                         help="simulated: replayed acceptance x timed cost model, deterministic (default); "
                              "measured: wall-clock tokens/s of real runs, noisy on a shared CPU")
-    search.add_argument("--checkpoint", default=None, help="resumable state (default: OUT.checkpoint.json)")
     search.add_argument("--no-measure", action="store_true", help="do not time the best profile with real runs")
     search.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_draft_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the self-draft being searched, shared with ``build-knn``."""
     draft = parser.add_argument_group("draft")
     draft.add_argument("--threshold", type=float, default=0.8, help="stop drafting below this top-1 probability")
     draft.add_argument("--max-draft", type=int, default=12, help="longest draft (default 12)")
     draft.add_argument("--draft-vocab", type=int, default=0,
                        help="reduced-vocabulary draft head over the N most frequent tokens (0: full head)")
-    draft.add_argument("--vocab-data", default=None,
-                       help="text to rank tokens on: JSON-lines prompts, all categories (default: --data)")
     draft.add_argument("--int8", action="store_true", help="int8 weights for the draft forward")
-    parser.add_argument("--out", required=True, help="profile file to write (JSON)")
-    parser.set_defaults(run=run)
+
+
+def search_options(args: argparse.Namespace) -> dict[str, object]:
+    """``build_profile`` keyword arguments from the search flags (the seed is passed on its own)."""
+    if args.draft_vocab < 0:
+        raise InvalidSettingError(f"--draft-vocab must be >= 0, got {args.draft_vocab}")
+    return dict(objective=args.objective, iterations=args.iterations, init_points=args.init_points,
+                max_density=args.max_density, measure=not args.no_measure)
+
+
+def base_settings(args: argparse.Namespace) -> SelfDraftSettings:
+    return SelfDraftSettings(threshold=args.threshold, max_draft=args.max_draft, int8=args.int8)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,8 +80,7 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidSettingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.prompt_offset < 0:
         raise InvalidSettingError(f"--prompt-offset must be >= 0, got {args.prompt_offset}")
-    if args.draft_vocab < 0:
-        raise InvalidSettingError(f"--draft-vocab must be >= 0, got {args.draft_vocab}")
+    options = search_options(args)
     texts = load_prompts(args.data, args.category, args.category_field)
     chosen = texts[args.prompt_offset: args.prompt_offset + args.prompts]
     if len(chosen) < args.prompts:
@@ -72,15 +94,13 @@ def run(args: argparse.Namespace) -> int:
     vocab = None
     if args.draft_vocab:
         vocab = draft_vocabulary(target, calibration, args.draft_vocab, load_prompts(args.vocab_data or args.data))
-    base = SelfDraftSettings(threshold=args.threshold, max_draft=args.max_draft, vocab_ids=vocab, int8=args.int8)
+    base = replace(base_settings(args), vocab_ids=vocab)
     out = Path(args.out)
     checkpoint = args.checkpoint or out.with_name(out.name + ".checkpoint.json")
     metadata = {"data": str(args.data), "category": args.category, "prompt_offset": args.prompt_offset,
                 "draft_vocab_requested": args.draft_vocab}
-    profile = build_profile(target, calibration, base, objective=args.objective, iterations=args.iterations,
-                            init_points=args.init_points, seed=args.seed, max_density=args.max_density,
-                            checkpoint=checkpoint, measure=not args.no_measure, progress=not args.no_progress,
-                            metadata=metadata)
+    profile = build_profile(target, calibration, base, seed=args.seed, checkpoint=checkpoint,
+                            progress=not args.no_progress, metadata=metadata, **options)
     profile.save(out)
     skip, found = profile.settings.skip, profile.search
     print(f"wrote {out}: skip attention {list(skip.attention)}, mlp {list(skip.mlp)}; "

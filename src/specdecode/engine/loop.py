@@ -92,6 +92,7 @@ class Generation:
                 yield new
         stats.new_tokens = len(self.generated)
         stats.draft_forwards = self.proposer.stats.forwards
+        stats.extra.update(self.proposer.stats.extra)
         stats.total_s = _now(device) - start
 
     def __iter__(self) -> Iterator[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -29,10 +30,12 @@ class Draft:
 
 @dataclass
 class DraftStats:
-    """Counters a drafter keeps for one generation."""
+    """Counters a drafter keeps for one generation; ``extra`` ends up in ``GenerationStats.extra``
+    (what a drafter decided per request, e.g. KNN-SSD's routing)."""
 
     forwards: int = 0
     proposed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Proposer:

@@ -27,6 +27,16 @@ def load_prompts(
 
     ``category`` keeps only the records whose ``field`` equals it.
     """
+    records = load_labelled_prompts(path, field)
+    prompts = [text for label, text in records if category is None or label == category]
+    if not prompts:
+        present = ", ".join(sorted({label for label, _ in records}))
+        raise InvalidSettingError(f"no prompts of {field} {category!r} in {Path(path).name} (present: {present})")
+    return prompts
+
+
+def load_labelled_prompts(path: str | os.PathLike[str], field: str = "category") -> list[tuple[str, str]]:
+    """Every record's ``(field value, first-turn prompt)``, in file order."""
     source = Path(path)
     try:
         lines = source.read_text().splitlines()
@@ -34,8 +44,7 @@ def load_prompts(
         raise InvalidSettingError(f"data file not found: {str(path)!r}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidSettingError(f"cannot read data file {str(path)!r}: {exc}") from None
-    prompts: list[str] = []
-    seen: set[str] = set()
+    records: list[tuple[str, str]] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -45,20 +54,13 @@ def load_prompts(
             raise InvalidSettingError(f"{source.name} line {number} is not JSON") from None
         if not isinstance(record, dict):
             raise InvalidSettingError(f"{source.name} line {number} is not a JSON object")
-        seen.add(str(record.get(field)))
-        if category is not None and str(record.get(field)) != category:
-            continue
         text = _prompt_text(record)
         if text is None:
             raise InvalidSettingError(f"{source.name} line {number} has no 'turns', 'prompt' or 'text' field")
-        prompts.append(text)
-    if not prompts:
-        if category is not None:
-            raise InvalidSettingError(
-                f"no prompts of {field} {category!r} in {source.name} (present: {', '.join(sorted(seen))})"
-            )
+        records.append((str(record.get(field)), text))
+    if not records:
         raise InvalidSettingError(f"no prompts in {source.name}")
-    return prompts
+    return records
 
 
 def _prompt_text(record: dict) -> str | None:
