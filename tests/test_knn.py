@@ -232,6 +232,10 @@ def test_cli_build_generate_eval_and_reuse(tmp_path, capsys):
     assert summary["stream"] == ["math-4", "qa-4"] or summary["stream"] == ["qa-4", "math-4"]
     assert all(m["identical"] == m["prompts"] == 2 for m in summary["methods"].values())
     assert summary["routing"]["overall"]["requests"] == 2
+    assert "Cross-domain matrix" in table and (report / "domain_matrix.png").stat().st_size > 0
+    matrix = summary["domain_matrix"]  # every profile on every category, one prompt each
+    assert set(matrix) == {"ssd[mixed]", "ssd[qa]", "ssd[math]", "knn-ssd"}
+    assert all(set(cells) == {"qa", "math"} and all(c["tau"] >= 1 for c in cells.values()) for cells in matrix.values())
     capsys.readouterr()
 
     assert main([*build[:-1], str(tmp_path / "again"), "--profiles-dir", str(out / "profiles")]) == 0

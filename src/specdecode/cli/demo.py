@@ -8,7 +8,7 @@ import sys
 
 from specdecode.api import SpeculativeDecoder
 from specdecode.cli.common import add_model_args, model_kwargs
-from specdecode.models.loading import load_model
+from specdecode.models.loading import DEFAULT_DRAFT, DEFAULT_MODEL, load_model, shipped_draft_dir
 
 DEMO_PROMPT = (
     "Summarize the following text in two sentences.\n\nThe city council met on Tuesday to discuss the new "
@@ -18,7 +18,7 @@ DEMO_PROMPT = (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="compare ar, pld and sps on the default model")
+    parser = subparsers.add_parser("demo", help="compare ar, pld and sps (with the shipped draft) on the default model")
     parser.add_argument("--prompt", default=DEMO_PROMPT)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     add_model_args(parser)
@@ -28,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     print(f"loading {args.model} ...", file=sys.stderr)
     target = load_model(args.model, **model_kwargs(args))
+    if args.draft is None and args.model == DEFAULT_MODEL and (shipped_draft_dir() / "config.json").is_file():
+        args.draft = DEFAULT_DRAFT
     if args.draft:
         draft, draft_label = load_model(args.draft, **model_kwargs(args)), args.draft
     else:

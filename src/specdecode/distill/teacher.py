@@ -3,14 +3,16 @@
 The draft must imitate the target on the text it will meet at decoding time, which is the
 target's own output, so the target first answers the training prompts (sampled, for variety);
 then one teacher-forced pass over prompt + answer keeps the target's top-k next-token
-log-probabilities at every position (DistillSpec's on-policy data, stored sparsely: the full
-262k-wide distributions of 100k positions would take 100 GB).
+log-probabilities at every answer position and the last ``prompt_positions`` prompt positions
+(DistillSpec's on-policy data, stored sparsely: the full 262k-wide distributions of 100k positions
+would take 100 GB; and scoring every position of long prompts would cost most of the run).
 
 Chunks are written one batch at a time, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +29,9 @@ class TeacherSequence:
 
     ids: torch.Tensor  # [T] int64
     prompt_len: int
-    top_ids: torch.Tensor  # [T-1, k] int64: target's top-k for the token after position t
-    top_logprobs: torch.Tensor  # [T-1, k] float32
+    top_ids: torch.Tensor  # [T-1-label_start, k] int64: target's top-k for the token after position label_start + i
+    top_logprobs: torch.Tensor  # [T-1-label_start, k] float32
+    label_start: int = 0
 
 
 def collect_teacher_data(
@@ -39,9 +42,10 @@ def collect_teacher_data(
     max_new_tokens: int = 128,
     max_prompt_tokens: int = 512,
     samples_per_prompt: int = 1,
+    prompt_positions: int = 32,
     temperature: float = 0.8,
     top_k: int = 16,
-    batch_size: int = 8,
+    batch_size: int = 10,
     seed: int = 0,
     progress: bool = True,
 ) -> list[TeacherSequence]:
@@ -53,13 +57,15 @@ def collect_teacher_data(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [p for p in prompts for _ in range(samples_per_prompt)]
+    random.Random(seed).shuffle(jobs)  # every batch mixes domains, so a partial run is still a fair sample
     batches = [jobs[i: i + batch_size] for i in range(0, len(jobs), batch_size)]
     sequences: list[TeacherSequence] = []
     for index, batch in enumerate(tqdm(batches, desc="teacher data", unit="batch", disable=not progress)):
         chunk = out / f"chunk_{index:05d}.pt"
         if not chunk.exists():
             answered = _answer(target, batch, max_new_tokens, max_prompt_tokens, temperature, seed + index)
-            scored = [_score(target, ids, prompt_len, top_k) for ids, prompt_len in answered]
+            scored = [_score(target, ids, prompt_len, max(0, prompt_len - 1 - prompt_positions), top_k)
+                      for ids, prompt_len in answered]
             torch.save([s.__dict__ for s in scored], chunk.with_suffix(".tmp"))
             chunk.with_suffix(".tmp").rename(chunk)  # a half-written chunk is never mistaken for a done one
         sequences.extend(TeacherSequence(**row) for row in torch.load(chunk))
@@ -92,9 +98,9 @@ def _answer(target: LoadedModel, prompts: list[str] | list[list[int]], max_new_t
 
 
 @torch.inference_mode()
-def _score(target: LoadedModel, ids: torch.Tensor, prompt_len: int, top_k: int) -> TeacherSequence:
+def _score(target: LoadedModel, ids: torch.Tensor, prompt_len: int, label_start: int, top_k: int) -> TeacherSequence:
     """Teacher-forced pass; the LM head runs in slices so 262k-wide logits never exist for all positions."""
-    hidden = target.model.base_model(input_ids=ids[None].to(target.device)).last_hidden_state[0, :-1]
+    hidden = target.model.base_model(input_ids=ids[None].to(target.device)).last_hidden_state[0, label_start:-1]
     head = target.model.get_output_embeddings()
     softcap = getattr(target.config.get_text_config(), "final_logit_softcapping", None)
     top_ids, top_logprobs = [], []
@@ -105,4 +111,4 @@ def _score(target: LoadedModel, ids: torch.Tensor, prompt_len: int, top_k: int) 
         values, indices = torch.log_softmax(logits, dim=-1).topk(top_k, dim=-1)
         top_ids.append(indices.cpu())
         top_logprobs.append(values.cpu())
-    return TeacherSequence(ids.cpu(), prompt_len, torch.cat(top_ids), torch.cat(top_logprobs))
+    return TeacherSequence(ids.cpu(), prompt_len, torch.cat(top_ids), torch.cat(top_logprobs), label_start)

@@ -135,16 +135,17 @@ def _make_batch(rows: list[TeacherSequence], draft_id_of: torch.Tensor, unknown:
     answer = torch.zeros((len(rows), width), dtype=torch.bool)
     for b, row in enumerate(rows):
         start = max(0, len(row.ids) - 1 - width)
-        ids, top_ids, top_lp = row.ids[start:-1], row.top_ids[start:], row.top_logprobs[start:].float()
+        ids = row.ids[start:-1]
         n = len(ids)
         mapped = draft_id_of[ids]
         input_ids[b, :n] = torch.where(mapped >= 0, mapped, unknown)
         mask[b, :n] = 1
-        teacher = draft_id_of[top_ids]
-        probs = top_lp.exp() * (teacher >= 0)
-        probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-9)
-        teacher_ids[b, :n] = teacher.clamp_min(0)
-        teacher_probs[b, :n] = probs
+        first = max(start, row.label_start)  # earlier positions have no teacher labels: weight 0
+        offset = first - start
+        teacher = draft_id_of[row.top_ids[first - row.label_start:]]
+        probs = row.top_logprobs[first - row.label_start:].float().exp() * (teacher >= 0)
+        teacher_ids[b, offset:n] = teacher.clamp_min(0)
+        teacher_probs[b, offset:n] = probs / probs.sum(-1, keepdim=True).clamp_min(1e-9)
         answer[b, :n] = torch.arange(start, start + n) >= row.prompt_len - 1
     return _Batch(input_ids, mask, teacher_ids, teacher_probs, answer)
 

@@ -104,6 +104,18 @@ class KnnEvaluation:
                          "mean_distance": sum(distances) / len(distances) if distances else None}
         return rows
 
+    def domain_matrix(self) -> dict[str, dict[str, Aggregate]]:
+        """Contender → prompt category → aggregate: row ``ssd[c]`` is profile c evaluated on every category."""
+        categories = list(dict.fromkeys(r.prompt.category for r in self.bench.of(BASELINE)))
+        matrix: dict[str, dict[str, Aggregate]] = {}
+        for name, label in self.names.items():
+            if name == BASELINE:
+                continue
+            matrix[name] = {c: aggregate([r for r in self.bench.of(label) if r.prompt.category == c],
+                                         [r for r in self.bench.of(BASELINE) if r.prompt.category == c])
+                            for c in categories}
+        return matrix
+
     def switches(self) -> int:
         order = [r.prompt.category for r in self.bench.of(BASELINE)]
         return sum(a != b for a, b in zip(order, order[1:]))
@@ -172,7 +184,51 @@ def write(evaluation: KnnEvaluation, out_dir: str | Path, command: str | None = 
         "contenders": evaluation.names, "config": asdict(evaluation.bench.config), "meta": evaluation.bench.meta,
         "methods": {name: asdict(cell) for name, cell in evaluation.methods().items()},
         "routing": evaluation.routing(),
+        "domain_matrix": {row: {c: {"tau": cell.tau, "speedup": cell.speedup} for c, cell in cells.items()}
+                          for row, cells in evaluation.domain_matrix().items()},
     }
-    (out_dir / "knn.md").write_text(render(evaluation), encoding="utf-8")
+    (out_dir / "knn.md").write_text(render(evaluation) + render_matrix(evaluation), encoding="utf-8")
+    plot_matrix(evaluation, out_dir / "domain_matrix.png")
     (out_dir / "knn.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return [*written, out_dir / "knn.md", out_dir / "knn.json"]
+    return [*written, out_dir / "knn.md", out_dir / "knn.json", out_dir / "domain_matrix.png"]
+
+
+def render_matrix(evaluation: KnnEvaluation) -> str:
+    """Cross-domain table: each profile (row) on each category's prompts (column), τ and speedup vs ar."""
+    matrix = evaluation.domain_matrix()
+    categories = list(next(iter(matrix.values())))
+    out = ["## Cross-domain matrix: profile (row) on prompts of category (column)", "",
+           "τ / speedup against `ar` on the same prompts; the diagonal is each profile on its own domain.", "",
+           "| profile | " + " | ".join(categories) + " |", "|---|" + "---:|" * len(categories)]
+    for row, cells in matrix.items():
+        out.append(f"| `{row}` | " + " | ".join(f"{cell.tau:.2f} / {_fmt(cell.speedup, '{:.2f}×')}"
+                                                  for cell in cells.values()) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plot_matrix(evaluation: KnnEvaluation, path: Path) -> None:
+    """Heat-map of τ per (profile, category), annotated with τ and speedup."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = evaluation.domain_matrix()
+    rows, categories = list(matrix), list(next(iter(matrix.values())))
+    tau = [[matrix[r][c].tau for c in categories] for r in rows]
+    fig, ax = plt.subplots(figsize=(1.6 * len(categories) + 2, 0.6 * len(rows) + 1.5))
+    image = ax.imshow(tau, cmap="viridis", aspect="auto")
+    for i, r in enumerate(rows):
+        for j, c in enumerate(categories):
+            cell = matrix[r][c]
+            ax.text(j, i, f"{cell.tau:.2f}\n{_fmt(cell.speedup, '{:.2f}x')}", ha="center", va="center",
+                    fontsize=8, color="white" if cell.tau < (max(map(max, tau)) + min(map(min, tau))) / 2 else "black")
+    ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("prompt category")
+    ax.set_ylabel("skip profile")
+    ax.set_title("ssd tokens per target forward (τ) and speedup vs ar, per profile and domain")
+    fig.colorbar(image, ax=ax, label="τ")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
