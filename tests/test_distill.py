@@ -120,3 +120,12 @@ def test_bad_student_and_training_settings(target, teacher):
         train_draft(student, vocab_map, teacher, TrainSettings(steps=0))
     with pytest.raises(InvalidSettingError, match="no teacher"):
         train_draft(student, vocab_map, [], TrainSettings())
+
+
+def test_mtad_drafts_with_a_reduced_vocabulary_draft(target, tmp_path):
+    draft = load_model(_saved_draft(target, tmp_path))
+    decoder = SpeculativeDecoder(target, "mtad", draft)
+    runs = [decoder.generate([5, 9, 11], max_new_tokens=12, temperature=1.0, top_k=10, seed=3, stop_at_eos=False)
+            for _ in range(2)]
+    assert runs[0].token_ids == runs[1].token_ids and len(runs[0].token_ids) == 12
+    assert runs[0].stats.draft_forwards > 0
