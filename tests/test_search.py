@@ -83,6 +83,15 @@ def test_search_improves_on_its_random_starts_and_is_seeded(setup):
     assert [e["mask"] for e in shorter.history] == [e["mask"] for e in result.history[:7]]
 
 
+def test_repeated_random_starts_are_replaced_not_registered_twice(setup):
+    """Bug: two near-empty random starts both drew "skip nothing" and bayes_opt refused the second."""
+    _, _, objective = setup
+    result = search_skip_set(objective, LAYERS, BASE, iterations=0, init_points=12, seed=0, max_density=0.02,
+                             progress=False)
+    assert len({tuple(e["mask"]) for e in result.history}) == 12
+    assert any(e["origin"] == "random (repeat)" for e in result.history)
+
+
 def test_interrupted_search_resumes_where_it_stopped(setup, tmp_path):
     _, _, objective = setup
     checkpoint = tmp_path / "search.json"

@@ -125,8 +125,8 @@ def search_skip_set(
                     warnings.simplefilter("ignore", ConvergenceWarning)
                     suggestion = optimizer.suggest()
                 mask, origin = [int(round(float(suggestion[k]))) for k in keys], "suggested"
-                if tuple(mask) in known:  # the GP is sure of this one: explore instead of repeating it
-                    mask, origin = _unexplored(layers, known, seed, len(history), max_density), "random (repeat)"
+            if tuple(mask) in known:  # a repeated start, or the GP is sure of this one: explore instead
+                mask, origin = _unexplored(layers, known, seed, len(history), max_density), "random (repeat)"
             skip = SkipSet.from_mask(mask, layers)
             evaluation = objective(SelfDraftSettings(skip, base.threshold, base.max_draft, base.vocab_ids, base.int8))
             optimizer.register(dict(zip(keys, mask)), evaluation.score)
