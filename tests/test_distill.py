@@ -129,3 +129,18 @@ def test_mtad_drafts_with_a_reduced_vocabulary_draft(target, tmp_path):
             for _ in range(2)]
     assert runs[0].token_ids == runs[1].token_ids and len(runs[0].token_ids) == 12
     assert runs[0].stats.draft_forwards > 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--layers", "a,b"], "--layers"),
+    (["--holdout", "5"], "no training prompts"),
+    (["--max-sequences", "0"], "--max-sequences"),
+])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, message):
+    from specdecode.cli.main import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"question_id": i, "category": "qa", "turns": [f"q{i}"]}) for i in range(3)))
+    assert main(["distill-draft", "--out", str(tmp_path / "out"), "--data", str(data), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and not (tmp_path / "out").exists()

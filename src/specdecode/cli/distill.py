@@ -31,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--draft-vocab", type=int, default=8192, help="reduced vocabulary size (default 8192)")
     parser.add_argument("--samples-per-prompt", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=128, help="teacher answer length")
+    parser.add_argument("--max-sequences", type=int, default=None,
+                        help="answer only the first N (shuffled) prompt samples: a time budget for the teacher")
     parser.add_argument("--steps", type=int, default=TrainSettings.steps)
     parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
     parser.add_argument("--lr", type=float, default=TrainSettings.lr)
@@ -45,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         layers = [int(x) for x in args.layers.split(",") if x.strip()]
     except ValueError:
         raise InvalidSettingError(f"--layers expects comma-separated layer indices, got {args.layers!r}") from None
+    if args.max_sequences is not None and args.max_sequences < 1:
+        raise InvalidSettingError(f"--max-sequences must be >= 1, got {args.max_sequences}")
     for name in ("holdout", "draft_vocab", "samples_per_prompt", "max_new_tokens"):
         if getattr(args, name) < (0 if name == "holdout" else 1):
             raise InvalidSettingError(f"--{name.replace('_', '-')} is out of range: {getattr(args, name)}")
@@ -55,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     out, log = distill_draft(target, [format_prompt(p) for p in train_prompts], args.out, layers=layers,
                              vocab_size=args.draft_vocab, samples_per_prompt=args.samples_per_prompt,
-                             max_new_tokens=args.max_new_tokens, train=settings, progress=not args.no_progress)
+                             max_new_tokens=args.max_new_tokens, max_sequences=args.max_sequences, train=settings,
+                             progress=not args.no_progress)
     report = {"train_prompts": len(train_prompts), "loss_last": sum(log.losses[-20:]) / len(log.losses[-20:])}
     evaluation = held_out_per_category(held_out, args.eval_per_category)
     if evaluation:

@@ -31,6 +31,7 @@ def distill_draft(
     vocab_size: int = 8192,
     samples_per_prompt: int = 2,
     max_new_tokens: int = 128,
+    max_sequences: int | None = None,
     train: TrainSettings | None = None,
     progress: bool = True,
 ) -> tuple[Path, TrainLog]:
@@ -41,7 +42,8 @@ def distill_draft(
     work = out / "work"
     started = time.perf_counter()
     sequences = collect_teacher_data(target, prompts, work / "teacher", max_new_tokens=max_new_tokens,
-                                     samples_per_prompt=samples_per_prompt, seed=train.seed, progress=progress)
+                                     samples_per_prompt=samples_per_prompt, max_sequences=max_sequences,
+                                     seed=train.seed, progress=progress)
     teacher_seconds = time.perf_counter() - started
     torch.manual_seed(train.seed)
     student, vocab_map = build_student(target, layers, draft_vocabulary(target, sequences, vocab_size))

@@ -43,6 +43,7 @@ def collect_teacher_data(
     max_prompt_tokens: int = 512,
     samples_per_prompt: int = 1,
     prompt_positions: int = 32,
+    max_sequences: int | None = None,
     temperature: float = 0.8,
     top_k: int = 16,
     batch_size: int = 10,
@@ -58,6 +59,7 @@ def collect_teacher_data(
     out.mkdir(parents=True, exist_ok=True)
     jobs = [p for p in prompts for _ in range(samples_per_prompt)]
     random.Random(seed).shuffle(jobs)  # every batch mixes domains, so a partial run is still a fair sample
+    jobs = jobs[:max_sequences]
     batches = [jobs[i: i + batch_size] for i in range(0, len(jobs), batch_size)]
     sequences: list[TeacherSequence] = []
     for index, batch in enumerate(tqdm(batches, desc="teacher data", unit="batch", disable=not progress)):
