@@ -144,3 +144,12 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, message):
     assert main(["distill-draft", "--out", str(tmp_path / "out"), "--data", str(data), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and not (tmp_path / "out").exists()
+
+
+def test_transformers_assisted_generation_accepts_the_reduced_vocabulary_draft(target, tmp_path):
+    draft = load_model(_saved_draft(target, tmp_path))
+    prompt = torch.tensor([[5, 9, 11, 3]])
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    plain = target.model.generate(prompt, **kwargs)
+    assisted = target.model.generate(prompt, assistant_model=draft.model, **kwargs)
+    assert assisted.tolist() == plain.tolist()

@@ -126,4 +126,7 @@ def apply_vocab_map(model: nn.Module, vocab_map: VocabMap) -> nn.Module:
     draft_id_of[target_ids] = torch.arange(target_ids.numel(), device=device)
     model.set_input_embeddings(MappedEmbedding(model.get_input_embeddings(), draft_id_of))
     model.set_output_embeddings(MappedHead(model.get_output_embeddings(), target_ids, vocab_map))
+    # From outside the model now reads and writes the target's vocabulary; `transformers` compares
+    # config vocabulary sizes to decide whether an assistant shares the target's tokenizer.
+    model.config.get_text_config().vocab_size = vocab_map.target_vocab_size
     return model
