@@ -92,6 +92,16 @@ def test_repeated_random_starts_are_replaced_not_registered_twice(setup):
     assert any(e["origin"] == "random (repeat)" for e in result.history)
 
 
+def test_min_skip_is_a_floor_on_every_evaluated_skip_set(setup):
+    _, _, objective = setup
+    result = search_skip_set(objective, LAYERS, BASE, iterations=4, init_points=4, seed=1, max_density=0.1,
+                             min_skip=3, progress=False)
+    assert all(sum(e["mask"]) >= 3 for e in result.history)
+    assert len({tuple(e["mask"]) for e in result.history}) == 8
+    with pytest.raises(InvalidSettingError, match="min_skip"):
+        search_skip_set(objective, LAYERS, BASE, iterations=1, min_skip=2 * LAYERS + 1, progress=False)
+
+
 def test_interrupted_search_resumes_where_it_stopped(setup, tmp_path):
     _, _, objective = setup
     checkpoint = tmp_path / "search.json"

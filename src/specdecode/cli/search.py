@@ -45,6 +45,8 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--max-density", type=float, default=0.5,
                         help="random starts skip each sub-layer with probability up to this (default 0.5)")
+    search.add_argument("--min-skip", type=int, default=0,
+                        help="skip at least this many of the 2*L sub-layers (a draft budget; default 0)")
     search.add_argument("--objective", choices=OBJECTIVES, default="simulated",
                         help="simulated: replayed acceptance x timed cost model, deterministic (default); "
                              "measured: wall-clock tokens/s of real runs, noisy on a shared CPU")
@@ -67,7 +69,7 @@ def search_options(args: argparse.Namespace) -> dict[str, object]:
     if args.draft_vocab < 0:
         raise InvalidSettingError(f"--draft-vocab must be >= 0, got {args.draft_vocab}")
     return dict(objective=args.objective, iterations=args.iterations, init_points=args.init_points,
-                max_density=args.max_density, measure=not args.no_measure)
+                max_density=args.max_density, min_skip=args.min_skip, measure=not args.no_measure)
 
 
 def base_settings(args: argparse.Namespace) -> SelfDraftSettings:

@@ -64,6 +64,7 @@ def build_profile(
     init_points: int = 8,
     seed: int = 0,
     max_density: float = 0.5,
+    min_skip: int = 0,
     costs: CostModel | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     measure: bool = True,
@@ -79,7 +80,7 @@ def build_profile(
                 "max_draft": base.max_draft, "vocab_ids": list(base.vocab_ids or ()), "int8": base.int8}
     layers = num_layers(target.model)
     result = search_skip_set(scorer, layers, base, iterations, init_points, seed, max_density,
-                             checkpoint, identity, progress)
+                             checkpoint, identity, progress, min_skip=min_skip)
     search: dict[str, Any] = {
         **(metadata or {}),
         "library": f"bayesian-optimization {version('bayesian-optimization')}",
@@ -88,6 +89,7 @@ def build_profile(
         "init_points": init_points,
         "seed": seed,
         "max_density": max_density,
+        "min_skip": min_skip,
         "prompts": len(calibration.prompts),
         "max_new_tokens": calibration.max_new_tokens,
         "best_score": result.best_evaluation.score,

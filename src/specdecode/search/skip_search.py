@@ -64,12 +64,25 @@ def random_masks(layers: int, count: int, seed: int, max_density: float) -> list
     return masks
 
 
-def _unexplored(layers: int, known: dict, seed: int, index: int, max_density: float) -> list[int]:
+def _at_least(mask: list[int], min_skip: int, seed: int, index: int) -> list[int]:
+    """``mask`` with random extra sub-layers skipped until at least ``min_skip`` are (seeded, resumable)."""
+    missing = min_skip - sum(mask)
+    if missing <= 0:
+        return mask
+    rng = np.random.default_rng([seed, index, 1])
+    kept = [i for i, v in enumerate(mask) if not v]
+    repaired = list(mask)
+    for i in rng.choice(kept, size=missing, replace=False):
+        repaired[int(i)] = 1
+    return repaired
+
+
+def _unexplored(layers: int, known: dict, seed: int, index: int, max_density: float, min_skip: int = 0) -> list[int]:
     """A random skip set not evaluated yet (seeded by the evaluation index, so resumes repeat it)."""
     rng = np.random.default_rng([seed, index])
-    for _ in range(1000):
+    for attempt in range(1000):
         density = rng.uniform(0.0, max_density)
-        mask = [int(v) for v in rng.random(2 * layers) < density]
+        mask = _at_least([int(v) for v in rng.random(2 * layers) < density], min_skip, seed, index * 1000 + attempt)
         if tuple(mask) not in known:
             return mask
     raise InvalidSettingError("the search has evaluated every skip set it can reach; lower --iterations")
@@ -87,16 +100,21 @@ def search_skip_set(
     identity: dict[str, Any] | None = None,
     progress: bool = True,
     on_evaluation: Callable[[int, SkipSet, Evaluation], None] | None = None,
+    min_skip: int = 0,
 ) -> SearchResult:
     """Search the skip set of ``base`` (other draft settings stay as given) maximising ``objective``.
 
     ``identity`` describes the search (model, data, objective...): a checkpoint written by a
     search with another identity, seed or start is refused rather than silently mixed in.
+    ``min_skip`` forces every evaluated skip set to skip at least that many sub-layers (a draft
+    budget, as in Draft & Verify's setting): a candidate with fewer gets random extra skips.
     """
     if init_points < 1:
         raise InvalidSettingError(f"the search needs at least 1 initial point, got {init_points}")
     if iterations < 0:
         raise InvalidSettingError(f"search iterations must be >= 0, got {iterations}")
+    if not 0 <= min_skip <= 2 * layers:
+        raise InvalidSettingError(f"min_skip must be in [0, {2 * layers}], got {min_skip}")
     if not 0 < max_density <= 1:
         raise InvalidSettingError(f"max_density must be in (0, 1], got {max_density}")
     keys = _keys(layers)
@@ -107,7 +125,7 @@ def search_skip_set(
         optimizer = BayesianOptimization(f=None, pbounds={k: (0, 1, int) for k in keys}, random_state=seed,
                                          verbose=0)
     signature = {"identity": identity or {}, "objective": objective.name, "layers": layers, "seed": seed,
-                 "init_points": init_points, "max_density": max_density}
+                 "init_points": init_points, "max_density": max_density, "min_skip": min_skip}
     history: list[dict[str, Any]] = []
     if checkpoint is not None and Path(checkpoint).exists():
         history = _resume(Path(checkpoint), signature, optimizer)
@@ -125,8 +143,10 @@ def search_skip_set(
                     warnings.simplefilter("ignore", ConvergenceWarning)
                     suggestion = optimizer.suggest()
                 mask, origin = [int(round(float(suggestion[k]))) for k in keys], "suggested"
+            mask = _at_least(mask, min_skip, seed, len(history))
             if tuple(mask) in known:  # a repeated start, or the GP is sure of this one: explore instead
-                mask, origin = _unexplored(layers, known, seed, len(history), max_density), "random (repeat)"
+                mask = _unexplored(layers, known, seed, len(history), max_density, min_skip)
+                origin = "random (repeat)"
             skip = SkipSet.from_mask(mask, layers)
             evaluation = objective(SelfDraftSettings(skip, base.threshold, base.max_draft, base.vocab_ids, base.int8))
             optimizer.register(dict(zip(keys, mask)), evaluation.score)
