@@ -50,3 +50,18 @@ def test_streaming_and_stop_strings(real_model):
     assert stopped.stop_reason == "stop_string"
     assert stop in stopped.text and stopped.text.count(stop) == 1
     assert result.text.startswith(stopped.text)
+
+
+def test_shipped_draft_serves_sps_and_mtad(real_model):
+    from specdecode.models.loading import load_model
+
+    draft = load_model("default-draft")
+    assert draft.vocab_size == real_model.vocab_size and draft.tokenizer is None
+    prompt = PROMPTS[2]
+    expected = SpeculativeDecoder(real_model, "ar").generate(prompt, max_new_tokens=16, stop_at_eos=False)
+    sps = SpeculativeDecoder(real_model, "sps", draft=draft, gamma=3).generate(prompt, max_new_tokens=16,
+                                                                               stop_at_eos=False)
+    assert sps.token_ids == expected.token_ids and sps.stats.draft_forwards > 0
+    mtad = SpeculativeDecoder(real_model, "mtad", draft=draft).generate(
+        prompt, max_new_tokens=16, temperature=1.0, top_k=10, top_p=0.9, seed=0, stop_at_eos=False)
+    assert len(mtad.token_ids) == 16

@@ -182,6 +182,7 @@ def _load_transformers(directory: str | Path, dtype: torch.dtype, device: torch.
     vocab_map = VocabMap.load(directory) if Path(directory).is_dir() else None
     if vocab_map is not None:
         apply_vocab_map(model, vocab_map)
+        tokenizer = None  # a reduced-vocabulary draft uses its target's tokenizer (checked by digest)
     return model.to(device), tokenizer
 
 
