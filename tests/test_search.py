@@ -19,16 +19,6 @@ from tiny_models import VOCAB, tiny_model
 LAYERS = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy shared CPU every parallel op
-    then waits a scheduler tick for it (measured: 48 ms instead of 2 ms per tiny forward)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 WEAK_ATTENTION, WEAK_MLP = (1, 4), (0, 2, 5)
 
 
