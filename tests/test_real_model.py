@@ -65,3 +65,12 @@ def test_shipped_draft_serves_sps_and_mtad(real_model):
     mtad = SpeculativeDecoder(real_model, "mtad", draft=draft).generate(
         prompt, max_new_tokens=16, temperature=1.0, top_k=10, top_p=0.9, seed=0, stop_at_eos=False)
     assert len(mtad.token_ids) == 16
+
+
+def test_demo_runs_every_method_with_the_shipped_draft_and_profile(real_model, capsys):
+    from specdecode.cli.main import main
+
+    assert main(["demo", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[0] for line in out.splitlines() if line.endswith(("yes", "NO (bug!)"))]
+    assert rows == ["ar", "pld", "sps", "ssd"] and "NO (bug!)" not in out

@@ -10,6 +10,10 @@ from specdecode.api import SpeculativeDecoder
 from specdecode.cli.common import add_model_args, model_kwargs
 from specdecode.models.loading import DEFAULT_DRAFT, DEFAULT_MODEL, load_model, shipped_draft_dir
 
+# searched by `specdecode build-knn` (results/knn-default/bundle, profile "mixed"): nothing skipped,
+# a 16k-token draft head — the best self-draft on this model (results/bench-default-greedy-drafts)
+SHIPPED_SSD_PROFILE = shipped_draft_dir().parent / "gemma-3-270m-ssd-profile.json"
+
 DEMO_PROMPT = (
     "Summarize the following text in two sentences.\n\nThe city council met on Tuesday to discuss the new "
     "bicycle lanes on Main Street. The council said the bicycle lanes on Main Street would be finished by "
@@ -18,7 +22,7 @@ DEMO_PROMPT = (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="compare ar, pld and sps (with the shipped draft) on the default model")
+    parser = subparsers.add_parser("demo", help="compare ar, pld, sps (shipped draft) and ssd (shipped profile) on the default model")
     parser.add_argument("--prompt", default=DEMO_PROMPT)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     add_model_args(parser)
@@ -39,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
         "pld": SpeculativeDecoder(target, "pld"),
         "sps": SpeculativeDecoder(target, "sps", draft=draft, gamma=4),
     }
+    if args.model == DEFAULT_MODEL and SHIPPED_SSD_PROFILE.is_file():
+        decoders["ssd"] = SpeculativeDecoder(target, "ssd", profile=SHIPPED_SSD_PROFILE)
     print(f"sps draft: {draft_label}", file=sys.stderr)
     decoders["ar"].generate(args.prompt, max_new_tokens=4)  # warm-up
     results = {name: d.generate(args.prompt, max_new_tokens=args.max_new_tokens) for name, d in decoders.items()}
