@@ -249,6 +249,7 @@ def test_cli_build_generate_eval_and_reuse(tmp_path, capsys):
     (["--anchors", "5"], "category 'qa' has 4 prompt(s), fewer than the 5 anchors per category"),
     (["--search-prompts", "9"], "--search-prompts 9 exceeds --prompts-per-category 4"),
     (["--profiles-dir", "/nonexistent"], "--profiles-dir '/nonexistent' is not a directory"),
+    (["--min-skip", "-1"], "--min-skip must be >= 0, got -1"),
 ])
 def test_cli_build_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
     from specdecode.cli.main import main

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from specdecode.bench.dataset import format_prompt, read_prompts
+from specdecode.bench.dataset import BenchPrompt, format_prompt, read_prompts, select_prompts
 from specdecode.distill.evaluate import forward_ms, greedy_agreement
 from specdecode.distill.recipe import distill_draft
 from specdecode.distill.train import TrainSettings
@@ -75,17 +75,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def split_holdout(prompts: list, holdout: int) -> tuple[list, list]:
+def split_holdout(prompts: list[BenchPrompt], holdout: int) -> tuple[list[BenchPrompt], list[BenchPrompt]]:
     """(training, held-out): the first ``holdout`` prompts of every category are held out, the rest train."""
-    seen: dict[str, int] = {}
-    train, held = [], []
-    for prompt in prompts:
-        seen[prompt.category] = seen.get(prompt.category, 0) + 1
-        (held if seen[prompt.category] <= holdout else train).append(prompt)
-    return train, held
+    held = select_prompts(prompts, per_category=holdout) if holdout else []
+    return [p for p in prompts if p not in held], held
 
 
-def held_out_per_category(held: list, per_category: int) -> list:
+def held_out_per_category(held: list[BenchPrompt], per_category: int) -> list[BenchPrompt]:
     seen: dict[str, int] = {}
     chosen = []
     for prompt in held:

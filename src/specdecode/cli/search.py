@@ -68,6 +68,8 @@ def search_options(args: argparse.Namespace) -> dict[str, object]:
     """``build_profile`` keyword arguments from the search flags (the seed is passed on its own)."""
     if args.draft_vocab < 0:
         raise InvalidSettingError(f"--draft-vocab must be >= 0, got {args.draft_vocab}")
+    if args.min_skip < 0:
+        raise InvalidSettingError(f"--min-skip must be >= 0, got {args.min_skip}")
     return dict(objective=args.objective, iterations=args.iterations, init_points=args.init_points,
                 max_density=args.max_density, min_skip=args.min_skip, measure=not args.no_measure)
 

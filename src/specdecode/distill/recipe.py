@@ -16,7 +16,7 @@ from specdecode.models.frequent_vocab import frequent_token_ids
 from specdecode.models.loading import LoadedModel
 
 
-def draft_vocabulary(target: LoadedModel, sequences: list[TeacherSequence], size: int) -> list[int]:
+def teacher_vocabulary(target: LoadedModel, sequences: list[TeacherSequence], size: int) -> list[int]:
     """The ``size`` most frequent tokens of the teacher text and of the teacher's top-1 choices."""
     lists = [s.ids.tolist() for s in sequences] + [s.top_ids[:, 0].tolist() for s in sequences]
     return frequent_token_ids(lists, min(size, target.vocab_size), always_include=sorted(target.eos_token_ids)).tolist()
@@ -46,7 +46,7 @@ def distill_draft(
                                      seed=train.seed, progress=progress)
     teacher_seconds = time.perf_counter() - started
     torch.manual_seed(train.seed)
-    student, vocab_map = build_student(target, layers, draft_vocabulary(target, sequences, vocab_size))
+    student, vocab_map = build_student(target, layers, teacher_vocabulary(target, sequences, vocab_size))
     log = train_draft(student, vocab_map, sequences, train, checkpoint=work / "checkpoint.pt", progress=progress)
     student.to(torch.bfloat16).save_pretrained(out)  # bf16 on disk halves the shipped size; loads as float32
     vocab_map.save(out)
