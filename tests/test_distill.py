@@ -12,8 +12,8 @@ from specdecode.distill.student import build_student
 from specdecode.distill.teacher import collect_teacher_data
 from specdecode.distill.train import TrainSettings, train_draft
 from specdecode.errors import InvalidSettingError, VocabularyMismatchError
-from specdecode.models.loading import LoadedModel, check_same_vocabulary, load_model
-from specdecode.models.vocab_map import VOCAB_MAP_FILE, VocabMap, apply_vocab_map
+from specdecode.models.loading import LoadedModel, load_model, pair_draft
+from specdecode.models.vocab_map import VOCAB_MAP_FILE, VocabMap, apply_vocab_map, pair_target_embedding
 from tiny_models import VOCAB, tiny_model
 
 KEPT = list(range(0, VOCAB, 2))  # the draft's reduced vocabulary: every other id
@@ -31,8 +31,8 @@ def teacher(target, tmp_path_factory):
                                 top_k=8, batch_size=3, progress=False)
 
 
-def _saved_draft(target, tmp_path, layers=(0, 3)):
-    student, vocab_map = build_student(target, list(layers), KEPT)
+def _saved_draft(target, tmp_path, layers=(0, 3), reads_target_embedding=True):
+    student, vocab_map = build_student(target, list(layers), KEPT, reads_target_embedding)
     student.save_pretrained(tmp_path)
     vocab_map.save(tmp_path)
     return tmp_path
@@ -40,11 +40,12 @@ def _saved_draft(target, tmp_path, layers=(0, 3)):
 
 def test_student_with_every_layer_and_full_vocabulary_is_the_target(target):
     student, vocab_map = build_student(target, [0, 1, 2, 3], list(range(VOCAB)))
-    apply_vocab_map(student, vocab_map)
+    apply_vocab_map(student.double(), vocab_map)
+    pair_target_embedding(student, target.model)
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = target.model(input_ids=ids).logits
-        got = student.double()(input_ids=ids).logits
+        got = student(input_ids=ids).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)  # the student is built in float32
 
 
@@ -52,27 +53,40 @@ def test_training_reduces_the_distillation_loss(target, teacher):
     assert teacher and all(len(s.top_ids) == len(s.ids) - 1 for s in teacher)
     student, vocab_map = build_student(target, [0, 3], KEPT)
     log = train_draft(student, vocab_map, teacher, TrainSettings(steps=40, batch_size=4, lr=3e-3, warmup=2),
-                      progress=False)
+                      progress=False, target_embedding=target.model.get_input_embeddings())
     first, last = sum(log.losses[:5]) / 5, sum(log.losses[-5:]) / 5
     assert last < 0.7 * first, (first, last)
 
 
 def test_training_resumes_from_its_checkpoint(target, teacher, tmp_path):
     settings = TrainSettings(steps=6, batch_size=2, lr=1e-3, warmup=1, checkpoint_every=3)
-    straight, vocab_map = build_student(target, [0, 3], KEPT)
+    straight, vocab_map = build_student(target, [0, 3], KEPT, reads_target_embedding=False)
     train_draft(straight, vocab_map, teacher, settings, progress=False)
-    resumed, _ = build_student(target, [0, 3], KEPT)
+    resumed, _ = build_student(target, [0, 3], KEPT, reads_target_embedding=False)
     train_draft(resumed, vocab_map, teacher, settings, checkpoint=tmp_path / "ckpt.pt", progress=False, stop_at=4)
-    resumed, _ = build_student(target, [0, 3], KEPT)  # a fresh process: only the checkpoint carries state
+    resumed, _ = build_student(target, [0, 3], KEPT, reads_target_embedding=False)  # a fresh process
     train_draft(resumed, vocab_map, teacher, settings, checkpoint=tmp_path / "ckpt.pt", progress=False)
     for a, b in zip(straight.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b)
 
 
+def test_checkpoint_of_another_run_is_refused(target, teacher, tmp_path):
+    settings = TrainSettings(steps=4, batch_size=2, lr=1e-3, warmup=1, checkpoint_every=2)
+    student, vocab_map = build_student(target, [0, 3], KEPT, reads_target_embedding=False)
+    train_draft(student, vocab_map, teacher, settings, checkpoint=tmp_path / "ckpt.pt", progress=False, stop_at=2)
+    other, _ = build_student(target, [0, 3], KEPT, reads_target_embedding=False)
+    with pytest.raises(InvalidSettingError, match="other settings"):
+        train_draft(other, vocab_map, teacher, TrainSettings(steps=8, batch_size=2, lr=1e-3, warmup=1),
+                    checkpoint=tmp_path / "ckpt.pt", progress=False)
+    deeper, deeper_map = build_student(target, [0, 1, 3], KEPT, reads_target_embedding=False)
+    with pytest.raises(InvalidSettingError, match="student"):
+        train_draft(deeper, deeper_map, teacher, settings, checkpoint=tmp_path / "ckpt.pt", progress=False)
+
+
 def test_saved_draft_loads_in_target_ids_and_sps_stays_lossless(target, tmp_path):
     draft = load_model(_saved_draft(target, tmp_path))
     assert draft.vocab_size == target.vocab_size
-    check_same_vocabulary(target, draft)
+    pair_draft(target, draft)
     logits = draft.model(input_ids=torch.tensor([[1, 2, 3]])).logits[0, -1]
     assert torch.isinf(logits[1::2]).all() and torch.isfinite(logits[0::2]).all()  # odd ids are outside the draft
     prompt = [5, 9, 11, 3, 7]
@@ -86,6 +100,7 @@ def test_saved_draft_loads_in_target_ids_and_sps_stays_lossless(target, tmp_path
     lambda m: {**m, "target_ids": [0] + m["target_ids"][1:-1] + [0]},  # repeated id
     lambda m: {**m, "target_ids": m["target_ids"][:-1] + [VOCAB + 5]},  # outside the target's vocabulary
     lambda m: {**m, "format": "something-else/9"},
+    lambda m: {**m, "input": "elsewhere"},
 ])
 def test_inconsistent_vocabulary_map_is_refused(target, tmp_path, corrupt):
     path = _saved_draft(target, tmp_path) / VOCAB_MAP_FILE
@@ -94,20 +109,42 @@ def test_inconsistent_vocabulary_map_is_refused(target, tmp_path, corrupt):
         load_model(path.parent)
 
 
+def test_draft_reads_tokens_outside_its_subset_through_the_target_embedding(target, tmp_path):
+    own = load_model(_saved_draft(target, tmp_path / "own", reads_target_embedding=False))
+    borrowing = load_model(_saved_draft(target, tmp_path / "borrowing"))
+    outside = torch.tensor([[2, 4, 1]]), torch.tensor([[2, 4, 3]])  # 1 and 3 are not in the draft's subset
+    with pytest.raises(VocabularyMismatchError, match="pair it with its target"):
+        borrowing.model(input_ids=outside[0])
+    pair_draft(target, borrowing)
+    with torch.no_grad():
+        assert torch.equal(*(own.model(input_ids=ids).logits[0, -1] for ids in outside))  # both read as "unknown"
+        assert not torch.equal(*(borrowing.model(input_ids=ids).logits[0, -1] for ids in outside))
+    before = target.model.get_input_embeddings().weight.dtype
+    borrowing.model.to(torch.bfloat16)  # lent, not owned: the draft's casts leave the target alone
+    assert target.model.get_input_embeddings().weight.dtype == before
+
+
+def test_student_reading_the_target_embedding_needs_it_to_train(target, teacher):
+    student, vocab_map = build_student(target, [0], KEPT)
+    with pytest.raises(InvalidSettingError, match="target_embedding"):
+        train_draft(student, vocab_map, teacher, TrainSettings(steps=1), progress=False)
+
+
 def test_draft_for_another_vocabulary_or_tokenizer_is_refused(target, tmp_path):
     draft = load_model(_saved_draft(target, tmp_path))
     bigger = tiny_model("gemma3", vocab=VOCAB + 3)
     with pytest.raises(VocabularyMismatchError, match="vocabulary size"):
-        check_same_vocabulary(bigger, draft)
+        pair_draft(bigger, draft)
     mapped = draft.model.get_output_embeddings().vocab_map
-    draft.model.get_output_embeddings().vocab_map = VocabMap(mapped.target_ids, mapped.target_vocab_size, "0" * 16)
+    draft.model.get_output_embeddings().vocab_map = VocabMap(mapped.target_ids, mapped.target_vocab_size, "0" * 16,
+                                                             mapped.reads_target_embedding)
 
     class Tokenizer:
         def get_vocab(self):
             return {f"t{i}": i for i in range(VOCAB)}
 
     with pytest.raises(VocabularyMismatchError, match="another tokenizer"):
-        check_same_vocabulary(LoadedModel(target.model, Tokenizer(), "t"), draft)
+        pair_draft(LoadedModel(target.model, Tokenizer(), "t"), draft)
 
 
 def test_bad_student_and_training_settings(target, teacher):
@@ -148,6 +185,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, message):
 
 def test_transformers_assisted_generation_accepts_the_reduced_vocabulary_draft(target, tmp_path):
     draft = load_model(_saved_draft(target, tmp_path))
+    pair_draft(target, draft)
     prompt = torch.tensor([[5, 9, 11, 3]])
     kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, min_new_tokens=12)
     plain = target.model.generate(prompt, **kwargs)

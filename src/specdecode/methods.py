@@ -16,7 +16,7 @@ import torch
 from specdecode.accept.joint_ratio import AcceptAll, JointRatioAcceptance
 from specdecode.accept.rules import AcceptanceRule, GreedyMatch, SpeculativeSampling
 from specdecode.errors import InvalidSettingError
-from specdecode.models.loading import LoadedModel, check_same_vocabulary
+from specdecode.models.loading import LoadedModel, pair_draft
 from specdecode.propose.base import Proposer
 from specdecode.propose.beam_sampler import BeamSampleProposer
 from specdecode.propose.draft_model import DraftModelProposer
@@ -87,7 +87,7 @@ def default_rule(ctx: MethodContext) -> AcceptanceRule:
 def require_draft(ctx: MethodContext, method: str) -> LoadedModel:
     if ctx.draft is None:
         raise InvalidSettingError(f"method {method!r} needs a draft model (--draft)")
-    check_same_vocabulary(ctx.target, ctx.draft)
+    pair_draft(ctx.target, ctx.draft)
     return ctx.draft
 
 

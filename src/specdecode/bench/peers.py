@@ -37,7 +37,7 @@ import torch
 from specdecode.bench.contenders import ContenderSpec, Outcome, wall_clock
 from specdecode.engine.stats import GenerationStats
 from specdecode.errors import InvalidSettingError
-from specdecode.models.loading import LoadedModel, check_same_vocabulary
+from specdecode.models.loading import LoadedModel, pair_draft
 from specdecode.sampling import GenerationSettings, SamplingSettings
 
 
@@ -90,7 +90,7 @@ def _assisted(target: LoadedModel, draft: LoadedModel | None, num_tokens: int | 
               schedule: str | None = None, confidence: float | None = None) -> _PeerSetup:
     if draft is None:
         raise InvalidSettingError("peer 'hf-assisted' needs a draft model (--draft)")
-    check_same_vocabulary(target, draft)
+    pair_draft(target, draft)
     return _PeerSetup(assistant=draft, assistant_config=_assistant_settings(num_tokens, schedule, confidence))
 
 

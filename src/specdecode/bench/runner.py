@@ -24,7 +24,7 @@ from specdecode.bench.peers import HFPeer, peer_names
 from specdecode.engine.stats import GenerationStats
 from specdecode.errors import InvalidSettingError, PromptError
 from specdecode.methods import method_names
-from specdecode.models.loading import LoadedModel, check_same_vocabulary
+from specdecode.models.loading import LoadedModel, pair_draft
 from specdecode.sampling import GenerationSettings, SamplingSettings
 
 BASELINE = "ar"
@@ -195,7 +195,7 @@ def run_bench(
     """Run every contender on every prompt and return the measurements (nothing is written)."""
     config = config or BenchConfig()
     if draft is not None:
-        check_same_vocabulary(target, draft)
+        pair_draft(target, draft)
     contenders = build_contenders(target, draft, list(methods), list(peers), config.sampling)
     encoded = encode_prompts(target, prompts, config)
     meter = EnergyMeter(target.device)

@@ -12,7 +12,7 @@ from specdecode.distill.evaluate import forward_ms, greedy_agreement
 from specdecode.distill.recipe import distill_draft
 from specdecode.distill.train import TrainSettings
 from specdecode.errors import InvalidSettingError
-from specdecode.models.loading import load_model
+from specdecode.models.loading import load_model, pair_draft
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=TrainSettings.steps)
     parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
     parser.add_argument("--lr", type=float, default=TrainSettings.lr)
+    parser.add_argument("--train-head", action="store_true",
+                        help="also train the output rows (default: frozen at the target's own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--no-progress", action="store_true")
@@ -56,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     if not train_prompts:
         raise InvalidSettingError(f"--holdout {args.holdout} leaves no training prompts in {args.data}")
     target = load_model(args.target, threads=args.threads)
-    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             train_head=args.train_head)
     out, log = distill_draft(target, [format_prompt(p) for p in train_prompts], args.out, layers=layers,
                              vocab_size=args.draft_vocab, samples_per_prompt=args.samples_per_prompt,
                              max_new_tokens=args.max_new_tokens, max_sequences=args.max_sequences, train=settings,
@@ -65,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     evaluation = held_out_per_category(held_out, args.eval_per_category)
     if evaluation:
         draft = load_model(out, threads=args.threads)
+        pair_draft(target, draft)
         ids = [list(target.tokenizer(format_prompt(p))["input_ids"]) for p in evaluation]
         report |= {"eval_prompts": len(ids), "greedy_agreement": round(greedy_agreement(target, draft, ids), 4),
                    "draft_forward_ms": round(forward_ms(draft, ids[0]), 2),

@@ -47,7 +47,8 @@ def distill_draft(
     teacher_seconds = time.perf_counter() - started
     torch.manual_seed(train.seed)
     student, vocab_map = build_student(target, layers, teacher_vocabulary(target, sequences, vocab_size))
-    log = train_draft(student, vocab_map, sequences, train, checkpoint=work / "checkpoint.pt", progress=progress)
+    log = train_draft(student, vocab_map, sequences, train, checkpoint=work / "checkpoint.pt", progress=progress,
+                      target_embedding=target.model.get_input_embeddings())
     student.to(torch.bfloat16).save_pretrained(out)  # bf16 on disk halves the shipped size; loads as float32
     vocab_map.save(out)
     tokens = sum(len(s.ids) for s in sequences)

@@ -3,7 +3,8 @@
 Starting from the target's weights, not from scratch, is what makes a CPU-sized distillation
 budget enough: the chosen layers already compute the target's features, the reduced embedding
 rows are the target's own, and training only has to teach the shallow stack to finish the job
-the skipped layers did.
+the skipped layers did. The draft reads its input through the target's full embedding table
+(borrowed at pairing time, see ``models.vocab_map``), so only its output is limited to the subset.
 """
 
 from __future__ import annotations
@@ -22,17 +23,20 @@ from specdecode.models.vocab_map import VocabMap, tokenizer_digest
 _LAYER_KEY = re.compile(r"\.(layers|h)\.(\d+)\.")
 
 
-def build_student(target: LoadedModel, layers: list[int], vocab_ids: list[int]) -> tuple[nn.Module, VocabMap]:
+def build_student(target: LoadedModel, layers: list[int], vocab_ids: list[int],
+                  reads_target_embedding: bool = True) -> tuple[nn.Module, VocabMap]:
     """A model of ``target``'s class keeping ``layers`` (target indices) and the ``vocab_ids`` rows.
 
-    The draft's vocabulary is ``vocab_ids`` plus one "unknown" row (the mean of the others) that
-    every other target token reads as. Returns the compact model and its map to target ids.
+    The draft's vocabulary is ``vocab_ids`` plus one "unknown" row (the mean of the others), which
+    other target tokens read as unless the draft ``reads_target_embedding``. Returns the compact
+    model and its map to target ids.
     """
     total = num_layers(target.model)
     if not layers or len(set(layers)) != len(layers) or min(layers) < 0 or max(layers) >= total:
         raise InvalidSettingError(f"draft layers must be distinct indices in [0, {total}), got {layers}")
     vocab_map = VocabMap(tuple(int(t) for t in vocab_ids), target.vocab_size,
-                         tokenizer_digest(target.tokenizer) if target.tokenizer is not None else None)
+                         tokenizer_digest(target.tokenizer) if target.tokenizer is not None else None,
+                         reads_target_embedding)
     vocab_map.validate()
     config = copy.deepcopy(target.config)
     text = config.get_text_config()

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from specdecode.errors import ModelLoadError, VocabularyMismatchError
-from specdecode.models.vocab_map import VocabMap, apply_vocab_map, tokenizer_digest, vocab_map_of
+from specdecode.models.vocab_map import VocabMap, apply_vocab_map, pair_target_embedding, tokenizer_digest, vocab_map_of
 
 DEFAULT_MODEL = "default"
 DEFAULT_DRAFT = "default-draft"  # the distilled draft shipped for the embedded default (see drafts/)
@@ -248,8 +248,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_same_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
-    """Refuse a draft whose token ids mean something else than the target's."""
+def pair_draft(target: LoadedModel, draft: LoadedModel) -> None:
+    """Refuse a draft whose token ids mean something else than the target's; lend it the target's
+    embedding table when its vocabulary map says it reads through it."""
     if draft.vocab_size != target.vocab_size:
         raise VocabularyMismatchError(
             f"draft {draft.name!r} has vocabulary size {draft.vocab_size}, target {target.name!r} has "
@@ -267,3 +268,4 @@ def check_same_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
                 f"draft {draft.name!r} and target {target.name!r} have the same vocabulary size but "
                 "different tokenizers"
             )
+    pair_target_embedding(draft.model, target.model)
