@@ -4,7 +4,7 @@ from specdecode.api import SpeculativeDecoder, generate, make_settings
 from specdecode.engine import Generation, GenerationResult, GenerationStats
 from specdecode.errors import SpecDecodeError
 from specdecode.methods import method_names
-from specdecode.models import LoadedModel, load_model
+from specdecode.models import LoadedModel, load_model, pair_draft
 
 __all__ = [
     "Generation",
@@ -17,5 +17,6 @@ __all__ = [
     "load_model",
     "make_settings",
     "method_names",
+    "pair_draft",
 ]
 __version__ = "0.1.0"

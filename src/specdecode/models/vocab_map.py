@@ -102,7 +102,7 @@ class MappedEmbedding(nn.Module):
             return self.inner(self.draft_id_of[input_ids])
         if self.target_embedding is None:
             raise VocabularyMismatchError("this draft reads its target's embedding table: pair it with its target "
-                                          "first (pair_draft(target, draft))")
+                                          "first (specdecode.pair_draft(target, draft))")
         return self.target_embedding(input_ids).to(self.inner.weight.dtype)
 
 
