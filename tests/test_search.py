@@ -64,13 +64,19 @@ def test_simulated_acceptance_equals_a_real_ssd_run(setup):
 
 
 def test_search_improves_on_its_random_starts_and_is_seeded(setup):
+    """Bug: one seed with a 14-step budget beat its random starts on one CPU and tied them on
+    another (the Gaussian process's numerics follow the BLAS kernels): judge it over three seeds."""
     _, _, objective = setup
-    result = search_skip_set(objective, LAYERS, BASE, iterations=14, init_points=4, seed=0, progress=False)
-    assert len(result.history) == 18
-    assert result.best_evaluation.score > result.best_initial_score
-    assert len({tuple(e["mask"]) for e in result.history}) == len(result.history)  # nothing evaluated twice
+    runs = [search_skip_set(objective, LAYERS, BASE, iterations=20, init_points=4, seed=seed, progress=False)
+            for seed in range(3)]
+    for result in runs:
+        assert len(result.history) == 24
+        assert result.best_evaluation.score >= result.best_initial_score
+        assert len({tuple(e["mask"]) for e in result.history}) == len(result.history)  # nothing evaluated twice
+    improved = sum(r.best_evaluation.score > r.best_initial_score for r in runs)
+    assert improved >= 2, [(r.best_initial_score, r.best_evaluation.score) for r in runs]
     shorter = search_skip_set(objective, LAYERS, BASE, iterations=3, init_points=4, seed=0, progress=False)
-    assert [e["mask"] for e in shorter.history] == [e["mask"] for e in result.history[:7]]
+    assert [e["mask"] for e in shorter.history] == [e["mask"] for e in runs[0].history[:7]]
 
 
 def test_repeated_random_starts_are_replaced_not_registered_twice(setup):
