@@ -94,8 +94,11 @@ class MappedEmbedding(nn.Module):
         self.inner = embedding
         self.reads_target_embedding = reads_target_embedding
         self.register_buffer("draft_id_of", draft_id_of, persistent=False)
-        # Borrowed, not owned: kept out of the module tree so the draft's .to() or state_dict never touch it.
-        object.__setattr__(self, "target_embedding", None)
+        self.lend(None)
+
+    def lend(self, target_embedding: nn.Module | None) -> None:
+        """Borrow the target's table. Kept out of the module tree, so the draft's .to() or state_dict never touch it."""
+        object.__setattr__(self, "target_embedding", target_embedding)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not self.reads_target_embedding:
@@ -155,4 +158,4 @@ def pair_target_embedding(draft: nn.Module, target: nn.Module) -> None:
     """Lend ``target``'s input embedding table to a ``draft`` whose map says it reads it (else do nothing)."""
     embedding = draft.get_input_embeddings()
     if isinstance(embedding, MappedEmbedding) and embedding.reads_target_embedding:
-        object.__setattr__(embedding, "target_embedding", target.get_input_embeddings())
+        embedding.lend(target.get_input_embeddings())
