@@ -124,6 +124,16 @@ def test_draft_reads_tokens_outside_its_subset_through_the_target_embedding(targ
     assert target.model.get_input_embeddings().weight.dtype == before
 
 
+@pytest.mark.parametrize("train_head", [False, True])
+def test_head_rows_stay_the_targets_unless_asked_to_train(target, teacher, train_head):
+    student, vocab_map = build_student(target, [0, 3], KEPT)
+    before = student.get_output_embeddings().weight.detach().clone()
+    train_draft(student, vocab_map, teacher, TrainSettings(steps=3, batch_size=2, lr=1e-3, warmup=1,
+                                                           train_head=train_head),
+                progress=False, target_embedding=target.model.get_input_embeddings())
+    assert torch.equal(student.get_output_embeddings().weight, before) != train_head
+
+
 def test_student_reading_the_target_embedding_needs_it_to_train(target, teacher):
     student, vocab_map = build_student(target, [0], KEPT)
     with pytest.raises(InvalidSettingError, match="target_embedding"):
