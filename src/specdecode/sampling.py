@@ -34,6 +34,13 @@ class SamplingSettings:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def exact_top(self) -> int | None:
+        """How many of a row's highest logits :func:`process_logits` reads (None: all of them)."""
+        if self.greedy:
+            return 1
+        return self.top_k or None
+
 
 @dataclass(frozen=True)
 class GenerationSettings:

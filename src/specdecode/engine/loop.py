@@ -75,7 +75,8 @@ class Generation:
                 room = self.settings.max_new_tokens - len(self.generated)
                 draft = self.proposer.propose(sequence, max_tokens=room - 1)
                 t1 = _now(device)
-                logits = forward(model, kv, [sequence[-1], *draft.tokens], logits_to_keep=len(draft) + 1)
+                logits = forward(model, kv, [sequence[-1], *draft.tokens], logits_to_keep=len(draft) + 1,
+                                 exact_top=self.settings.sampling.exact_top)
                 verdict = self.rule(draft, logits)
                 t2 = _now(device)
                 stats.draft_s += t1 - t0

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from specdecode.models.runtime import runtime_of
+
 
 class KVCache:
     """A model's KV cache plus the token ids it holds, so callers can sync it to a sequence."""
@@ -51,19 +53,41 @@ def forward(
     kv: KVCache,
     new_ids: list[int],
     logits_to_keep: int,
+    exact_top: int | None = None,
 ) -> torch.Tensor:
     """Run ``new_ids`` through ``model`` on top of ``kv``; return the last ``logits_to_keep`` logits.
 
     ``logits_to_keep == 0`` skips the LM head entirely (prefill of the target: on a 262k vocabulary
     the head costs as much as all layers together) and returns the final hidden states instead.
+    ``exact_top = k`` says the caller reads only each row's top ``k`` (greedy: 1; top-k sampling:
+    k): a model with the fast runtime then screens its head (see ``models/runtime.py``).
     """
+    return forward_with_hidden(model, kv, new_ids, logits_to_keep, exact_top)[0]
+
+
+def forward_with_hidden(
+    model: torch.nn.Module,
+    kv: KVCache,
+    new_ids: list[int],
+    logits_to_keep: int,
+    exact_top: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`forward`, also returning the final hidden states of the kept positions where the
+    runtime computes them apart from the head (None otherwise)."""
     device = next(model.parameters()).device
     input_ids = torch.tensor([new_ids], dtype=torch.long, device=device)
-    if logits_to_keep == 0:
+    runtime = runtime_of(model)
+    if logits_to_keep == 0 or (runtime is not None and runtime.head is not None):
         out = model.base_model(input_ids=input_ids, past_key_values=kv.cache, use_cache=True)
         kv.token_ids.extend(new_ids)
-        return out.last_hidden_state[0]
+        hidden = out.last_hidden_state[0]
+        if logits_to_keep == 0:
+            return hidden, hidden
+        hidden = hidden[-logits_to_keep:]
+        head = runtime.head
+        logits = head.top(hidden, exact_top) if exact_top else head.full(hidden)
+        return logits, hidden
     out = model(input_ids=input_ids, past_key_values=kv.cache, use_cache=True, logits_to_keep=logits_to_keep)
     kv.token_ids.extend(new_ids)
     logits = out.logits[0]
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)), None

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from specdecode.errors import ModelLoadError, VocabularyMismatchError
+from specdecode.models.runtime import auto_dtype, prepare_runtime
 from specdecode.models.vocab_map import VocabMap, apply_vocab_map, pair_target_embedding, tokenizer_digest, vocab_map_of
 
 DEFAULT_MODEL = "default"
@@ -37,6 +38,7 @@ class LoadedModel:
     tokenizer: Any | None
     name: str
     fingerprint: str = field(default="")
+    quantize: str | None = None  # weight format other than the model's own ("fp16"): another target
 
     def __post_init__(self) -> None:
         self.model.eval()
@@ -103,15 +105,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPECDECODE_CACHE", Path.home() / ".cache" / "specdecode"))
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | None = None) -> torch.dtype:
+    """``None`` is float32; ``"auto"`` the fastest format ``device`` runs natively."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return auto_dtype(device or torch.device("cpu"))
     try:
         return _DTYPES[dtype]
     except KeyError:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}") from None
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES) + ['auto']}") from None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -132,17 +137,22 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     threads: int | None = None,
+    quantize: str | None = None,
+    fast: bool = True,
 ) -> LoadedModel:
     """Load ``spec`` — ``"default"``, a ``.gguf`` file, a local directory or a hub id.
 
-    ``dtype`` defaults to float32, ``device`` to CUDA when present else CPU; ``threads`` sets
-    torch's CPU thread count.
+    ``dtype`` defaults to float32 (``"auto"``: bf16 where the device runs it natively), ``device``
+    to CUDA when present else CPU; ``threads`` sets torch's CPU thread count. ``fast`` installs
+    the CPU runtime of ``models/runtime.py`` on float32 models (exact: same tokens, faster
+    kernels); ``quantize="fp16"`` runs the linear layers on float16 weights (a different target).
     """
     if threads is not None:
         if threads < 1:
             raise ModelLoadError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     spec_str = str(spec)
     if spec_str == DEFAULT_MODEL:
         directory, name = _embedded_default_dir(), "gemma-3-270m (embedded default)"
@@ -157,16 +167,23 @@ def load_model(
         directory, name = spec_str, spec_str
         if not Path(spec_str).expanduser().exists() and spec_str.count("/") > 1:
             raise ModelLoadError(f"model path not found: {spec_str}")
-    return LoadedModel(*_load_transformers(directory, torch_dtype, torch_device), name=name)
+    model, tokenizer, fingerprint = _load_transformers(directory, torch_dtype, torch_device)
+    if fast or quantize is not None:
+        prepare_runtime(model, quantize)
+    loaded = LoadedModel(model, tokenizer, name=name, fingerprint=fingerprint)
+    loaded.quantize = quantize
+    return loaded
 
 
-def _load_transformers(directory: str | Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
+def _load_transformers(directory: str | Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any, str]:
+    """The model in ``dtype`` on ``device``, its tokenizer, and the fingerprint of its weights as
+    stored (so a profile searched in float32 still matches the same weights in bf16 or on CUDA)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-tensor bar for a load that takes seconds is noise
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype="auto")
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
@@ -183,7 +200,8 @@ def _load_transformers(directory: str | Path, dtype: torch.dtype, device: torch.
     if vocab_map is not None:
         apply_vocab_map(model, vocab_map)
         tokenizer = None  # a reduced-vocabulary draft uses its target's tokenizer (checked by digest)
-    return model.to(device), tokenizer
+    fingerprint = model_fingerprint(model)
+    return model.to(device=device, dtype=dtype), tokenizer, fingerprint
 
 
 def shipped_draft_dir() -> Path:

@@ -1,0 +1,146 @@
+"""The fast CPU runtime keeps float32 exactness: same tokens, same top-k values, same fingerprint."""
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from specdecode import SpeculativeDecoder
+from specdecode.errors import InvalidSettingError
+from specdecode.models.loading import LoadedModel, load_model
+from specdecode.models.runtime import Fp16WeightLinear, ScreenedHead, SkinnyLinear, prepare_runtime, runtime_of
+from specdecode.sampling import SamplingSettings, process_logits
+from tiny_models import ARCHITECTURES, VOCAB, tiny_config
+
+pytestmark = pytest.mark.skipif(
+    "fbgemm" not in torch.backends.quantized.supported_engines, reason="the CPU runtime needs fbgemm"
+)
+
+
+def _tiny_fp32(arch: str, seed: int = 0, vocab: int = VOCAB) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab), dtype=torch.float32)
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def _pair(arch: str, seed: int = 0, vocab: int = VOCAB) -> tuple[LoadedModel, LoadedModel]:
+    """The same float32 weights twice: plain, and with the runtime installed."""
+    plain = _tiny_fp32(arch, seed, vocab)
+    fast = _tiny_fp32(arch, seed, vocab)
+    assert prepare_runtime(fast.eval()) is not None
+    return LoadedModel(plain, None, f"plain-{arch}"), LoadedModel(fast, None, f"fast-{arch}")
+
+
+def _exact_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (hidden.double() @ weight.double().t()).float()
+
+
+def test_screened_head_finds_the_exact_top_k_among_near_ties():
+    torch.manual_seed(0)
+    weight = torch.randn(20_000, 64) * 0.05
+    # rows that differ from row 0 by less than float16 can tell apart: near-ties by construction
+    weight[1:200] = weight[0] + torch.randn(199, 64) * 1e-6
+    head = ScreenedHead(weight, None, softcap=None)
+    hidden = torch.randn(6, 64) * 30
+    hidden[0] = weight[0] * 400  # row 0 and its near-copies lead
+    exact = _exact_logits(hidden, weight)
+    for k in (1, 5, 10, 50):
+        out = head.top(hidden, k)
+        top_exact = torch.topk(exact, k, dim=1)
+        top_out = torch.topk(out, k, dim=1)
+        assert torch.equal(top_out.indices.sort(1).values, top_exact.indices.sort(1).values), k
+        assert torch.equal(out.gather(1, top_exact.indices), top_exact.values)
+    assert torch.equal(head.top(hidden, 1).argmax(1), exact.argmax(1))
+
+
+def test_screened_head_softcap_keeps_order_and_values():
+    torch.manual_seed(1)
+    weight = torch.randn(5_000, 32) * 0.1
+    head = ScreenedHead(weight, None, softcap=5.0)
+    hidden = torch.randn(3, 32) * 10
+    capped = torch.tanh(_exact_logits(hidden, weight) / 5.0) * 5.0
+    out = head.top(hidden, 3)
+    top = torch.topk(capped, 3, dim=1)
+    assert torch.allclose(out.gather(1, top.indices), top.values, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [1, 10])
+def test_processed_distribution_is_unchanged(top_k):
+    torch.manual_seed(2)
+    weight = torch.randn(30_000, 48) * 0.05
+    head = ScreenedHead(weight, None, softcap=None)
+    hidden = torch.randn(4, 48) * 20
+    settings = SamplingSettings(temperature=0.7, top_k=top_k, top_p=0.9)
+    assert settings.exact_top == top_k
+    full = process_logits(_exact_logits(hidden, weight), settings)
+    screened = process_logits(head.top(hidden, settings.exact_top), settings)
+    assert torch.allclose(full, screened, atol=1e-6)
+
+
+def test_exact_top_says_what_processing_reads():
+    assert SamplingSettings().exact_top == 1
+    assert SamplingSettings(temperature=1.0, top_k=10).exact_top == 10
+    assert SamplingSettings(temperature=1.0, top_p=0.9).exact_top is None
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_methods_with_the_runtime_equal_plain_ar(arch):
+    plain, fast = _pair(arch, seed=3, vocab=3001)
+    assert runtime_of(fast.model).head is not None
+    # GPT-2 projects with Conv1D modules, which keep their kernel; the others' linears are swapped
+    assert any(isinstance(m, SkinnyLinear) for m in fast.model.modules()) == (arch != "gpt2")
+    rng = random.Random(arch)
+    ar = SpeculativeDecoder(plain, "ar")
+    for _ in range(3):
+        prompt = [rng.randrange(3001) for _ in range(rng.randint(2, 12))]
+        max_new = rng.choice([5, 30])
+        expected = ar.generate(prompt, max_new_tokens=max_new).token_ids
+        for decoder in (SpeculativeDecoder(fast, "ar"), SpeculativeDecoder(fast, "pld", gamma=rng.randint(2, 8)),
+                        SpeculativeDecoder(fast, "sps", draft=plain, gamma=3),
+                        SpeculativeDecoder(fast, "ssd", skip_mlp=[1])):
+            assert decoder.generate(prompt, max_new_tokens=max_new).token_ids == expected, decoder.method
+
+
+def test_top_k_sampling_with_the_runtime_reproduces_plain_sampling():
+    plain, fast = _pair("llama", seed=4, vocab=2003)
+    settings = dict(max_new_tokens=25, temperature=1.0, top_k=10, top_p=0.9, seed=11)
+    for method in ("ar", "pld"):
+        expected = SpeculativeDecoder(plain, method).generate([5, 6, 7, 5, 6], **settings).token_ids
+        assert SpeculativeDecoder(fast, method).generate([5, 6, 7, 5, 6], **settings).token_ids == expected
+
+
+def test_runtime_leaves_parameters_and_state_dict_alone():
+    plain, fast = _pair("gemma3")
+    assert plain.fingerprint == fast.fingerprint
+    assert plain.model.state_dict().keys() == fast.model.state_dict().keys()
+
+
+def test_fp16_weights_are_close_but_a_different_target():
+    plain = _tiny_fp32("qwen2", seed=5)
+    quant = _tiny_fp32("qwen2", seed=5)
+    prepare_runtime(quant, quantize="fp16")
+    assert any(isinstance(m, Fp16WeightLinear) for m in quant.modules())
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.inference_mode():
+        a, b = plain(ids).logits, quant(ids).logits
+    assert 0 < (a - b).abs().max() < 1e-2 * a.abs().max()
+
+
+def test_runtime_refuses_what_it_cannot_do():
+    with pytest.raises(InvalidSettingError, match="unknown quantize"):
+        prepare_runtime(_tiny_fp32("llama"), quantize="int3")
+    with pytest.raises(InvalidSettingError, match="float32 model"):
+        prepare_runtime(_tiny_fp32("llama").double(), quantize="fp16")
+    assert prepare_runtime(_tiny_fp32("llama").double()) is None
+
+
+def test_fingerprint_follows_the_weights_not_the_dtype(tmp_path):
+    model = _tiny_fp32("llama", seed=6)
+    model.save_pretrained(tmp_path)
+    fp32 = load_model(str(tmp_path))
+    bf16 = load_model(str(tmp_path), dtype="bfloat16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert fp32.fingerprint == bf16.fingerprint
+    assert load_model(str(tmp_path), dtype="auto").fingerprint == fp32.fingerprint
