@@ -1,11 +1,17 @@
-"""Forward cost of the target per dtype and tokens-per-forward, split into layers and LM head.
+"""How far a decoding step is from the memory-bandwidth floor, per runtime mode and token count.
 
-Usage: python scripts/forward_cost.py [--model default] [--context 200] [--repeats 7]
+Prints this machine's CPU and features, its measured read bandwidth, the bytes one step must read
+in each mode (weights of the layers and of the head as that mode stores them), the resulting
+floor, and the median cost of a forward of 1, 2, 4, 8 and 16 tokens — layers and head apart — on
+top of a context of ``--context`` tokens.
+
+Usage: python scripts/forward_cost.py [--model default] [--context 200] [--repeats 7] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -13,9 +19,18 @@ import torch
 
 from specdecode import load_model
 from specdecode.models.cache import KVCache, forward
+from specdecode.models.runtime import cpu_description, runtime_of
+
+TOKENS = (1, 2, 4, 8, 16)
+MODES = {  # label: load_model arguments
+    "float32 eager": dict(fast=False),
+    "float32 fast (exact)": dict(fast=True),
+    "fp16 weights": dict(quantize="fp16"),
+}
 
 
 def median_ms(fn, repeats: int) -> float:
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -24,31 +39,72 @@ def median_ms(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second a reduction over a buffer much larger than the caches reads."""
+    buffer = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+    seconds = median_ms(lambda: buffer.sum(), repeats) / 1000
+    return buffer.numel() * 4 / seconds / 1e9
+
+
+def step_bytes(model: torch.nn.Module, mode: str) -> tuple[int, int]:
+    """Bytes of weights one decoding step reads: (layers, head) as this mode stores them."""
+    head = model.get_output_embeddings().weight
+    embed = model.get_input_embeddings().weight
+    layer_params = sum(p.numel() for p in model.parameters() if p is not head and p is not embed)
+    layer_bytes = layer_params * (2 if mode == "fp16 weights" else 4)
+    head_bytes = head.numel() * (4 if mode == "float32 eager" else 2)  # the screened head reads float16
+    return layer_bytes, head_bytes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--context", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
-    print("| dtype | tokens | full forward ms | layers only ms |")
-    print("|---|---|---|---|")
-    for dtype in ("float32", "bfloat16"):
-        target = load_model(args.model, dtype=dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cpu = cpu_description()
+    bandwidth = read_bandwidth_gbs()
+    print(f"CPU: {cpu['cpu']} · features {', '.join(cpu['features'])} · torch threads {cpu['threads']}")
+    print(f"measured read bandwidth: {bandwidth:.1f} GB/s\n")
+    report: dict = {"cpu": cpu, "bandwidth_gbs": bandwidth, "context": args.context, "modes": {}}
+    print("| mode | tokens | layers ms | head ms | step ms | × 1-token step | floor ms | × floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for mode, kwargs in MODES.items():
+        target = load_model(args.model, **kwargs)
+        layer_bytes, head_bytes = step_bytes(target.model, mode)
+        floor_ms = (layer_bytes + head_bytes) / bandwidth / 1e6
+        exact_top = 1 if runtime_of(target.model) is not None else None  # greedy: what the loop asks for
         kv = KVCache()
+        rows = []
         with torch.inference_mode():
-            forward(target.model, kv, [1] * args.context, logits_to_keep=0)
-            for n in (1, 4, 8):
-                ids = [1] * n
+            forward(target.model, kv, [2] * args.context, logits_to_keep=0)
+            one_token = None
+            for n in TOKENS:
+                ids = [2] * n
 
                 def full(ids=ids):
-                    forward(target.model, kv, ids, logits_to_keep=len(ids))
+                    forward(target.model, kv, ids, logits_to_keep=len(ids), exact_top=exact_top)
                     kv.crop(args.context)
 
                 def layers(ids=ids):
                     forward(target.model, kv, ids, logits_to_keep=0)
                     kv.crop(args.context)
 
-                print(f"| {dtype} | {n} | {median_ms(full, args.repeats):.1f} | {median_ms(layers, args.repeats):.1f} |")
+                step, body = median_ms(full, args.repeats), median_ms(layers, args.repeats)
+                one_token = one_token or step
+                rows.append(dict(tokens=n, step_ms=step, layers_ms=body, head_ms=step - body,
+                                 vs_one_token=step / one_token, floor_ms=floor_ms, vs_floor=step / floor_ms))
+                print(f"| {mode} | {n} | {body:.1f} | {step - body:.1f} | {step:.1f} | {step / one_token:.2f} | "
+                      f"{floor_ms:.1f} | {step / floor_ms:.2f} |")
+        report["modes"][mode] = dict(layer_bytes=layer_bytes, head_bytes=head_bytes, floor_ms=floor_ms, rows=rows)
+        del target
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=2)
 
 
 if __name__ == "__main__":

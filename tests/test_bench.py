@@ -301,3 +301,40 @@ def test_cli_errors_write_nothing(model_dir, data_file, tmp_path, capsys, broken
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == [data_file]
+
+
+def test_eager_suffix_parses_and_labels():
+    spec = parse_spec("pld:gamma=4@eager")
+    assert (spec.name, spec.options, spec.eager, spec.label) == ("pld", {"gamma": 4}, True, "pld:gamma=4@eager")
+    assert parse_spec("ar").eager is False
+
+
+def test_reduced_precision_run_reports_divergence_instead_of_failing(model_dir, data_file, tmp_path, capsys):
+    """With float16 weights, ar@eager is the float32 reference; differences from ar are numerics,
+    reported in a divergence table, and never the identity failure (exit 3)."""
+    out = tmp_path / "run"
+    argv = ["bench", "--data", str(data_file), "--model", str(model_dir), "--dtype", "float32",
+            "--quantize", "fp16", "--category", "qa", "--method", "ar", "--method", "ar@eager",
+            "--method", "pld:gamma=3", "--max-new-tokens", "8", "--warmup", "0", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    table = (out / "table.md").read_text()
+    assert "## Divergence from float32 `ar` (reduced precision)" in table
+    assert "| `pld:gamma=3` |" in table and "quantize: fp16" in table
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["meta"]["exact"] is False and summary["meta"]["quantize"] == "fp16"
+    assert "--quantize fp16" in (out / "COMMAND.txt").read_text()
+
+
+def test_fast_runtime_and_eager_ar_agree_in_float32(model_dir, data_file, tmp_path):
+    from specdecode.models.loading import load_model
+
+    target = load_model(str(model_dir), dtype="float32")
+    result = run_bench(target, load_prompts(data_file, ["qa"]), ["ar", "ar@eager", "pld"], ["hf"],
+                       config=BenchConfig(max_new_tokens=10, warmup=0), progress=False)
+    assert result.meta["runtime"].endswith("fp16-screened exact head") and result.meta["exact"]
+    assert all(r.identical for r in result.records) and not result.mismatches()
+
+
+def test_llamacpp_peer_needs_a_gguf_model(target):
+    with pytest.raises(SpecDecodeError, match="llama"):
+        build_contenders(target, None, ["ar"], ["llama.cpp"], BenchConfig().sampling)

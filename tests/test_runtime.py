@@ -144,3 +144,43 @@ def test_fingerprint_follows_the_weights_not_the_dtype(tmp_path):
     assert next(bf16.model.parameters()).dtype == torch.bfloat16
     assert fp32.fingerprint == bf16.fingerprint
     assert load_model(str(tmp_path), dtype="auto").fingerprint == fp32.fingerprint
+
+
+def test_eager_kernels_switch_the_runtime_off_and_back_on():
+    from specdecode.models.runtime import eager_kernels
+
+    plain = _tiny_fp32("llama", seed=7, vocab=1009)
+    quant = _tiny_fp32("llama", seed=7, vocab=1009)
+    prepare_runtime(quant, quantize="fp16")
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.inference_mode():
+        expected = plain(ids).logits
+        with eager_kernels(quant, None):
+            assert runtime_of(quant) is None
+            assert torch.equal(quant(ids).logits, expected)  # float32 weights, float32 kernels
+        assert runtime_of(quant) is not None
+        assert not torch.equal(quant(ids).logits, expected)
+
+
+def test_speculation_adds_no_divergence_beyond_reduced_precision_ar():
+    """float16 weights part greedy outputs from float32 ar at near-ties; speculative methods on the
+    same float16 target may part too, but not measurably more often than float16 ar itself
+    (one-sided: pld's divergent prompts ≤ ar's + 3 standard deviations of a binomial count)."""
+    fp32 = LoadedModel(_tiny_fp32("llama", seed=8, vocab=509), None, "fp32")
+    quant_model = _tiny_fp32("llama", seed=8, vocab=509)
+    prepare_runtime(quant_model, quantize="fp16")
+    quant = LoadedModel(quant_model, None, "fp16")
+    rng = random.Random(0)
+    prompts = [[rng.randrange(509) for _ in range(rng.randint(3, 10))] for _ in range(40)]
+    reference = SpeculativeDecoder(fp32, "ar")
+    contenders = {"ar": SpeculativeDecoder(quant, "ar"), "pld": SpeculativeDecoder(quant, "pld", gamma=6),
+                  "sps": SpeculativeDecoder(quant, "sps", draft=fp32, gamma=4)}
+    diverged = {name: 0 for name in contenders}
+    for prompt in prompts:
+        expected = reference.generate(prompt, max_new_tokens=40).token_ids
+        for name, decoder in contenders.items():
+            diverged[name] += decoder.generate(prompt, max_new_tokens=40).token_ids != expected
+    n, base = len(prompts), diverged["ar"]
+    slack = 3 * max(1.0, (base * (1 - base / n)) ** 0.5)
+    for name in ("pld", "sps"):
+        assert diverged[name] <= base + slack, diverged

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -17,9 +18,10 @@ import torch
 from specdecode import methods
 from specdecode.accept.rules import GreedyMatch, SpeculativeSampling
 from specdecode.api import SpeculativeDecoder
-from specdecode.engine.stats import GenerationStats
+from specdecode.engine.stats import GenerationResult, GenerationStats
 from specdecode.errors import InvalidSettingError
 from specdecode.models.loading import LoadedModel
+from specdecode.models.runtime import eager_kernels
 from specdecode.sampling import GenerationSettings, SamplingSettings, make_generator
 
 # Rules whose output is distributed exactly as the target's (greedy: identical to ar). A new
@@ -27,22 +29,31 @@ from specdecode.sampling import GenerationSettings, SamplingSettings, make_gener
 _LOSSLESS_RULES = (GreedyMatch, SpeculativeSampling)
 
 
+EAGER_SUFFIX = "@eager"  # run a method on the model's own kernels, the fast runtime switched off
+
+
 @dataclass(frozen=True)
 class ContenderSpec:
     name: str
     options: dict[str, Any] = field(default_factory=dict)
+    eager: bool = False
 
     @property
     def label(self) -> str:
         """How the contender is named in tables: the spec as the user would write it."""
-        if not self.options:
-            return self.name
-        return f"{self.name}:" + ",".join(f"{key}={value}" for key, value in self.options.items())
+        label = self.name
+        if self.options:
+            label += ":" + ",".join(f"{key}={value}" for key, value in self.options.items())
+        return label + (EAGER_SUFFIX if self.eager else "")
 
 
 def parse_spec(text: str) -> ContenderSpec:
-    """``"pld:gamma=10,max_ngram=3"`` → ``ContenderSpec("pld", {"gamma": 10, "max_ngram": 3})``."""
-    name, _, rest = text.strip().partition(":")
+    """``"pld:gamma=10,max_ngram=3"`` → ``ContenderSpec("pld", {"gamma": 10, "max_ngram": 3})``;
+    a trailing ``@eager`` runs it without the fast runtime (``ar@eager``: the plain float32 loop)."""
+    text = text.strip()
+    eager = text.endswith(EAGER_SUFFIX)
+    text = text.removesuffix(EAGER_SUFFIX)
+    name, _, rest = text.partition(":")
     if not name:
         raise InvalidSettingError(f"method spec {text!r} has no name (expected NAME or NAME:key=value,...)")
     options: dict[str, Any] = {}
@@ -51,7 +62,7 @@ def parse_spec(text: str) -> ContenderSpec:
         if not sep or not key.strip():
             raise InvalidSettingError(f"option {item!r} in {text!r} is not key=value")
         options[key.strip().replace("-", "_")] = _parse_value(raw.strip())
-    return ContenderSpec(name, options)
+    return ContenderSpec(name, options, eager)
 
 
 def _parse_value(raw: str) -> Any:
@@ -100,6 +111,8 @@ class OurMethod:
         self, spec: ContenderSpec, target: LoadedModel, draft: LoadedModel | None, sampling: SamplingSettings
     ) -> None:
         self.label = spec.label
+        self.eager = spec.eager
+        self.models = (target.model, draft.model if draft is not None else None)
         self.decoder = SpeculativeDecoder(target, spec.name, draft, **spec.options)
         ctx = methods.MethodContext(target, draft, sampling, make_generator(0, target.device))
         _, rule = methods.build(spec.name, ctx, spec.options)
@@ -107,8 +120,14 @@ class OurMethod:
 
     def run(self, prompt_ids: list[int], settings: GenerationSettings) -> Outcome:
         device = self.decoder.target.device
-        start = wall_clock(device)
-        result = self.decoder.generate(
+        with eager_kernels(*self.models) if self.eager else nullcontext():
+            start = wall_clock(device)
+            result = self._generate(prompt_ids, settings)
+            seconds = wall_clock(device) - start
+        return Outcome(result.token_ids, seconds, result.stats)
+
+    def _generate(self, prompt_ids: list[int], settings: GenerationSettings) -> GenerationResult:
+        return self.decoder.generate(
             prompt_ids,
             max_new_tokens=settings.max_new_tokens,
             temperature=settings.sampling.temperature,
@@ -117,4 +136,3 @@ class OurMethod:
             seed=settings.seed,
             stop_at_eos=settings.stop_at_eos,
         )
-        return Outcome(result.token_ids, wall_clock(device) - start, result.stats)

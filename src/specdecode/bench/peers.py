@@ -18,7 +18,8 @@ peer                what it runs                                                
 `transformers`' defaults (20, "constant", 0.4). `transformers` reads them from the *assistant's*
 generation config, so they are set there for the duration of one call.
 
-Peers get the very same prompt token ids, model object (hence dtype, device and threads) and
+Peers get the very same prompt token ids, model object (hence dtype, device and threads; the fast
+runtime of ``models/runtime.py`` switched off, so `transformers` runs its own kernels) and
 ``max_new_tokens`` as our methods. EOS is switched off for the call exactly as ``stop_at_eos=False``
 switches it off for ours, so both produce the same number of tokens — and, greedy, the same tokens.
 Forward hooks count and time the target's (and draft's) forwards, so peers get the same τ,
@@ -38,6 +39,7 @@ from specdecode.bench.contenders import ContenderSpec, Outcome, wall_clock
 from specdecode.engine.stats import GenerationStats
 from specdecode.errors import InvalidSettingError
 from specdecode.models.loading import LoadedModel, pair_draft
+from specdecode.models.runtime import eager_kernels
 from specdecode.sampling import GenerationSettings, SamplingSettings
 
 
@@ -228,6 +230,7 @@ class HFPeer:
                 stack.enter_context(_overridden(model.generation_config, dict(eos_token_id=None)))
             drafter = assistant if assistant is not None else model
             stack.enter_context(_overridden(drafter.generation_config, self.setup.assistant_config))
+            stack.enter_context(eager_kernels(model, assistant))  # transformers as users run it
             stack.enter_context(probe.attached())
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)  # transformers samples from torch's global generator

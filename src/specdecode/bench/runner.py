@@ -17,14 +17,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from specdecode.bench.contenders import Contender, ContenderSpec, OurMethod, parse_spec
+from specdecode.bench.contenders import EAGER_SUFFIX, Contender, ContenderSpec, OurMethod, parse_spec
 from specdecode.bench.dataset import DEFAULT_TEMPLATE, BenchPrompt, check_template, format_prompt
 from specdecode.bench.metrics import EnergyMeter, first_mismatch, generated_nll
+from specdecode.bench.llamacpp import LLAMACPP_PEERS, LlamaCppPeer
 from specdecode.bench.peers import HFPeer, peer_names
 from specdecode.engine.stats import GenerationStats
 from specdecode.errors import InvalidSettingError, PromptError
 from specdecode.methods import method_names
 from specdecode.models.loading import LoadedModel, pair_draft
+from specdecode.models.runtime import cpu_description, eager_kernels, runtime_of
 from specdecode.sampling import GenerationSettings, SamplingSettings
 
 BASELINE = "ar"
@@ -81,6 +83,7 @@ class Record:
     energies_j: list[float] | None = None
     identical: bool | None = None  # greedy runs: output equals ar's
     mismatch_at: int | None = None
+    float32_mismatch_at: int | None = None  # reduced-precision runs: first token differing from float32 ar
     nll: float | None = None  # sampling runs: summed NLL of the output under the raw target
     text: str | None = None
 
@@ -101,7 +104,7 @@ class Record:
             "question_id": self.prompt.question_id, "category": self.prompt.category, "task": self.prompt.task,
             "method": self.label, "prompt_tokens": self.prompt_tokens, "seconds": self.seconds,
             "median_s": self.time, "energy_j": self.energy_j, "identical_to_ar": self.identical,
-            "first_mismatch": self.mismatch_at, "nll": self.nll, "stats": stats, "text": self.text,
+            "first_mismatch": self.mismatch_at, "float32_first_mismatch": self.float32_mismatch_at, "nll": self.nll, "stats": stats, "text": self.text,
             "token_ids": self.token_ids,
         }
 
@@ -127,8 +130,23 @@ class BenchResult:
     def greedy(self) -> bool:
         return self.config.sampling.greedy
 
+    @property
+    def exact(self) -> bool:
+        """float32/float64 weights and kernels: lossless methods must equal ar token for token. In
+        reduced precision a k-token forward rounds differently from a 1-token one, so they may part."""
+        return bool(self.meta.get("exact", True))
+
+    @property
+    def float32_reference(self) -> str | None:
+        """The contender that ran the float32 model (``ar@eager``) in a reduced-precision run."""
+        label = BASELINE + EAGER_SUFFIX
+        return label if not self.exact and any(c.label == label for c in self.contenders) else None
+
     def mismatches(self) -> dict[str, list[Record]]:
-        """Lossless contenders whose greedy output differs from ar: always a bug (or a numerical tie)."""
+        """Lossless contenders whose greedy output differs from ar in an exact (float32/64) run:
+        always a bug (or a numerical tie). Reduced-precision divergence is reported, not flagged."""
+        if not self.exact:
+            return {}
         lossless = {c.label for c in self.contenders if c.lossless}
         found: dict[str, list[Record]] = {}
         for record in self.records:
@@ -161,7 +179,8 @@ def build_contenders(
         if spec.name in method_names():
             raise InvalidSettingError(f"{spec.name!r} is one of our methods, not a transformers peer: pass it as a method")
     contenders: list[Contender] = [OurMethod(s, target, draft, sampling) for s in specs]
-    contenders += [HFPeer(s, target, draft, sampling) for s in peer_specs]
+    contenders += [LlamaCppPeer(s, target) if s.name in LLAMACPP_PEERS else HFPeer(s, target, draft, sampling)
+                   for s in peer_specs]
     return contenders
 
 
@@ -242,24 +261,37 @@ def run_bench(
                 record.identical = record.mismatch_at is None
     else:
         pairs = [(records[(i, c.label)], encoded[i]) for i in range(len(prompts)) for c in contenders]
-        for record, ids in tqdm(pairs, desc="perplexity", disable=not progress, file=sys.stderr, leave=False):
-            record.nll = generated_nll(target, ids, record.token_ids)
+        with eager_kernels(target.model):  # perplexity under the float32 target, whatever ran
+            for record, ids in tqdm(pairs, desc="perplexity", disable=not progress, file=sys.stderr, leave=False):
+                record.nll = generated_nll(target, ids, record.token_ids)
 
-    return BenchResult(
+    result = BenchResult(
         config=config,
         contenders=[ContenderInfo(c.label, c.peer, c.lossless) for c in contenders],
         records=ordered,
         meta=_environment(target, draft, meter),
     )
+    reference = result.float32_reference
+    if reference is not None and config.sampling.greedy:
+        for i in range(len(prompts)):
+            for contender in contenders:
+                record = records[(i, contender.label)]
+                record.float32_mismatch_at = first_mismatch(record.token_ids, records[(i, reference)].token_ids)
+    return result
 
 
 def _environment(target: LoadedModel, draft: LoadedModel | None, meter: EnergyMeter) -> dict[str, Any]:
     import transformers
 
     dtype = next(target.model.parameters()).dtype
+    runtime = runtime_of(target.model)
     return {
         "model": target.name,
         "model_fingerprint": target.fingerprint,
+        "exact": dtype in (torch.float32, torch.float64) and target.quantize is None,
+        "quantize": target.quantize,
+        "runtime": runtime.describe() if runtime is not None else "eager (transformers kernels)",
+        **cpu_description(),
         "draft": draft.name if draft is not None else None,
         "device": str(target.device),
         "dtype": str(dtype).removeprefix("torch."),

@@ -31,10 +31,17 @@ def _catalogue() -> str:
         "transformers peers (--peer):",
         *(line(name, peer_options(name)) for name in peer_names()),
         "",
+        "llama.cpp peers (--peer; pip install 'specdecode[llamacpp]'; the same GGUF file):",
+        line("llama.cpp", []),
+        line("llama.cpp-pld", ["num_tokens"]),
+        "",
+        "Append @eager to one of our methods to run it without the fast CPU runtime (ar@eager: the",
+        "plain float32 loop; with --quantize, the float32 reference of the divergence table).",
+        "",
         "Every run generates exactly --max-new-tokens tokens (EOS does not stop ours nor transformers'),",
         "from the same prompt token ids. Outputs (written only once the run has finished): table.md,",
         "records.jsonl, summary.json, speedup_per_category.png, tau_distribution.png, COMMAND.txt.",
-        f"Exit status {IDENTITY_FAILURE}: a lossless method's greedy output differed from ar (a bug).",
+        f"Exit status {IDENTITY_FAILURE}: a lossless method's greedy output differed from ar in a float32/float64 run (a bug).",
     ])
 
 
@@ -78,10 +85,13 @@ def command_line(args: argparse.Namespace) -> str:
         for value in values:
             parts += [flag, value]
     options = [("--per-category", args.per_category), ("--model", args.model), ("--draft", args.draft),
-               ("--dtype", args.dtype), ("--device", args.device), ("--threads", args.threads),
+               ("--dtype", args.dtype), ("--quantize", args.quantize), ("--device", args.device),
+               ("--threads", args.threads),
                ("--max-new-tokens", args.max_new_tokens), ("--temperature", args.temperature),
                ("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed),
                ("--repeats", args.repeats), ("--warmup", args.warmup), ("--out", args.out)]
+    if args.eager:
+        parts.append("--eager")
     if args.prompt_template != DEFAULT_TEMPLATE:
         options.append(("--prompt-template", args.prompt_template))
     for flag, value in options:

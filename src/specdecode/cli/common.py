@@ -14,7 +14,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default="default", help="target: 'default', a .gguf file, a directory or hub id")
     group.add_argument("--draft", default=None,
                        help="draft model for sps / mtad: 'default-draft' (shipped for the default target) or the forms of --model")
-    group.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    group.add_argument("--dtype", default=None,
+                       help="float32 (default), bfloat16, float16, or auto (bf16 where the device runs it natively)")
+    group.add_argument("--quantize", default=None, choices=["fp16"],
+                       help="run the linear layers on float16 weights (CPU, fbgemm): faster, a different target")
+    group.add_argument("--eager", action="store_true",
+                       help="the model's own kernels: no fast CPU runtime (screened head, skinny products)")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
     group.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 
@@ -66,4 +71,5 @@ def method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(dtype=args.dtype, device=args.device, threads=args.threads)
+    return dict(dtype=args.dtype, device=args.device, threads=args.threads, quantize=args.quantize,
+                fast=not args.eager)

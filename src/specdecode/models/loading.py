@@ -39,6 +39,7 @@ class LoadedModel:
     name: str
     fingerprint: str = field(default="")
     quantize: str | None = None  # weight format other than the model's own ("fp16"): another target
+    source: str = ""  # the spec it was loaded from ("default", a .gguf path, a directory, a hub id)
 
     def __post_init__(self) -> None:
         self.model.eval()
@@ -170,9 +171,7 @@ def load_model(
     model, tokenizer, fingerprint = _load_transformers(directory, torch_dtype, torch_device)
     if fast or quantize is not None:
         prepare_runtime(model, quantize)
-    loaded = LoadedModel(model, tokenizer, name=name, fingerprint=fingerprint)
-    loaded.quantize = quantize
-    return loaded
+    return LoadedModel(model, tokenizer, name=name, fingerprint=fingerprint, quantize=quantize, source=spec_str)
 
 
 def _load_transformers(directory: str | Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any, str]:

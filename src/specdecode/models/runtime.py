@@ -24,6 +24,8 @@ Everything here is CPU-only; on CUDA the runtime stays off (cuBLAS serves these 
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,6 +167,28 @@ class Runtime:
 
 def runtime_of(model: nn.Module) -> Runtime | None:
     return model.__dict__.get("specdecode_runtime")
+
+
+@contextmanager
+def eager_kernels(*models: nn.Module | None) -> Iterator[None]:
+    """Run ``models`` with their own kernels and float32 weights — the runtime switched off —
+    then switch it back on: `transformers`' peers, and the float32 reference of a
+    reduced-precision run, compute exactly what the plain model computes."""
+    saved = []
+    for model in models:
+        if model is None or runtime_of(model) is None:
+            continue
+        swapped = [(m, m.__class__) for m in model.modules() if isinstance(m, (SkinnyLinear, Fp16WeightLinear))]
+        for module, _ in swapped:
+            module.__class__ = nn.Linear
+        saved.append((model, model.__dict__.pop("specdecode_runtime"), swapped))
+    try:
+        yield
+    finally:
+        for model, runtime, swapped in saved:
+            for module, cls in swapped:
+                module.__class__ = cls
+            model.__dict__["specdecode_runtime"] = runtime
 
 
 def prepare_runtime(model: nn.Module, quantize: str | None = None) -> Runtime | None:
