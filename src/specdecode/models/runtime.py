@@ -42,17 +42,18 @@ _SCREENED_MODEL_TYPES = ("gemma3_text", "llama", "qwen2", "gpt2", "mistral", "qw
 
 def cpu_description() -> dict[str, object]:
     """The CPU model and the instruction-set features the kernel choice depends on."""
-    name, flags = platform.processor() or platform.machine(), set()
+    name, flags = "", set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and name in ("", platform.machine(), platform.processor()):
+            if key.strip() == "model name" and not name:
                 name = value.strip()
             elif key.strip() == "flags" and not flags:
                 flags = set(value.split())
     wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return {"cpu": name, "features": [f for f in wanted if f in flags],
+    return {"cpu": name or platform.processor() or platform.machine(),
+            "features": [f for f in wanted if f in flags],
             "native_bf16": bool({"avx512_bf16", "amx_bf16"} & flags), "threads": torch.get_num_threads()}
 
 
