@@ -93,11 +93,14 @@ class Fp16WeightLinear(nn.Linear):
     packed: object
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).float()
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.dtype != torch.float32:
+            rows = rows.float()
         out = torch.ops.quantized.linear_dynamic_fp16(rows, self.packed)
         if self.bias is not None:
             out = out + self.bias
-        return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+        out = out.reshape(*x.shape[:-1], out.shape[-1])
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class ScreenedHead:
@@ -131,8 +134,13 @@ class ScreenedHead:
         screen = torch.ops.quantized.linear_dynamic_fp16(hidden, self.packed)
         if self.bias is not None:
             screen = screen + self.bias
-        margin = 2 * (hidden.norm(dim=1, keepdim=True) * self.row_bound + 1e-6 * screen.abs().amax(1, keepdim=True))
-        kth = torch.topk(screen, k, dim=1).values[:, -1:]
+        if k == 1:
+            kth = screen.amax(dim=1, keepdim=True)
+        else:
+            kth = torch.topk(screen, k, dim=1).values[:, -1:]
+        # 2B, plus float32 rounding of values near the k-th (relative 1e-6 of their size)
+        margin = 2 * hidden.norm(dim=1, keepdim=True) * self.row_bound
+        margin = margin + 1e-6 * (kth.abs() + margin) + 1e-6
         candidates = torch.nonzero((screen >= kth - margin).any(dim=0)).squeeze(1)
         rows = self.weight.index_select(0, candidates).double()
         exact = (hidden.double() @ rows.t())
