@@ -85,6 +85,9 @@ class Job:
     admitted: float | None = None
     last_text_at: float | None = None
     tokens_reported: int = 0
+    stops: tuple[str, ...] = ()  # the generation's stop strings: held back from the stream, cut from the text
+    pending: str = ""  # text the generation streamed so far
+    sent: str = ""  # the part of it delivered
 
     def cancel(self) -> None:
         """Called by the handler when its client disconnects; the worker drops the job."""
@@ -92,6 +95,20 @@ class Job:
 
     def expired(self, now: float) -> bool:
         return self.timeout_s is not None and now - self.arrived > self.timeout_s
+
+    def releasable(self, text: str) -> str:
+        """The part of ``text`` (all text so far) that is safe to send: never a stop string or
+        what follows it, and a tail that could be the start of one waits for the next step."""
+        cut = cut_at_stop(text, self.stops)
+        if len(cut) < len(text):
+            return cut
+        hold = max((k for stop in self.stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+        return text[: len(text) - hold]
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    """``text`` up to (without) its earliest stop string, as OpenAI returns it."""
+    return text[: min((i for i in (text.find(stop) for stop in stops) if i >= 0), default=len(text))]
 
 
 class Scheduler:
@@ -163,6 +180,7 @@ class Scheduler:
             self._fail(job, exc)
             return
         job.chunks = iter(job.generation)
+        job.stops = job.generation.settings.stop_strings
         job.deliver(Started(len(job.generation.prompt_ids)))
         self._waiting.append(job)
 
@@ -189,18 +207,22 @@ class Scheduler:
             self._complete(job, timed_out=True)
             return
         try:
-            text = next(job.chunks, None)
-            if text is not None:
-                self._report_text(job, text)
-            if text is None or job.generation.stop_reason is not None:
+            chunk = next(job.chunks, None)
+            if chunk is not None:
+                job.pending += chunk
+                self._send_text(job, job.releasable(job.pending))
+            if chunk is None or job.generation.stop_reason is not None:
                 for _ in job.chunks:  # ends the stream: no forward left, only the final statistics
                     pass
                 self._complete(job, timed_out=False)
         except Exception as exc:  # a bug in a method must not take the worker down
             self._fail(job, exc)
 
-    def _report_text(self, job: Job, text: str) -> None:
+    def _send_text(self, job: Job, text: str) -> None:
+        """Deliver what ``text`` (all text so far) adds to what was sent."""
         assert job.generation is not None
+        if len(text) <= len(job.sent) or not text.startswith(job.sent):
+            return
         now, labels = time.perf_counter(), (job.method,)
         produced = len(job.generation.generated)
         if job.last_text_at is None:
@@ -209,7 +231,8 @@ class Scheduler:
             per_token = (now - job.last_text_at) / max(1, produced - job.tokens_reported)
             self.metrics.itl.labels(*labels).observe(per_token)
         job.last_text_at, job.tokens_reported = now, produced
-        job.deliver(Text(text))
+        job.deliver(Text(text[len(job.sent):]))
+        job.sent = text
 
     def _complete(self, job: Job, timed_out: bool) -> None:
         gen = job.generation
@@ -230,6 +253,9 @@ class Scheduler:
             m.acceptance.labels(*labels).observe(stats.acceptance_rate)
         stop_reason = "length" if timed_out else gen.stop_reason or "length"
         text = gen.target.tokenizer.decode(gen.generated, skip_special_tokens=True)
+        if stop_reason == "stop_string":
+            text = cut_at_stop(text, job.stops)
+        self._send_text(job, text)  # what was held back, or cut at the deadline
         outcome = "timeout" if timed_out else "stop" if stop_reason in ("eos", "stop_string") else "length"
         self._release(job, Finished(text, len(gen.generated), stop_reason, details), outcome)
 
