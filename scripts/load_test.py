@@ -2,6 +2,8 @@
 
 Phase "load": CLIENTS concurrent streaming clients, REQUESTS requests each, mixed lengths and
 methods; reports every status code, p50/p95 time to first token and tokens/s.
+Phase "starvation": a short request sent one second after a long one (run it against
+``--max-batch 1`` too to see what the step-level interleaving buys).
 Phase "disconnect": clients that walk away mid-stream, then as many normal requests, which
 must all be served (the abandoned generations' slots were freed); the server must stay healthy.
 
@@ -97,8 +99,9 @@ async def load_phase(url: str, clients: int, requests: int, lengths: list[int]) 
         out = []
         for j in range(requests):
             k = index * requests + j
+            # every length meets every method: k runs over lengths first, methods second
             out.append(await stream_one(client, url, PROMPTS[k % len(PROMPTS)], lengths[k % len(lengths)],
-                                        METHODS[k % len(METHODS)]))
+                                        METHODS[k // len(lengths) % len(METHODS)]))
         return out
 
     async with httpx.AsyncClient(timeout=600) as client:
@@ -123,6 +126,20 @@ async def disconnect_phase(url: str, clients: int) -> dict[str, Any]:
             "cancelled_generations_counted": cancelled}
 
 
+async def starvation_phase(url: str, long_tokens: int = 96, short_tokens: int = 8) -> dict[str, Any]:
+    """A short request sent one second after a long one: how long until its first token and its end?"""
+    async with httpx.AsyncClient(timeout=600) as client:
+        start = time.perf_counter()
+        long = asyncio.create_task(stream_one(client, url, PROMPTS[1], long_tokens, "ar"))
+        await asyncio.sleep(1.0)
+        short = await stream_one(client, url, PROMPTS[0], short_tokens, "ar")
+        short_done = time.perf_counter() - start
+        long_result = await long
+    return {"long_tokens": long_result.get("tokens"), "long_elapsed_s": long_result.get("elapsed"),
+            "short_tokens": short.get("tokens"), "short_ttft_s": short.get("ttft"),
+            "short_elapsed_s": short.get("elapsed"), "short_done_at_s": short_done}
+
+
 def health(url: str) -> int:
     return httpx.get(f"{url}/health", timeout=30).status_code
 
@@ -135,8 +152,14 @@ def machine() -> str:
 
 def run_server_test(args: argparse.Namespace) -> dict[str, Any]:
     lengths = [int(x) for x in args.lengths.split(",")]
-    result = {"load": asyncio.run(load_phase(args.url, args.clients, args.requests, lengths))}
-    result["disconnect"] = asyncio.run(disconnect_phase(args.url, args.clients // 2))
+    phases = args.phases.split(",")
+    result: dict[str, Any] = {}
+    if "starvation" in phases:  # first, on an idle server
+        result["starvation"] = asyncio.run(starvation_phase(args.url))
+    if "load" in phases:
+        result["load"] = asyncio.run(load_phase(args.url, args.clients, args.requests, lengths))
+    if "disconnect" in phases:
+        result["disconnect"] = asyncio.run(disconnect_phase(args.url, args.clients // 2))
     result["health_after"] = health(args.url)
     return result
 
@@ -196,8 +219,10 @@ def markdown(result: dict[str, Any], command: str) -> str:
              "| phase | requests | statuses | wall s | TTFT p50 s | TTFT p95 s | tokens | aggregate tok/s |",
              "|---|---|---|---|---|---|---|---|"]
 
+    def fmt(value: Any) -> str:
+        return f"{value:.2f}" if isinstance(value, float) else str(value)
+
     def row(name: str, s: dict[str, Any]) -> None:
-        fmt = (lambda v: f"{v:.2f}" if isinstance(v, float) else str(v))
         lines.append(f"| {name} | {s['requests']} | {s['statuses']} | {s['wall_s']} | {fmt(s['ttft_p50_s'])} | "
                      f"{fmt(s['ttft_p95_s'])} | {s['tokens']} | {s['aggregate_tokens_per_s']} |")
 
@@ -219,6 +244,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="max_tokens cycled over requests")
+    parser.add_argument("--phases", default="starvation,load,disconnect", help="server phases to run")
     parser.add_argument("--ray-replicas", default=None, help="e.g. 1,2: deploy on a local Ray and compare")
     parser.add_argument("--server-command", default="", help="how the server was started (recorded in COMMAND.txt)")
     parser.add_argument("--out", type=Path, default=None, help="directory for result.json, result.md, COMMAND.txt")

@@ -15,11 +15,11 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from ray import serve  # noqa: E402
+from test_serve import CODE_PROMPT, free_port  # noqa: E402
 
 from specdecode import SpeculativeDecoder  # noqa: E402
 from specdecode.serve.engine import EngineConfig  # noqa: E402
 from specdecode.serve.ray_app import APP_NAME, deploy_on_ray  # noqa: E402
-from test_serve import CODE_PROMPT, free_port  # noqa: E402
 
 pytestmark = [pytest.mark.real_model, pytest.mark.serve, pytest.mark.ray]
 HEAVY = os.environ.get("SPECDECODE_HEAVY") == "1"

@@ -3,7 +3,7 @@ the scheduler that runs them."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,7 +80,7 @@ class Engine:
         return name
 
     def starter(self, method: str, options: dict[str, Any], prompt: str | list[int] | Sequence[dict[str, str]],
-                settings: dict[str, Any]) -> Any:
+                settings: dict[str, Any]) -> Callable[[], Generation]:
         """A function that starts the generation; the scheduler calls it on its worker thread, the
         only thread that touches the model and the tokenizer. ``prompt`` may be chat messages."""
         make_settings(**settings)  # refuse bad settings now, in the handler, before queueing
