@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -251,8 +252,11 @@ def main() -> int:
     args = parser.parse_args()
     if urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
         parser.error("loopback only: this script is for local servers")
-    command = "python " + " ".join(sys.argv)
+    command = "python " + shlex.join(sys.argv)
+    load_before = os.getloadavg()
     result = run_ray_test(args) if args.ray_replicas else run_server_test(args)
+    # the CPU may be shared: record how busy it was, since every number above depends on it
+    result["load_average_1m_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -104,6 +104,13 @@ def test_greedy_completion_equals_the_library(client, real_model, method):
         assert stats["tokens_per_target_forward"] > 1.0 and stats["acceptance_rate"] > 0
 
 
+def test_prompt_as_token_ids_or_a_one_element_list(client, real_model):
+    ids = real_model.tokenizer(PROMPT)["input_ids"]
+    texts = {client.completions.create(model="default", prompt=prompt, max_tokens=4, temperature=0).choices[0].text
+             for prompt in (PROMPT, [PROMPT], ids)}
+    assert len(texts) == 1
+
+
 def test_streamed_completion_is_the_same_text_with_stats_on_the_last_chunk(client, real_model):
     expected = SpeculativeDecoder(real_model, "pld", gamma=4).generate(CODE_PROMPT, max_new_tokens=16)
     stream = client.completions.create(model="default", prompt=CODE_PROMPT, max_tokens=16, temperature=0,
@@ -138,6 +145,25 @@ def test_chat_uses_the_plain_transcript_and_stops_before_the_next_user_turn(clie
     assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected_text
     assert chunks[-1].choices[0].finish_reason in ("stop", "length") and _stats(chunks[-1])["method"] == "ar"
+
+
+def test_chat_prompt_uses_the_tokenizer_template_when_there_is_one(real_model):
+    from specdecode.errors import PromptError
+    from specdecode.serve.engine import chat_prompt
+
+    tokenizer = real_model.tokenizer
+    messages = [{"role": "user", "content": "Hi"}]
+    assert chat_prompt(tokenizer, messages) == (tokenizer("User: Hi\nAssistant:")["input_ids"], ("\nUser:",))
+    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}"
+                               "{{ raise_exception('no system turns') }}{% endif %}<{{ m.role }}>{{ m.content }}"
+                               "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    try:
+        ids, stops = chat_prompt(tokenizer, messages)
+        assert ids == tokenizer("<user>Hi<assistant>")["input_ids"] and stops == ()  # one BOS, not two
+        with pytest.raises(PromptError, match="no system turns"):
+            chat_prompt(tokenizer, [{"role": "system", "content": "x"}, *messages])
+    finally:
+        tokenizer.chat_template = None
 
 
 def test_stop_string_ends_the_text_before_it_like_openai(client):

@@ -91,29 +91,30 @@ class Engine:
                 decoder = SpeculativeDecoder(self.target, method, self.draft,
                                              **{**self.config.methods[method], **options})
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-                ids, stops = self.chat_prompt(prompt)
+                ids, stops = chat_prompt(self.target.tokenizer, prompt)
                 return decoder.start(ids, **{**settings, "stop": (*settings.get("stop", ()), *stops)})
             return decoder.start(prompt, **settings)
 
         return start
 
-    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> tuple[list[int], tuple[str, ...]]:
-        """Token ids of a chat, and extra stop strings. Uses the tokenizer's chat template when it
-        has one; otherwise a plain transcript ("User: ...\\nAssistant: ...") ending in "Assistant:"."""
-        if not any(m["content"].strip() for m in messages):
-            raise PromptError("messages are empty")
-        tokenizer = self.target.tokenizer
-        if getattr(tokenizer, "chat_template", None):
-            from jinja2 import TemplateError
 
-            try:
-                text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-            except TemplateError as exc:
-                raise PromptError(f"chat template refused the messages: {exc}") from None
-            stops: tuple[str, ...] = ()
-        else:
-            turns = [f"{PLAIN_CHAT_ROLES[m['role']]}: {m['content']}" for m in messages]
-            text = "\n".join([*turns, "Assistant:"])
-            stops = (PLAIN_CHAT_STOP,)
-        ids = list(tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"])
-        return ids, stops
+def chat_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> tuple[list[int], tuple[str, ...]]:
+    """Token ids of a chat, and extra stop strings. Uses the tokenizer's chat template when it
+    has one; otherwise a plain transcript ("User: ...\\nAssistant: ...") ending in "Assistant:"."""
+    if not any(m["content"].strip() for m in messages):
+        raise PromptError("messages are empty")
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        from jinja2 import TemplateError
+
+        try:
+            text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        except TemplateError as exc:
+            raise PromptError(f"chat template refused the messages: {exc}") from None
+        stops: tuple[str, ...] = ()
+    else:
+        turns = [f"{PLAIN_CHAT_ROLES[m['role']]}: {m['content']}" for m in messages]
+        text = "\n".join([*turns, "Assistant:"])
+        stops = (PLAIN_CHAT_STOP,)
+    # a template writes its own special tokens (BOS ...) into the text
+    return list(tokenizer(text, add_special_tokens=not template)["input_ids"]), stops
