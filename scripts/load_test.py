@@ -179,10 +179,9 @@ def run_ray_test(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {}
     try:
         for replicas in [int(x) for x in args.ray_replicas.split(",")]:
-            deploy_on_ray(config, port=port, replicas=replicas)
-            asyncio.run(load_phase(args.url, 2, 1, [4]))  # warm-up: first forwards of each replica
+            deploy_on_ray(config, port=port, replicas=replicas)  # scales the running app in place
+            asyncio.run(load_phase(args.url, replicas, 1, [4]))  # warm-up: first forwards of each replica
             result[f"replicas_{replicas}"] = asyncio.run(load_phase(args.url, args.clients, args.requests, lengths))
-            serve.delete(APP_NAME)
         deploy_on_ray(config, port=port, replicas=2)
         result["replica_kill"] = asyncio.run(kill_phase(args.url, args.clients, lengths, ray, APP_NAME))
         result["health_after"] = health(args.url)
