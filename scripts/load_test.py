@@ -178,11 +178,13 @@ def run_ray_test(args: argparse.Namespace) -> dict[str, Any]:
     ray.init(num_cpus=2, include_dashboard=False)
     result: dict[str, Any] = {}
     try:
-        for replicas in [int(x) for x in args.ray_replicas.split(",")]:
-            deploy_on_ray(config, port=port, replicas=replicas)  # scales the running app in place
+        counts = [int(x) for x in args.ray_replicas.split(",")]
+        for replicas in counts:
+            deploy_on_ray(config, port=port, replicas=replicas)  # each run redeploys every replica
             asyncio.run(load_phase(args.url, replicas, 1, [4]))  # warm-up: first forwards of each replica
             result[f"replicas_{replicas}"] = asyncio.run(load_phase(args.url, args.clients, args.requests, lengths))
-        deploy_on_ray(config, port=port, replicas=2)
+        if counts[-1] != 2:
+            deploy_on_ray(config, port=port, replicas=2)
         result["replica_kill"] = asyncio.run(kill_phase(args.url, args.clients, lengths, ray, APP_NAME))
         result["health_after"] = health(args.url)
     finally:

@@ -252,6 +252,7 @@ def test_unknown_routes_and_methods_get_openai_errors(server, method, path):
     response = httpx.request(method, f"{server}{path}")
     assert response.status_code in (404, 405)
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert path not in httpx.get(f"{server}/metrics").text or path == "/v1/completions"
 
 
 def _stream_request(server: str, max_tokens: int, prompt: str = PROMPT, method: str = "ar",

@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -34,6 +35,7 @@ from specdecode.serve.scheduler import Event, Failed, Finished, Job, QueueFullEr
 MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_TOKENS = {"completions": 16, "chat": 128}
 DISCONNECT_POLL_S = 0.5
+API_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models")
 
 
 class LimitBody:
@@ -99,7 +101,9 @@ class CountResponses:
             engine = self.engine_of()
             if engine is not None:
                 method = scope.get("state", {}).get("method", "none")
-                engine.metrics.requests.labels(scope["path"], method, str(status)).inc()
+                # unknown paths share one label: a client must not grow the metrics without bound
+                route = scope["path"] if scope["path"] in API_ROUTES else "other"
+                engine.metrics.requests.labels(route, method, str(status)).inc()
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -167,8 +171,6 @@ def create_app(max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST
-
         return Response(request.app.state.engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
