@@ -64,8 +64,10 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise InvalidSettingError("serving needs FastAPI: pip install 'specdecode[serve]'") from None
     if args.ray:
-        from specdecode.serve.ray_app import serve_on_ray
-
+        try:
+            from specdecode.serve.ray_app import serve_on_ray
+        except ImportError:
+            raise InvalidSettingError("--ray needs Ray Serve: pip install 'specdecode[ray]'") from None
         return serve_on_ray(config, args.host, args.port, args.replicas)
     import uvicorn
 

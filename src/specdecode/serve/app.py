@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -225,8 +226,10 @@ async def _serve(request: Request, body: CompletionRequest | ChatCompletionReque
     assert isinstance(first, Started)
     shape = ResponseShape(chat=isinstance(body, ChatCompletionRequest), model=body.model)
     if body.stream:
+        # the background task also drops the job when the client left before the stream began
         return StreamingResponse(_stream(job, events, shape, first.prompt_tokens, body.include_usage()),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                 background=BackgroundTask(job.cancel))
     return await _collect(request, job, events, shape, first.prompt_tokens)
 
 
