@@ -154,8 +154,9 @@ class Scheduler:
     # --- worker side --------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        # Generations enter and leave inference mode in interleaved order; holding it around the
-        # whole loop makes every one of those exits restore "on".
+        # Each Generation holds torch.inference_mode() across its steps and restores, on finishing,
+        # the mode it found: interleaved, the first one to finish would switch it off under the
+        # others (their forwards would then record autograd graphs). Holding it here keeps it on.
         with torch.inference_mode():
             while True:
                 with self._cond:
