@@ -1,0 +1,120 @@
+"""What a server process (or a Ray replica) holds: the model, one decoder per served method and
+the scheduler that runs them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from specdecode import methods
+from specdecode.api import SpeculativeDecoder, make_settings
+from specdecode.engine.loop import Generation
+from specdecode.errors import InvalidSettingError, ModelLoadError, PromptError
+from specdecode.models.loading import LoadedModel, load_model
+from specdecode.serve.metrics import ServerMetrics
+from specdecode.serve.scheduler import Scheduler
+
+# Models without a chat template get this plain transcript; generation stops before the model
+# starts writing the user's next turn.
+PLAIN_CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
+PLAIN_CHAT_STOP = "\nUser:"
+
+
+@dataclass
+class EngineConfig:
+    """Everything needed to build an :class:`Engine`; plain data, so Ray can ship it to replicas."""
+
+    model: str = "default"
+    draft: str | None = None
+    methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {"ar": {}})  # first = default
+    served_name: str | None = None  # the id clients pass as "model" (default: ``model``)
+    dtype: str | None = None
+    device: str | None = None
+    threads: int | None = None
+    max_batch: int = 4
+    max_queue: int = 16
+    request_timeout: float | None = 600.0
+
+    @property
+    def model_id(self) -> str:
+        return self.served_name or self.model
+
+    def validate(self) -> None:
+        """Refuse bad settings before the (slow) model load."""
+        if not self.methods:
+            raise InvalidSettingError("serve at least one method")
+        for name, options in self.methods.items():
+            methods.validate_options(name, options)
+        if self.max_batch < 1 or self.max_queue < 0:
+            raise InvalidSettingError("--max-batch must be >= 1 and --max-queue >= 0")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise InvalidSettingError("--request-timeout must be > 0")
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        config.validate()
+        self.config = config
+        load = dict(dtype=config.dtype, device=config.device, threads=config.threads)
+        self.target: LoadedModel = load_model(config.model, **load)
+        if self.target.tokenizer is None:
+            raise ModelLoadError(f"model {config.model!r} has no tokenizer; the server needs one")
+        self.draft = load_model(config.draft, **load) if config.draft else None
+        self.decoders = {name: SpeculativeDecoder(self.target, name, self.draft, **options)
+                         for name, options in config.methods.items()}
+        self.metrics = ServerMetrics()
+        self.scheduler = Scheduler(self.metrics, config.max_batch, config.max_queue)
+
+    @property
+    def method_names(self) -> list[str]:
+        return list(self.decoders)
+
+    def choose_method(self, method: str | None, options: dict[str, Any]) -> str:
+        """The served method a request asked for (the first served one by default); checks options."""
+        name = method or self.method_names[0]
+        if name not in self.decoders:
+            raise InvalidSettingError(f"method {name!r} is not served here; choose one of "
+                                      f"{', '.join(self.method_names)}")
+        methods.validate_options(name, options)
+        return name
+
+    def starter(self, method: str, options: dict[str, Any], prompt: str | list[int] | Sequence[dict[str, str]],
+                settings: dict[str, Any]) -> Callable[[], Generation]:
+        """A function that starts the generation; the scheduler calls it on its worker thread, the
+        only thread that touches the model and the tokenizer. ``prompt`` may be chat messages."""
+        make_settings(**settings)  # refuse bad settings now, in the handler, before queueing
+
+        def start() -> Generation:
+            decoder = self.decoders[method]
+            if options:
+                decoder = SpeculativeDecoder(self.target, method, self.draft,
+                                             **{**self.config.methods[method], **options})
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+                ids, stops = chat_prompt(self.target.tokenizer, prompt)
+                return decoder.start(ids, **{**settings, "stop": (*settings.get("stop", ()), *stops)})
+            return decoder.start(prompt, **settings)
+
+        return start
+
+
+def chat_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> tuple[list[int], tuple[str, ...]]:
+    """Token ids of a chat, and extra stop strings. Uses the tokenizer's chat template when it
+    has one; otherwise a plain transcript ("User: ...\\nAssistant: ...") ending in "Assistant:"."""
+    if not any(m["content"].strip() for m in messages):
+        raise PromptError("messages are empty")
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        from jinja2 import TemplateError
+
+        try:
+            text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        except TemplateError as exc:
+            raise PromptError(f"chat template refused the messages: {exc}") from None
+        stops: tuple[str, ...] = ()
+    else:
+        turns = [f"{PLAIN_CHAT_ROLES[m['role']]}: {m['content']}" for m in messages]
+        text = "\n".join([*turns, "Assistant:"])
+        stops = (PLAIN_CHAT_STOP,)
+    # a template writes its own special tokens (BOS ...) into the text
+    return list(tokenizer(text, add_special_tokens=not template)["input_ids"]), stops

@@ -1,0 +1,282 @@
+"""One worker thread decodes every request, one speculative step per request per round.
+
+Why one thread: torch forwards from several threads at once fight over the same CPU cores (and
+the same tokenizer), so concurrency comes from interleaving instead. The worker keeps up to
+``max_batch`` generations active and round-robins them: each round advances every active
+generation by one step of its text stream, so a short request submitted after a long one gets
+its first token after at most one step of each other active request, not after the long request
+has finished. Requests beyond ``max_batch`` wait in a bounded queue; beyond ``max_queue`` waiting
+requests, :meth:`Scheduler.submit` refuses (the server answers 429).
+
+Every generation keeps its own KV cache (one :class:`~specdecode.engine.loop.Generation` each);
+nothing is shared between requests but the model weights, which are only read.
+
+The handlers talk to the worker through a :class:`Job`: the worker reports :class:`Started`
+(or :class:`Failed` when the library refuses the request), then :class:`Text` chunks, then
+:class:`Finished`. A handler whose client went away calls :meth:`Job.cancel`; the worker drops
+the job before its next step, freeing its slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from specdecode.engine.loop import Generation
+from specdecode.errors import SpecDecodeError
+from specdecode.serve.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Started:
+    prompt_tokens: int
+
+
+@dataclass
+class Text:
+    text: str
+
+
+@dataclass
+class Finished:
+    text: str
+    completion_tokens: int
+    stop_reason: str  # the library's: eos, stop_string, length; "length" too when cut at the deadline
+    stats: dict[str, Any]
+
+
+@dataclass
+class Failed:
+    error: Exception
+
+
+Event = Started | Text | Finished | Failed
+
+
+class QueueFullError(Exception):
+    """Every slot is busy and the waiting queue is full."""
+
+
+class ShuttingDownError(Exception):
+    """The server stopped before the request finished."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request on its way through the worker."""
+
+    method: str
+    start: Callable[[], Generation]  # tokenises and builds the method; runs on the worker
+    deliver: Callable[[Event], None]  # hands an event to the request's handler (thread-safe)
+    timeout_s: float | None = None
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    generation: Generation | None = None
+    chunks: Iterator[str] | None = None
+    admitted: float | None = None
+    last_text_at: float | None = None
+    tokens_reported: int = 0
+    stops: tuple[str, ...] = ()  # the generation's stop strings: held back from the stream, cut from the text
+    pending: str = ""  # text the generation streamed so far
+    sent: str = ""  # the part of it delivered
+
+    def cancel(self) -> None:
+        """Called by the handler when its client disconnects; the worker drops the job."""
+        self.cancelled = True
+
+    def expired(self, now: float) -> bool:
+        return self.timeout_s is not None and now - self.arrived > self.timeout_s
+
+    def releasable(self, text: str) -> str:
+        """The part of ``text`` (all text so far) that is safe to send: never a stop string or
+        what follows it, and a tail that could be the start of one waits for the next step."""
+        cut = cut_at_stop(text, self.stops)
+        if len(cut) < len(text):
+            return cut
+        hold = max((k for stop in self.stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+        return text[: len(text) - hold]
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    """``text`` up to (without) its earliest stop string, as OpenAI returns it."""
+    return text[: min((i for i in (text.find(stop) for stop in stops) if i >= 0), default=len(text))]
+
+
+class Scheduler:
+    def __init__(self, metrics: ServerMetrics, max_batch: int = 4, max_queue: int = 16) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self._cond = threading.Condition()
+        self._incoming: list[Job] = []  # submitted, not started yet (guarded by _cond)
+        self._outstanding = 0  # submitted and not finished (guarded by _cond)
+        self._closed = False
+        self._waiting: deque[Job] = deque()  # started, waiting for a slot (worker thread only)
+        self._active: list[Job] = []  # being decoded (worker thread only)
+        self._thread = threading.Thread(target=self._loop, name="specdecode-worker", daemon=True)
+        self._thread.start()
+
+    # --- handler side -------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; raises :class:`QueueFullError` when ``max_batch + max_queue`` are taken."""
+        with self._cond:
+            if self._closed:
+                raise ShuttingDownError("server is shutting down")
+            if self._outstanding >= self.max_batch + self.max_queue:
+                raise QueueFullError(f"server busy: {self.max_batch} requests decoding and "
+                                     f"{self.max_queue} waiting; retry later")
+            self._outstanding += 1
+            self._incoming.append(job)
+            self._cond.notify()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        """Stop the worker; requests still in flight get :class:`ShuttingDownError`."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    # --- worker side --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        # Each Generation holds torch.inference_mode() across its steps and restores, on finishing,
+        # the mode it found: interleaved, the first one to finish would switch it off under the
+        # others (their forwards would then record autograd graphs). Holding it here keeps it on.
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not (self._closed or self._incoming or self._waiting or self._active):
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                    incoming, self._incoming = self._incoming, []
+                for job in incoming:
+                    self._start(job)
+                self._admit()
+                for job in list(self._active):
+                    self._step(job)
+                self._update_gauges()
+            for job in [*self._incoming, *self._waiting, *self._active]:
+                self._release(job, Failed(ShuttingDownError("server is shutting down")), "error")
+
+    def _start(self, job: Job) -> None:
+        try:
+            job.generation = job.start()
+        except Exception as exc:  # the library refused the request (or a bug): tell the client
+            self._fail(job, exc)
+            return
+        job.chunks = iter(job.generation)
+        job.stops = job.generation.settings.stop_strings
+        job.deliver(Started(len(job.generation.prompt_ids)))
+        self._waiting.append(job)
+
+    def _admit(self) -> None:
+        now = time.perf_counter()
+        for job in [j for j in self._waiting if j.cancelled or j.expired(now)]:
+            self._waiting.remove(job)
+            if job.cancelled:
+                self._release(job, None, "cancelled")
+            else:
+                self._complete(job, timed_out=True)
+        while self._waiting and len(self._active) < self.max_batch:
+            job = self._waiting.popleft()
+            job.admitted = now
+            self._active.append(job)
+
+    def _step(self, job: Job) -> None:
+        """Advance ``job`` by one step of its text stream (or drop / cut / finish it)."""
+        assert job.generation is not None and job.chunks is not None
+        if job.cancelled:
+            self._release(job, None, "cancelled")
+            return
+        if job.expired(time.perf_counter()):
+            self._complete(job, timed_out=True)
+            return
+        try:
+            chunk = next(job.chunks, None)
+            if chunk is not None:
+                job.pending += chunk
+                self._send_text(job, job.releasable(job.pending))
+            if chunk is None or job.generation.stop_reason is not None:
+                for _ in job.chunks:  # ends the stream: no forward left, only the final statistics
+                    pass
+                self._complete(job, timed_out=False)
+        except Exception as exc:  # a bug in a method must not take the worker down
+            self._fail(job, exc)
+
+    def _send_text(self, job: Job, text: str) -> None:
+        """Deliver what ``text`` (all text so far) adds to what was sent."""
+        assert job.generation is not None
+        if len(text) <= len(job.sent) or not text.startswith(job.sent):
+            return
+        now, labels = time.perf_counter(), (job.method,)
+        produced = len(job.generation.generated)
+        if job.last_text_at is None:
+            self.metrics.ttft.labels(*labels).observe(now - job.arrived)
+        else:
+            per_token = (now - job.last_text_at) / max(1, produced - job.tokens_reported)
+            self.metrics.itl.labels(*labels).observe(per_token)
+        job.last_text_at, job.tokens_reported = now, produced
+        job.deliver(Text(text[len(job.sent):]))
+        job.sent = text
+
+    def _complete(self, job: Job, timed_out: bool) -> None:
+        gen = job.generation
+        assert gen is not None
+        stats = gen.stats
+        if timed_out:  # the generation did not run to its end: count what it produced so far
+            elapsed = time.perf_counter() - (job.admitted or job.arrived)
+            stats = replace(stats, new_tokens=len(gen.generated), total_s=elapsed if job.admitted else 0.0)
+        details = stats.to_dict()
+        details.update(method=job.method, timed_out=timed_out,
+                       queue_s=(job.admitted or time.perf_counter()) - job.arrived)
+        m, labels = self.metrics, (job.method,)
+        m.tokens.labels(*labels).inc(len(gen.generated))
+        m.prompt_tokens.labels(*labels).inc(len(gen.prompt_ids))
+        if stats.target_forwards:
+            m.tau.labels(*labels).observe(stats.tokens_per_target_forward)
+        if stats.acceptance_rate is not None:
+            m.acceptance.labels(*labels).observe(stats.acceptance_rate)
+        stop_reason = "length" if timed_out else gen.stop_reason or "length"
+        text = gen.target.tokenizer.decode(gen.generated, skip_special_tokens=True)
+        if stop_reason == "stop_string":
+            text = cut_at_stop(text, job.stops)
+        self._send_text(job, text)  # what was held back, or cut at the deadline
+        outcome = "timeout" if timed_out else "stop" if stop_reason in ("eos", "stop_string") else "length"
+        self._release(job, Finished(text, len(gen.generated), stop_reason, details), outcome)
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        if not isinstance(exc, SpecDecodeError):
+            log.exception("generation failed", exc_info=exc)
+        self._release(job, Failed(exc), "error")
+
+    def _release(self, job: Job, event: Event | None, outcome: str) -> None:
+        """Free the job's slot and drop its generation (and KV cache) here, on the worker."""
+        if job in self._active:
+            self._active.remove(job)
+        job.generation, job.chunks = None, None
+        self.metrics.finished.labels(job.method, outcome).inc()
+        with self._cond:
+            self._outstanding -= 1
+        if event is not None:
+            job.deliver(event)
+
+    def _update_gauges(self) -> None:
+        self.metrics.active.set(len(self._active))
+        with self._cond:
+            self.metrics.queue_depth.set(self._outstanding - len(self._active))
