@@ -51,7 +51,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     if unused:
         raise InvalidSettingError(f"option(s) {', '.join(sorted(unused))} not taken by any served method")
     config = EngineConfig(model=args.model, draft=args.draft, methods=served, served_name=args.served_model_name,
-                          dtype=args.dtype, device=args.device, threads=args.threads, max_batch=args.max_batch,
+                          dtype=args.dtype, device=args.device, threads=args.threads, quantize=args.quantize,
+                          fast=not args.eager, max_batch=args.max_batch,
                           max_queue=args.max_queue, request_timeout=args.request_timeout)
     config.validate()
     return config

@@ -32,6 +32,8 @@ class EngineConfig:
     dtype: str | None = None
     device: str | None = None
     threads: int | None = None
+    quantize: str | None = None
+    fast: bool = True  # the fast CPU runtime (models/runtime.py); False: the model's own kernels
     max_batch: int = 4
     max_queue: int = 16
     request_timeout: float | None = 600.0
@@ -56,7 +58,8 @@ class Engine:
     def __init__(self, config: EngineConfig) -> None:
         config.validate()
         self.config = config
-        load = dict(dtype=config.dtype, device=config.device, threads=config.threads)
+        load = dict(dtype=config.dtype, device=config.device, threads=config.threads, quantize=config.quantize,
+                    fast=config.fast)
         self.target: LoadedModel = load_model(config.model, **load)
         if self.target.tokenizer is None:
             raise ModelLoadError(f"model {config.model!r} has no tokenizer; the server needs one")
