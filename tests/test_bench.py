@@ -264,6 +264,10 @@ def test_sampling_run_scores_perplexity(target, data_file):
     assert all(r.identical is None and r.nll is not None and r.nll > 0 for r in result.records)
     ar = result.of("ar")
     assert ar[0].token_ids != ar[1].token_ids  # prompts get different seeds
+    from specdecode.bench import render_table
+
+    table = render_table(result)
+    assert "## Quality (sampling)" in table and "| `pld` |" in table.split("## Quality (sampling)")[1]
 
 
 @pytest.fixture()
@@ -338,3 +342,26 @@ def test_fast_runtime_and_eager_ar_agree_in_float32(model_dir, data_file, tmp_pa
 def test_llamacpp_peer_needs_a_gguf_model(target):
     with pytest.raises(SpecDecodeError, match="llama"):
         build_contenders(target, None, ["ar"], ["llama.cpp"], BenchConfig().sampling)
+
+
+def _scored(nll: float, tokens: list[int], prompt_id: int = 0) -> Record:
+    prompt = BenchPrompt(prompt_id, "qa", "q")
+    return Record(prompt, "m", 3, tokens, [1.0], GenerationStats(new_tokens=len(tokens), target_forwards=1),
+                  nll=nll)
+
+
+def test_quality_interval_separates_a_real_difference_from_noise():
+    from specdecode.bench.quality import compare_quality, repeated_ngram_share
+
+    rng = __import__("random").Random(0)
+    base = [_scored(rng.uniform(50, 150), list(range(64)), i) for i in range(100)]
+    same = [_scored(r.nll * rng.uniform(0.8, 1.25), list(range(64)), i) for i, r in enumerate(base)]
+    lower = [_scored(r.nll * 0.7, list(range(64)), i) for i, r in enumerate(base)]
+    noise, real = compare_quality(same, base), compare_quality(lower, base)
+    assert noise.interval[0] < 0 < noise.interval[1] and not noise.significant
+    assert real.significant and real.interval[1] < 0
+    assert abs(real.change_vs_ar - (math.exp(0.7 * sum(r.nll for r in base) / 6400
+                                            - sum(r.nll for r in base) / 6400) - 1)) < 1e-9
+    assert repeated_ngram_share([_scored(1.0, [1, 2, 3, 4] * 4)]) == 9 / 13
+    assert repeated_ngram_share([_scored(1.0, list(range(16)))]) == 0.0
+    assert compare_quality([_scored(1.0, [1])], [Record(base[0].prompt, "ar", 3, [1], [1.0], GenerationStats())]) is None

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from specdecode.bench.dataset import order_tasks
 from specdecode.bench.metrics import Aggregate, aggregate
+from specdecode.bench.quality import compare_quality
 from specdecode.bench.runner import BASELINE, BenchResult
 
 OVERALL = "overall"
@@ -55,6 +56,31 @@ def _name(result: BenchResult, label: str) -> str:
     if not peer:
         return f"`{label}`"
     return f"`{label}`" if label.startswith("llama.cpp") else f"`{label}` (transformers)"
+
+
+def quality_lines(result: BenchResult) -> list[str]:
+    """Sampling runs: pooled perplexity, its change vs ar with a paired bootstrap 95 % interval,
+    and the repeated 4-gram share (see bench/quality.py)."""
+    if result.greedy:
+        return []
+    baseline = result.of(BASELINE)
+    rows = []
+    for contender in result.contenders:
+        quality = compare_quality(result.of(contender.label), baseline)
+        if quality is None:
+            continue
+        low, high = quality.interval
+        change = "—" if contender.label == BASELINE else (
+            f"{quality.change_vs_ar:+.1%} [{low:+.1%}, {high:+.1%}]{' *' if quality.significant else ''}")
+        rows.append(f"| {_name(result, contender.label)} | {quality.perplexity:.2f} | {change} | "
+                    f"{quality.repeated_ngram_share:.1%} |")
+    if not rows:
+        return []
+    return ["## Quality (sampling)", "",
+            f"Pooled perplexity under the float32 target over {len(baseline)} prompts; change vs `ar` with a "
+            "paired bootstrap 95 % interval over prompts (* = the interval excludes 0); repeated 4-gram share "
+            "(a loop lowers perplexity too).", "",
+            "| method | perplexity | vs ar [95 % CI] | repeated 4-grams |", "|---|---:|---:|---:|", *rows, ""]
 
 
 def divergence_lines(result: BenchResult) -> list[str]:
@@ -161,7 +187,7 @@ def render_table(result: BenchResult) -> str:
             f"{cell.tau:.2f} | {_fmt(cell.acceptance_rate, '{:.1%}')} | {_fmt(cell.draft_cost, '{:.3f}')} | "
             f"{identical} | {_fmt(cell.perplexity, '{:.2f}')} | {_fmt(cell.energy_per_token_j, '{:.3f}')} |"
         )
-    out += ["", *divergence_lines(result), *summary_lines(result), "",
+    out += ["", *quality_lines(result), *divergence_lines(result), *summary_lines(result), "",
             "Speedup and tokens/s include the prompt's prefill. τ counts every target forward that emits "
             "tokens; draft cost = drafting time / verification time (— where nothing was drafted, or where "
             "the drafting happens inside `transformers` without a model forward to time). "
