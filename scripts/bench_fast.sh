@@ -20,10 +20,11 @@ mkdir -p results/forward-cost
 echo "python scripts/forward_cost.py --threads $THREADS --repeats 5 --json results/forward-cost/forward_cost.json" \
   > results/forward-cost/COMMAND.txt
 
-$SD bench "${common[@]}" --method ar --method ar@eager --method pld --method "$SSD" --method sps:gamma=4 \
+$SD bench "${common[@]}" --method ar --method ar@eager --method pld --method pld:gamma=7 --method "$SSD" \
+  --method knn-ssd --method sps:gamma=4 \
   "${PEERS[@]}" --peer hf-pld --out results/bench-fast-greedy
 $SD bench "${common[@]}" --method ar --method ar@eager --method sps:gamma=4 \
   --method mtad:beams=4,gamma=4,threshold=0.5 "${PEERS[@]}" \
   --temperature 1 --top-k 10 --top-p 0.9 --seed 0 --out results/bench-fast-sampling
-$SD bench "${common[@]}" --quantize fp16 --method ar --method ar@eager --method pld --method "$SSD" \
+$SD bench "${common[@]}" --quantize fp16 --method ar --method ar@eager --method pld --method pld:gamma=7 --method "$SSD" \
   --method sps:gamma=4 --out results/bench-fp16-greedy

@@ -42,7 +42,7 @@ class LlamaCppPeer:
     peer = True
     lossless = False  # another numerical target (quantised weights and activations)
 
-    def __init__(self, spec: ContenderSpec, target: LoadedModel, n_ctx: int = 4096) -> None:
+    def __init__(self, spec: ContenderSpec, target: LoadedModel, n_ctx: int = 2048) -> None:
         try:
             from llama_cpp import Llama
             from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
@@ -58,8 +58,10 @@ class LlamaCppPeer:
         if spec.name == "llama.cpp-pld":
             draft = LlamaPromptLookupDecoding(num_pred_tokens=int(spec.options.get("num_tokens", 10)))
         threads = torch.get_num_threads()
+        # the binding's drafting verifies with every position's logits: it needs logits_all and a
+        # scores buffer of n_ctx × vocabulary (2 GiB here), or it overflows on long prompts
         self.llm = Llama(model_path=gguf_path_of(target), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                         draft_model=draft, verbose=False)
+                         draft_model=draft, logits_all=draft is not None, verbose=False)
         self.evals = 0
         original_eval = self.llm.eval
 
