@@ -29,21 +29,16 @@ MODES = {  # label: load_model arguments
 }
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
 def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes per second a reduction over a buffer much larger than the caches reads."""
+    """Bytes per second a reduction over a buffer much larger than the caches reads (best of
+    ``repeats``: the floor is what the machine can do, not what a busy moment gave)."""
     buffer = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
-    seconds = median_ms(lambda: buffer.sum(), repeats) / 1000
-    return buffer.numel() * 4 / seconds / 1e9
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.numel() * 4 / best / 1e9
 
 
 def step_bytes(model: torch.nn.Module, mode: str) -> tuple[int, int]:
@@ -71,37 +66,40 @@ def main() -> None:
     print(f"CPU: {cpu['cpu']} · features {', '.join(cpu['features'])} · torch threads {cpu['threads']}")
     print(f"measured read bandwidth: {bandwidth:.1f} GB/s\n")
     report: dict = {"cpu": cpu, "bandwidth_gbs": bandwidth, "context": args.context, "modes": {}}
+    # every mode loaded first, then measured interleaved (repeat × tokens × mode), so machine drift
+    # hits the modes alike
+    loaded = {mode: load_model(args.model, **kwargs) for mode, kwargs in MODES.items()}
+    caches = {}
+    with torch.inference_mode():
+        for mode, target in loaded.items():
+            caches[mode] = KVCache()
+            forward(target.model, caches[mode], [2] * args.context, logits_to_keep=0)
+        times: dict[tuple[str, int, str], list[float]] = {}
+        for _ in range(args.repeats + 1):  # the first round warms up and is dropped below
+            for n in TOKENS:
+                for mode, target in loaded.items():
+                    kv, ids = caches[mode], [2] * n
+                    exact_top = 1 if runtime_of(target.model) is not None else None  # greedy, as the loop asks
+                    for part, keep in (("step", n), ("layers", 0)):
+                        start = time.perf_counter()
+                        forward(target.model, kv, ids, logits_to_keep=keep, exact_top=exact_top)
+                        times.setdefault((mode, n, part), []).append(time.perf_counter() - start)
+                        kv.crop(args.context)
     print("| mode | tokens | layers ms | head ms | step ms | × 1-token step | floor ms | × floor |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for mode, kwargs in MODES.items():
-        target = load_model(args.model, **kwargs)
+    for mode, target in loaded.items():
         layer_bytes, head_bytes = step_bytes(target.model, mode)
         floor_ms = (layer_bytes + head_bytes) / bandwidth / 1e6
-        exact_top = 1 if runtime_of(target.model) is not None else None  # greedy: what the loop asks for
-        kv = KVCache()
         rows = []
-        with torch.inference_mode():
-            forward(target.model, kv, [2] * args.context, logits_to_keep=0)
-            one_token = None
-            for n in TOKENS:
-                ids = [2] * n
-
-                def full(ids=ids):
-                    forward(target.model, kv, ids, logits_to_keep=len(ids), exact_top=exact_top)
-                    kv.crop(args.context)
-
-                def layers(ids=ids):
-                    forward(target.model, kv, ids, logits_to_keep=0)
-                    kv.crop(args.context)
-
-                step, body = median_ms(full, args.repeats), median_ms(layers, args.repeats)
-                one_token = one_token or step
-                rows.append(dict(tokens=n, step_ms=step, layers_ms=body, head_ms=step - body,
-                                 vs_one_token=step / one_token, floor_ms=floor_ms, vs_floor=step / floor_ms))
-                print(f"| {mode} | {n} | {body:.1f} | {step - body:.1f} | {step:.1f} | {step / one_token:.2f} | "
-                      f"{floor_ms:.1f} | {step / floor_ms:.2f} |")
+        for n in TOKENS:
+            step = 1000 * statistics.median(times[(mode, n, "step")][1:])
+            body = 1000 * statistics.median(times[(mode, n, "layers")][1:])
+            one_token = rows[0]["step_ms"] if rows else step
+            rows.append(dict(tokens=n, step_ms=step, layers_ms=body, head_ms=step - body,
+                             vs_one_token=step / one_token, floor_ms=floor_ms, vs_floor=step / floor_ms))
+            print(f"| {mode} | {n} | {body:.1f} | {step - body:.1f} | {step:.1f} | {step / one_token:.2f} | "
+                  f"{floor_ms:.1f} | {step / floor_ms:.2f} |")
         report["modes"][mode] = dict(layer_bytes=layer_bytes, head_bytes=head_bytes, floor_ms=floor_ms, rows=rows)
-        del target
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)
