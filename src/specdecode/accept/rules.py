@@ -46,6 +46,8 @@ class GreedyTreeMatch:
     """Greedy matching over a tree draft: from the root, follow the child that equals the target's
     argmax for as long as there is one; lossless like :class:`GreedyMatch`."""
 
+    lossless = True
+
     def __call__(self, draft: Draft, target_logits: torch.Tensor) -> Verdict:
         if draft.parents is None:
             return GreedyMatch()(draft, target_logits)

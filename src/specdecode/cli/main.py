@@ -10,10 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from specdecode.cli import bench, demo, distill, generate, knn, search
+from specdecode.cli import bench, demo, distill, generate, knn, search, train_head
 from specdecode.errors import SpecDecodeError
 
-SUBCOMMANDS = [demo, generate, bench, search, distill, knn]  # each module: register(subparsers) -> sets args.run
+SUBCOMMANDS = [demo, generate, bench, search, distill, knn, train_head]  # each module: register(subparsers) -> sets args.run
 
 
 def build_parser() -> argparse.ArgumentParser:
