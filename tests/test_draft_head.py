@@ -186,3 +186,45 @@ def test_save_load_round_trip(tmp_path, arch):
         for param in head.parameters():  # the saved precision; the float64 head and the loaded float32 one
             param.copy_(param.to(torch.bfloat16))
         torch.testing.assert_close(loaded(hidden, ids), head(hidden, ids).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_feature_data_are_the_targets_hidden_states(tmp_path):
+    """Batched, left-padded generation returns per row what a plain teacher-forced pass computes."""
+    from specdecode.distill.head_data import collect_head_data
+
+    target = tiny_model("gemma3", seed=3)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [14]]
+    sequences = collect_head_data(target, prompts, tmp_path, rows=3, samples_per_prompt=1, unconditional=1,
+                                  max_new_tokens=12, progress=False)
+    assert len(sequences) == 7 and len(list(tmp_path.glob("chunk_*.pt"))) == 3
+    for seq in sequences:
+        assert len(seq.hidden) == len(seq.ids) - 1
+        with torch.inference_mode():
+            fresh = target.model.base_model(input_ids=seq.ids.long()[None]).last_hidden_state[0, :-1]
+        torch.testing.assert_close(seq.hidden.double(), fresh, rtol=2e-3, atol=2e-3)  # stored as float16
+    again = collect_head_data(target, prompts, tmp_path, rows=3, samples_per_prompt=1, unconditional=1,
+                              max_new_tokens=12, budget_s=0.0, progress=False)
+    assert [s.ids.tolist() for s in again] == [s.ids.tolist() for s in sequences]  # resumed from the chunks
+
+
+def test_training_lowers_the_loss_and_resumes(tmp_path):
+    from specdecode.distill.head_data import collect_head_data
+    from specdecode.distill.train_head import HeadTrainSettings, evaluate_head, train_head
+
+    target = tiny_model("llama", seed=3)
+    prompts = [[i, (i * 7) % VOCAB, (i * 13) % VOCAB] for i in range(6)]
+    sequences = collect_head_data(target, prompts, tmp_path / "data", rows=6, samples_per_prompt=1,
+                                  unconditional=0, max_new_tokens=24, progress=False)
+    head = _head(target, vocab_ids=list(range(VOCAB)))
+    before = evaluate_head(head, sequences, gamma=3)
+    settings = HeadTrainSettings(budget_s=60, max_steps=30, windows=4, window=16, lr=3e-3)
+    log = train_head(head, sequences, settings, checkpoint=tmp_path / "ckpt.pt", progress=False)
+    assert log.steps == 30 and sum(log.losses[-5:]) < sum(log.losses[:5])
+    after = evaluate_head(head, sequences, gamma=3)
+    assert after["first_token_agreement"] > before["first_token_agreement"]
+    assert 1.0 <= after["tau"] <= 4.0
+    settings.max_steps = 35  # a larger budget resumes from the checkpoint
+    assert train_head(head, sequences, settings, checkpoint=tmp_path / "ckpt.pt", progress=False).steps == 35
+    settings.lr = 1e-3
+    with pytest.raises(InvalidSettingError):  # another recipe than the checkpoint's
+        train_head(head, sequences, settings, checkpoint=tmp_path / "ckpt.pt", progress=False)

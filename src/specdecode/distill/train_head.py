@@ -140,7 +140,7 @@ def train_head(head: DraftHead, sequences: list[FeatureSequence], settings: Head
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt is not None and ckpt.is_file():
         state = torch.load(ckpt)
-        if state["settings"] != asdict(settings):
+        if _recipe(state["settings"]) != _recipe(asdict(settings)):
             raise InvalidSettingError(f"checkpoint {ckpt} was written with other settings; delete it to restart")
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
@@ -163,7 +163,7 @@ def train_head(head: DraftHead, sequences: list[FeatureSequence], settings: Head
         optimizer.step()
         log.steps += 1
         log.positions += sum(n for *_, n in picks)
-        log.losses.append(round(float(loss), 4))
+        log.losses.append(round(float(loss.detach()), 4))
         if log.steps % 10 == 0:
             log.kl_by_step.append([round(k, 4) for k in kls])
         now = time.perf_counter()
@@ -178,6 +178,11 @@ def train_head(head: DraftHead, sequences: list[FeatureSequence], settings: Head
         _save_checkpoint(ckpt, head, optimizer, settings, log)
     head.eval()
     return log
+
+
+def _recipe(settings: dict) -> dict:
+    """The settings a resumed run must share with the checkpoint (its budget may grow)."""
+    return {k: v for k, v in settings.items() if k not in ("budget_s", "max_steps", "checkpoint_every_s")}
 
 
 def _save_checkpoint(path: Path, head: DraftHead, optimizer, settings: HeadTrainSettings, log: HeadTrainLog) -> None:

@@ -106,14 +106,15 @@ class EagleProposer(Proposer):
         while True:
             self.stats.forwards += 1
             if self.sampling.greedy:
-                dist = torch.softmax(logits, dim=-1)
-                token = int(dist.argmax())
+                token = int(logits.argmax())
+                confident = not self.min_confidence or float(torch.softmax(logits, -1)[token]) >= self.min_confidence
             else:
                 dist = process_logits(logits, self.sampling)
                 token = sample(dist, self.generator)
                 probs.append(dist)
+                confident = float(dist[token]) >= self.min_confidence
             tokens.append(token)
-            if len(tokens) == limit or float(dist[token]) < self.min_confidence:
+            if len(tokens) == limit or not confident:
                 break
             visible = torch.ones(1, len(tokens), dtype=torch.bool)
             logits = self.drafter.extend([0], [token], visible)[0]
