@@ -3,10 +3,11 @@
 Invariant: the target's KV cache holds every token of the sequence except the last one. A step
 feeds ``[last token] + draft`` (k + 1 tokens) and reads k + 1 next-token distributions; after
 accepting ``a`` draft tokens and the target's own token, the cache is cropped to the new
-sequence minus its last token. A tree draft (several candidates in one forward) keeps only its
-accepted path in the cache, which restores the same invariant. The target's final hidden states
-at the kept positions go to the drafter (feature-level heads read them). Drafters keep their own caches and sync them the same way, or
-(self-drafts) borrow the target's cache during ``propose`` and leave it as they found it.
+sequence minus its last token. A tree draft (several candidates in one forward) first compacts
+the cache to its accepted path, which restores the same invariant. The target's final hidden
+states at the kept positions go to the drafter (feature-level heads read them). Drafters keep
+their own caches and sync them the same way, or (self-drafts) borrow the target's cache during
+``propose`` and leave it as they found it.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from specdecode.accept.rules import AcceptanceRule
 from specdecode.engine.stats import GenerationResult, GenerationStats
 from specdecode.engine.stopping import StopChecker
 from specdecode.models.cache import KVCache, forward
-from specdecode.models.tree import forward_candidates, keep_path
 from specdecode.models.loading import LoadedModel
+from specdecode.models.tree import forward_candidates, keep_path
 from specdecode.propose.base import Proposer
 from specdecode.sampling import GenerationSettings
 
