@@ -6,6 +6,7 @@ keyword arguments; unknown options and out-of-range values are refused with a cl
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections.abc import Callable
@@ -14,12 +15,14 @@ from dataclasses import dataclass
 import torch
 
 from specdecode.accept.joint_ratio import AcceptAll, JointRatioAcceptance
-from specdecode.accept.rules import AcceptanceRule, GreedyMatch, SpeculativeSampling
+from specdecode.accept.rules import AcceptanceRule, GreedyMatch, GreedyTreeMatch, SpeculativeSampling
 from specdecode.errors import InvalidSettingError
+from specdecode.models.draft_head import DEFAULT_HEAD, DraftHead, load_head, pair_head
 from specdecode.models.loading import LoadedModel, pair_draft, shipped_bundle_dir
 from specdecode.propose.base import Proposer
-from specdecode.propose.beam_sampler import BeamSampleProposer
+from specdecode.propose.beam_sampler import BeamSampleProposer, ModelDrafter
 from specdecode.propose.draft_model import DraftModelProposer
+from specdecode.propose.eagle import EagleProposer, EagleTreeProposer, HeadDrafter
 from specdecode.propose.exact_joint import ExactJointProposer, exact_joint_feasible
 from specdecode.propose.knn_self_draft import KnnSelfDraftProposer
 from specdecode.propose.ngram import NgramProposer
@@ -121,7 +124,7 @@ def build_mtad(
 ) -> tuple[Proposer, AcceptanceRule]:
     """Multi-token assisted decoding: beam-sampled joint drafts, joint-ratio verification."""
     draft = require_draft(ctx, "mtad")
-    proposer = BeamSampleProposer(draft.model, ctx.sampling, ctx.generator, beams, gamma, with_replacement)
+    proposer = BeamSampleProposer(ModelDrafter(draft.model), ctx.sampling, ctx.generator, beams, gamma, with_replacement)
     return proposer, JointRatioAcceptance(ctx.sampling, ctx.generator, threshold)
 
 
@@ -136,7 +139,7 @@ def build_mtjd(
     if exact:
         proposer: Proposer = ExactJointProposer(ctx.target.model, ctx.sampling, ctx.generator, gamma)
     else:
-        proposer = BeamSampleProposer(ctx.target.model, ctx.sampling, ctx.generator, beams, gamma)
+        proposer = BeamSampleProposer(ModelDrafter(ctx.target.model), ctx.sampling, ctx.generator, beams, gamma)
     return proposer, AcceptAll(ctx.sampling, ctx.generator)
 
 
@@ -179,3 +182,51 @@ def build_knn_self_speculative(
         loaded = bundle if isinstance(bundle, ProfileBundle) else load_bundle_cached(bundle)
         loaded.check_model(ctx.target, "bundle" if isinstance(bundle, ProfileBundle) else f"bundle {str(bundle)!r}")
     return KnnSelfDraftProposer(ctx.target, loaded, ctx.sampling, ctx.generator), default_rule(ctx)
+
+
+HeadSpec = str | os.PathLike[str] | DraftHead
+
+
+@functools.lru_cache(maxsize=4)
+def _load_head_cached(spec: str) -> DraftHead:
+    return load_head(spec)
+
+
+def require_head(ctx: MethodContext, head: HeadSpec) -> DraftHead:
+    """The draft head ``head`` (a directory, ``default-head`` or a loaded head), paired with the target."""
+    loaded = head if isinstance(head, DraftHead) else _load_head_cached(str(head))
+    loaded.to(ctx.target.device)
+    pair_head(ctx.target, loaded)
+    return loaded
+
+
+@register("eagle")
+def build_eagle(
+    ctx: MethodContext, head: HeadSpec = DEFAULT_HEAD, gamma: int = 5, min_confidence: float = 0.0
+) -> tuple[Proposer, AcceptanceRule]:
+    """EAGLE: a feature-level draft head drafts a chain from the target's hidden states (greedy
+    match, or speculative sampling with the head as the draft: exact)."""
+    proposer = EagleProposer(require_head(ctx, head), ctx.sampling, ctx.generator, gamma, min_confidence)
+    return proposer, default_rule(ctx)
+
+
+@register("eagle-tree")
+def build_eagle_tree(
+    ctx: MethodContext, head: HeadSpec = DEFAULT_HEAD, gamma: int = 5, top_k: int = 4, nodes: int = 16
+) -> tuple[Proposer, AcceptanceRule]:
+    """EAGLE-2: a dynamic draft tree from the head's confidences, verified in one target forward
+    with tree attention (greedy decoding only)."""
+    if not ctx.sampling.greedy:
+        raise InvalidSettingError("method 'eagle-tree' verifies greedily; use 'eagle' or 'eagle-mtad' for sampling")
+    return EagleTreeProposer(require_head(ctx, head), gamma, top_k, nodes), GreedyTreeMatch()
+
+
+@register("eagle-mtad")
+def build_eagle_mtad(
+    ctx: MethodContext, head: HeadSpec = DEFAULT_HEAD, beams: int = 4, gamma: int = 4, threshold: float = 0.5,
+    with_replacement: bool = False,
+) -> tuple[Proposer, AcceptanceRule]:
+    """MTAD with the draft head as its auxiliary model: beam sampling over the head, joint-ratio verification."""
+    proposer = BeamSampleProposer(HeadDrafter(require_head(ctx, head)), ctx.sampling, ctx.generator, beams, gamma,
+                                  with_replacement)
+    return proposer, JointRatioAcceptance(ctx.sampling, ctx.generator, threshold)

@@ -19,8 +19,12 @@ from specdecode.sampling import SamplingSettings, process_logits, sample
 
 @dataclass(frozen=True)
 class Verdict:
+    """``accepted`` draft tokens are kept, then ``next_token``. For a tree draft ``path`` lists the
+    kept nodes as indices into ``[last token, *draft.tokens]`` (starting with 0)."""
+
     accepted: int
     next_token: int
+    path: tuple[int, ...] | None = None
 
 
 class AcceptanceRule(Protocol):
@@ -36,6 +40,25 @@ class GreedyMatch:
         while accepted < len(draft) and draft.tokens[accepted] == choices[accepted]:
             accepted += 1
         return Verdict(accepted, choices[accepted])
+
+
+class GreedyTreeMatch:
+    """Greedy matching over a tree draft: from the root, follow the child that equals the target's
+    argmax for as long as there is one; lossless like :class:`GreedyMatch`."""
+
+    lossless = True
+
+    def __call__(self, draft: Draft, target_logits: torch.Tensor) -> Verdict:
+        if draft.parents is None:
+            return GreedyMatch()(draft, target_logits)
+        choices = target_logits.argmax(dim=-1).tolist()
+        children: dict[tuple[int, int], int] = {}
+        for node, (parent, token) in enumerate(zip(draft.parents, draft.tokens), start=1):
+            children.setdefault((parent, token), node)
+        path = [0]
+        while (path[-1], choices[path[-1]]) in children:
+            path.append(children[(path[-1], choices[path[-1]])])
+        return Verdict(len(path) - 1, choices[path[-1]], tuple(path))
 
 
 class SpeculativeSampling:

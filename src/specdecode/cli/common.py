@@ -46,6 +46,8 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
                        help="acceptance threshold tau on the joint ratio (mtad); draft confidence stop (ssd)")
     group.add_argument("--profile", default=None, metavar="PATH", help="saved profile of a searched method (ssd)")
     group.add_argument("--bundle", default=None, metavar="DIR", help="KNN-SSD bundle from build-knn (knn-ssd)")
+    group.add_argument("--head", default=None, metavar="DIR",
+                       help="draft head from train-head, or 'default-head' (eagle, eagle-tree, eagle-mtad)")
     group.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="any other method option, e.g. --option threshold=0.5 (repeatable)")
 
@@ -57,7 +59,7 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Method options the user actually set (so methods never see options they do not take)."""
-    named = ("gamma", "adaptive_gamma", "max_ngram", "min_ngram", "beams", "threshold", "profile", "bundle")
+    named = ("gamma", "adaptive_gamma", "max_ngram", "min_ngram", "beams", "threshold", "profile", "bundle", "head")
     options = {name: getattr(args, name) for name in named if getattr(args, name, None) is not None}
     for item in args.option:
         key, sep, raw = item.partition("=")

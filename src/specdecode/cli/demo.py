@@ -8,6 +8,7 @@ import sys
 
 from specdecode.api import SpeculativeDecoder
 from specdecode.cli.common import add_model_args, model_kwargs
+from specdecode.models.draft_head import DEFAULT_HEAD, shipped_head_dir
 from specdecode.models.loading import DEFAULT_DRAFT, DEFAULT_MODEL, load_model, shipped_draft_dir
 
 # searched by `specdecode build-knn` (results/knn-default/bundle, profile "mixed"): nothing skipped,
@@ -22,7 +23,8 @@ DEMO_PROMPT = (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="compare ar, pld, sps (shipped draft) and ssd (shipped profile) on the default model")
+    parser = subparsers.add_parser("demo", help="compare ar, pld, sps (shipped draft), ssd (shipped profile) and eagle "
+                                                   "(shipped head) on the default model")
     parser.add_argument("--prompt", default=DEMO_PROMPT)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     add_model_args(parser)
@@ -45,12 +47,15 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.model == DEFAULT_MODEL and SHIPPED_SSD_PROFILE.is_file():
         decoders["ssd"] = SpeculativeDecoder(target, "ssd", profile=SHIPPED_SSD_PROFILE)
+    if args.model == DEFAULT_MODEL and (shipped_head_dir() / "config.json").is_file():
+        decoders["eagle"] = SpeculativeDecoder(target, "eagle", head=DEFAULT_HEAD)
+        decoders["eagle-tree"] = SpeculativeDecoder(target, "eagle-tree", head=DEFAULT_HEAD)
     print(f"sps draft: {draft_label}", file=sys.stderr)
     decoders["ar"].generate(args.prompt, max_new_tokens=4)  # warm-up
     results = {name: d.generate(args.prompt, max_new_tokens=args.max_new_tokens) for name, d in decoders.items()}
     reference = results["ar"]
     print(f"\n{reference.text.strip()}\n")
-    header = f"{'method':<8}{'tokens':>7}{'time s':>8}{'tok/s':>8}{'speedup':>9}{'tok/fwd':>9}{'accept':>8}  same as ar"
+    header = f"{'method':<11}{'tokens':>7}{'time s':>8}{'tok/s':>8}{'speedup':>9}{'tok/fwd':>9}{'accept':>8}  same as ar"
     print(header)
     print("-" * len(header))
     for name, result in results.items():
@@ -58,6 +63,6 @@ def run(args: argparse.Namespace) -> int:
         speedup = reference.stats.total_s / stats.total_s if stats.total_s else 0.0
         accept = f"{stats.acceptance_rate:.0%}" if stats.acceptance_rate is not None else "-"
         same = "yes" if result.token_ids == reference.token_ids else "NO (bug!)"
-        print(f"{name:<8}{stats.new_tokens:>7}{stats.total_s:>8.2f}{stats.tokens_per_second:>8.1f}"
+        print(f"{name:<11}{stats.new_tokens:>7}{stats.total_s:>8.2f}{stats.tokens_per_second:>8.1f}"
               f"{speedup:>8.2f}x{stats.tokens_per_target_forward:>9.2f}{accept:>8}  {same}")
     return 0

@@ -10,10 +10,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from specdecode.cli import bench, demo, distill, generate, knn, search, serve
+from specdecode.cli import bench, demo, distill, generate, knn, search, serve, train_head
 from specdecode.errors import SpecDecodeError
 
-SUBCOMMANDS = [demo, generate, bench, search, distill, knn, serve]  # each module: register(subparsers) -> sets args.run
+# each module: register(subparsers) -> sets args.run
+SUBCOMMANDS = [demo, generate, bench, search, distill, train_head, knn, serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

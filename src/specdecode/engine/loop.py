@@ -3,8 +3,11 @@
 Invariant: the target's KV cache holds every token of the sequence except the last one. A step
 feeds ``[last token] + draft`` (k + 1 tokens) and reads k + 1 next-token distributions; after
 accepting ``a`` draft tokens and the target's own token, the cache is cropped to the new
-sequence minus its last token. Drafters keep their own caches and sync them the same way, or
-(self-drafts) borrow the target's cache during ``propose`` and leave it as they found it.
+sequence minus its last token. A tree draft (several candidates in one forward) first compacts
+the cache to its accepted path, which restores the same invariant. The target's final hidden
+states at the kept positions go to the drafter (feature-level heads read them). Drafters keep
+their own caches and sync them the same way, or (self-drafts) borrow the target's cache during
+``propose`` and leave it as they found it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from specdecode.engine.stats import GenerationResult, GenerationStats
 from specdecode.engine.stopping import StopChecker
 from specdecode.models.cache import KVCache, forward
 from specdecode.models.loading import LoadedModel
+from specdecode.models.tree import forward_candidates, keep_path
 from specdecode.propose.base import Proposer
 from specdecode.sampling import GenerationSettings
 
@@ -75,9 +79,13 @@ class Generation:
                 room = self.settings.max_new_tokens - len(self.generated)
                 draft = self.proposer.propose(sequence, max_tokens=room - 1)
                 t1 = _now(device)
-                logits = forward(model, kv, [sequence[-1], *draft.tokens], logits_to_keep=len(draft) + 1,
-                                 exact_top=self.settings.sampling.exact_top)
+                fed = [sequence[-1], *draft.tokens]
+                logits, hidden = forward_candidates(model, kv, fed, draft.parents,
+                                                    exact_top=self.settings.sampling.exact_top)
                 verdict = self.rule(draft, logits)
+                kept = list(verdict.path or range(verdict.accepted + 1))
+                if draft.parents is not None:
+                    keep_path(kv, len(sequence) - 1, kept)
                 t2 = _now(device)
                 stats.draft_s += t1 - t0
                 stats.verify_s += t2 - t1
@@ -85,7 +93,8 @@ class Generation:
                 stats.proposed_tokens += len(draft)
                 stats.accepted_lengths.append(verdict.accepted)
                 self.proposer.observe(len(draft), verdict.accepted)
-                new = [*draft.tokens[: verdict.accepted], verdict.next_token]
+                self.proposer.observe_hidden(hidden[kept])
+                new = [*(fed[i] for i in kept[1:]), verdict.next_token]
                 kv.crop(len(sequence) + verdict.accepted)
                 new, self.stop_reason = self.stopper.cut(self.generated, new)
                 self.generated.extend(new)

@@ -71,23 +71,29 @@ def forward_with_hidden(
     new_ids: list[int],
     logits_to_keep: int,
     exact_top: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`forward`, also returning the final hidden states of the kept positions where the
-    runtime computes them apart from the head (None otherwise)."""
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`forward`, also returning the final (post-norm) hidden states of the kept positions:
+    the one forward a feature-level draft head needs (no second pass).
+
+    ``position_ids`` and ``attention_mask`` are for tree attention (``models/tree.py``).
+    """
     device = next(model.parameters()).device
     input_ids = torch.tensor([new_ids], dtype=torch.long, device=device)
-    runtime = runtime_of(model)
-    if logits_to_keep == 0 or (runtime is not None and runtime.head is not None):
-        out = model.base_model(input_ids=input_ids, past_key_values=kv.cache, use_cache=True)
-        kv.token_ids.extend(new_ids)
-        hidden = out.last_hidden_state[0]
-        if logits_to_keep == 0:
-            return hidden, hidden
-        hidden = hidden[-logits_to_keep:]
-        head = runtime.head
-        logits = head.top(hidden, exact_top) if exact_top else head.full(hidden)
-        return logits, hidden
-    out = model(input_ids=input_ids, past_key_values=kv.cache, use_cache=True, logits_to_keep=logits_to_keep)
+    out = model.base_model(input_ids=input_ids, past_key_values=kv.cache, use_cache=True,
+                           position_ids=position_ids, attention_mask=attention_mask)
     kv.token_ids.extend(new_ids)
-    logits = out.logits[0]
-    return logits.to(torch.promote_types(logits.dtype, torch.float32)), None
+    hidden = out.last_hidden_state[0]
+    if logits_to_keep == 0:
+        return hidden, hidden
+    hidden = hidden[-logits_to_keep:]
+    runtime = runtime_of(model)
+    if runtime is not None and runtime.head is not None:
+        head = runtime.head
+        return (head.top(hidden, exact_top) if exact_top else head.full(hidden)), hidden
+    logits = model.get_output_embeddings()(hidden)
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)), hidden

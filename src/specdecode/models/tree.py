@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from specdecode.errors import InvalidSettingError
-from specdecode.models.cache import KVCache
+from specdecode.models.cache import KVCache, forward_with_hidden
 
 
 def _layer_types(config) -> set[str]:
@@ -62,22 +62,73 @@ def forward_tree(
     context_len: int,
     tree_positions: list[int],
 ) -> torch.Tensor:
-    """Append tree tokens to ``kv`` and return their logits ``[n, V]``.
+    """Append tree tokens to ``kv`` and return their logits ``[n, V]`` (see :func:`forward_tree_with_hidden`)."""
+    return forward_tree_with_hidden(model, kv, new_ids, new_positions, visible, context_len, tree_positions)[0]
+
+
+def forward_tree_with_hidden(
+    model: torch.nn.Module,
+    kv: KVCache,
+    new_ids: list[int],
+    new_positions: list[int],
+    visible: torch.Tensor,
+    context_len: int,
+    tree_positions: list[int],
+    exact_top: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append tree tokens to ``kv``; return their logits ``[n, V]`` and final hidden states ``[n, H]``.
 
     ``kv`` must hold ``context_len`` context tokens followed by the earlier tree tokens (whose
-    positions are ``tree_positions``). Callers crop the tree tokens away when they are done.
+    positions are ``tree_positions``). Callers crop the tree tokens away, or keep one branch with
+    :func:`keep_path`, when they are done.
     """
     device = next(model.parameters()).device
     positions = torch.tensor(new_positions, dtype=torch.long, device=device)
     all_tree_positions = torch.tensor([*tree_positions, *new_positions], dtype=torch.long, device=device)
     mask = tree_attention_mask(model, context_len, all_tree_positions, visible.to(device), positions)
-    out = model(
-        input_ids=torch.tensor([new_ids], dtype=torch.long, device=device),
-        attention_mask=mask,
-        position_ids=positions[None],
-        past_key_values=kv.cache,
-        use_cache=True,
-    )
-    kv.token_ids.extend(new_ids)
-    logits = out.logits[0]
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return forward_with_hidden(model, kv, new_ids, len(new_ids), exact_top, position_ids=positions[None],
+                               attention_mask=mask)
+
+
+def ancestors_visible(parents: list[int]) -> torch.Tensor:
+    """``visible[i, j]``: node j is node i or one of its ancestors (``parents[i] < i``, -1 for a root)."""
+    visible = torch.eye(len(parents), dtype=torch.bool)
+    for node, parent in enumerate(parents):
+        if parent >= 0:
+            visible[node] |= visible[parent]
+    return visible
+
+
+def depths(parents: list[int]) -> list[int]:
+    out: list[int] = []
+    for parent in parents:
+        out.append(0 if parent < 0 else out[parent] + 1)
+    return out
+
+
+def forward_candidates(
+    model: torch.nn.Module,
+    kv: KVCache,
+    ids: list[int],
+    parents: list[int] | None,
+    exact_top: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verify candidates in one forward: a chain (``parents`` None), or a tree rooted at ``ids[0]``
+    where ``parents[i] < i + 1`` is the index in ``ids`` of the parent of ``ids[i + 1]``."""
+    if parents is None:
+        return forward_with_hidden(model, kv, ids, len(ids), exact_top)
+    start = len(kv)
+    tree = [-1, *parents]
+    positions = [start + d for d in depths(tree)]
+    return forward_tree_with_hidden(model, kv, ids, positions, ancestors_visible(tree), start, [], exact_top)
+
+
+def keep_path(kv: KVCache, start: int, kept: list[int]) -> None:
+    """After a tree forward appended nodes at ``start``.., keep the context and the nodes ``kept``
+    (in order): the cache then holds exactly what a chain forward of the accepted path would.
+    Exact for sliding-window layers too, since the cache keeps every layer's full history."""
+    index = torch.tensor([*range(start), *(start + k for k in kept)], dtype=torch.long)
+    for layer in kv.cache.layers:
+        layer.keys = layer.keys.index_select(-2, index.to(layer.keys.device))
+        layer.values = layer.values.index_select(-2, index.to(layer.values.device))
+    kv.token_ids[:] = [kv.token_ids[i] for i in index.tolist()]

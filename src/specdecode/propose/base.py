@@ -18,11 +18,14 @@ class Draft:
     speculative sampling; ``None`` means the tokens were chosen deterministically (n-gram lookup,
     greedy drafts), which acceptance rules treat as a one-hot draft distribution.
     ``log_q`` holds the draft log-probability of each drafted token (MTAD's joint ratio).
+    ``parents`` makes the draft a tree verified in one forward: token i continues
+    ``[last token, *tokens][parents[i]]`` (0 = the sequence's last token); None is a chain.
     """
 
     tokens: list[int] = field(default_factory=list)
     probs: torch.Tensor | None = None
     log_q: torch.Tensor | None = None
+    parents: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -65,3 +68,7 @@ class Proposer:
 
     def observe(self, proposed: int, accepted: int) -> None:
         """Learn from the outcome of the last verification (adaptive draft lengths)."""
+
+    def observe_hidden(self, hidden: torch.Tensor) -> None:
+        """See the target's final hidden states ``[a + 1, H]`` at the positions the last verification
+        kept (the previous last token and the ``a`` accepted ones): feature-level heads read them."""

@@ -9,6 +9,10 @@ tokens are cropped away afterwards, so the draft cache only ever holds the real 
 
 Unlike the reference code, kept beams are renormalised in log space (log P − logsumexp), which
 keeps their relative probabilities exact.
+
+The auxiliary model is a :class:`TreeDrafter`: a causal LM (:class:`ModelDrafter`) or a
+feature-level draft head (``propose/eagle.py``), which needs to know which earlier output each
+new tree token continues (it reads that output's predicted feature).
 """
 
 from __future__ import annotations
@@ -22,10 +26,59 @@ from specdecode.propose.base import Draft, Proposer
 from specdecode.sampling import SamplingSettings, process_logits
 
 
+class TreeDrafter:
+    """A draft model run over a tree of continuations of the current sequence.
+
+    :meth:`root` gives the logits ``[V]`` after the sequence; each :meth:`extend` feeds one level
+    of tree tokens, token i continuing row ``rows[i]`` of the previous call's logits (of the root
+    for the first level), seeing the tree slots fed so far that ``visible[i]`` names plus itself;
+    :meth:`reset` drops the tree again. The feed hooks mirror :class:`Proposer`'s.
+    """
+
+    def on_prefill(self, prompt_hidden: torch.Tensor) -> None:
+        """See the target's hidden states over the prompt."""
+
+    def observe_hidden(self, hidden: torch.Tensor) -> None:
+        """See the target's hidden states at the positions the last verification kept."""
+
+    def root(self, sequence: list[int]) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def extend(self, rows: list[int], tokens: list[int], visible: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+
+class ModelDrafter(TreeDrafter):
+    """A causal LM with its own KV cache; tree levels share the cached sequence through tree attention."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.kv = KVCache()
+        self.context_len = 0
+        self.tree_positions: list[int] = []
+
+    def root(self, sequence: list[int]) -> torch.Tensor:
+        self.context_len, self.tree_positions = len(sequence), []
+        return forward(self.model, self.kv, self.kv.sync(sequence), logits_to_keep=1)[-1]
+
+    def extend(self, rows: list[int], tokens: list[int], visible: torch.Tensor) -> torch.Tensor:
+        level = len(set(self.tree_positions))
+        positions = [self.context_len + level] * len(tokens)
+        logits = forward_tree(self.model, self.kv, tokens, positions, visible, self.context_len, self.tree_positions)
+        self.tree_positions += positions
+        return logits
+
+    def reset(self) -> None:
+        self.kv.crop(self.context_len)
+
+
 class BeamSampleProposer(Proposer):
     def __init__(
         self,
-        model: torch.nn.Module,
+        drafter: TreeDrafter,
         sampling: SamplingSettings,
         generator: torch.Generator | None,
         beams: int = 4,
@@ -37,9 +90,14 @@ class BeamSampleProposer(Proposer):
             raise InvalidSettingError(f"beams (beam width B) must be >= 1, got {beams}")
         if depth < 1:
             raise InvalidSettingError(f"gamma (draft depth) must be >= 1, got {depth}")
-        self.model, self.sampling, self.generator = model, sampling, generator
+        self.drafter, self.sampling, self.generator = drafter, sampling, generator
         self.beams, self.depth, self.with_replacement = beams, depth, with_replacement
-        self.kv = KVCache()
+
+    def on_prefill(self, prompt_hidden: torch.Tensor) -> None:
+        self.drafter.on_prefill(prompt_hidden)
+
+    def observe_hidden(self, hidden: torch.Tensor) -> None:
+        self.drafter.observe_hidden(hidden)
 
     def _log_q(self, logits: torch.Tensor) -> torch.Tensor:
         """Draft log-probs: processed for sampling; raw for greedy (one-hot would give log 0 = -inf)."""
@@ -68,37 +126,38 @@ class BeamSampleProposer(Proposer):
         depth = min(self.depth, max_tokens)
         if depth < 1:
             return Draft()
-        context_len = len(sequence)
-        pending = self.kv.sync(sequence)
-        log_q = self._log_q(forward(self.model, self.kv, pending, logits_to_keep=1)[-1])
+        root = self.drafter.root(sequence)
+        if root is None:
+            return Draft()
+        log_q = self._log_q(root)
         self.stats.forwards += 1
         _, tokens = self._choose(log_q[None])
         beam_tokens = tokens[:, None]                   # [B, t] tokens of each beam
         beam_log_q = log_q[tokens][:, None]             # [B, t] per-step draft log-probs
         score = beam_log_q[:, 0] - torch.logsumexp(beam_log_q[:, 0], dim=0)
         beam_slots: list[list[int]] = [[] for _ in range(len(tokens))]  # tree slots of fed ancestors
-        tree_positions: list[int] = []
-        for step in range(1, depth):
-            # feed every beam's last token (at position context_len + step - 1) as a new tree slot
-            n_prev, width = len(tree_positions), len(beam_tokens)
-            visible = torch.zeros(width, n_prev + width, dtype=torch.bool)
+        rows = [0] * len(tokens)                        # logits row each beam's last token was drawn from
+        fed = 0
+        for _ in range(1, depth):
+            # feed every beam's last token as a new tree slot
+            width = len(beam_tokens)
+            visible = torch.zeros(width, fed + width, dtype=torch.bool)
             for i, slots in enumerate(beam_slots):
                 visible[i, slots] = True
-                visible[i, n_prev + i] = True
-            new_positions = [context_len + step - 1] * width
-            logits = forward_tree(self.model, self.kv, beam_tokens[:, -1].tolist(), new_positions, visible,
-                                  context_len, tree_positions)
+                visible[i, fed + i] = True
+            logits = self.drafter.extend(rows, beam_tokens[:, -1].tolist(), visible)
             self.stats.forwards += 1
-            tree_positions += new_positions
             log_q = self._log_q(logits)                 # [width, V]
             parents, tokens = self._choose(score[:, None] + log_q)
             step_log_q = log_q[parents, tokens]
             beam_tokens = torch.cat([beam_tokens[parents], tokens[:, None]], dim=1)
             beam_log_q = torch.cat([beam_log_q[parents], step_log_q[:, None]], dim=1)
-            beam_slots = [beam_slots[p] + [n_prev + p] for p in parents.tolist()]
+            beam_slots = [beam_slots[p] + [fed + p] for p in parents.tolist()]
+            rows = parents.tolist()
+            fed += width
             score = score[parents] + step_log_q
             score = score - torch.logsumexp(score, dim=0)
-        self.kv.crop(context_len)
+        self.drafter.reset()
         best = int(score.argmax())
         self.stats.proposed += depth
         return Draft(tokens=beam_tokens[best].tolist(), log_q=beam_log_q[best])

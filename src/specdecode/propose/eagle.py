@@ -1,0 +1,193 @@
+"""Drafting with a feature-level draft head (EAGLE): chains, dynamic trees, and MTAD's beams.
+
+:class:`HeadDrafter` keeps the head's cache in step with the target's: the loop hands it the
+target's final hidden states at every kept position, and entry t of the head's cache is
+``(h_t, x_{t+1})``, so it always covers the same positions as the target's cache (all but the
+last token). Drafting continues from the last real entry with the head's own predicted
+features; the draft entries are cropped off afterwards, so only real features stay cached.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specdecode.errors import InvalidSettingError
+from specdecode.models.cache import KVCache
+from specdecode.models.draft_head import DraftHead
+from specdecode.models.frequent_vocab import expand_logits
+from specdecode.models.tree import tree_attention_mask
+from specdecode.propose.base import Draft, Proposer
+from specdecode.propose.beam_sampler import TreeDrafter
+from specdecode.sampling import SamplingSettings, process_logits, sample
+
+
+class HeadDrafter(TreeDrafter):
+    """A :class:`DraftHead` as a tree drafter over the target's vocabulary (``-inf`` outside its own)."""
+
+    def __init__(self, head: DraftHead) -> None:
+        self.head = head
+        self.kv = KVCache()
+        self.real = 0                             # cache entries built from the target's own features
+        self.pending: list[torch.Tensor] = []     # target hidden states not yet fed
+        self.last_feature: torch.Tensor | None = None
+        self.features: torch.Tensor | None = None  # predicted features of the last returned rows
+        self.tree_positions: list[int] = []
+
+    def on_prefill(self, prompt_hidden: torch.Tensor) -> None:
+        self.pending.append(prompt_hidden)
+
+    def observe_hidden(self, hidden: torch.Tensor) -> None:
+        self.pending.append(hidden)
+
+    def _full(self, sub_logits: torch.Tensor) -> torch.Tensor:
+        wide = sub_logits.to(torch.promote_types(sub_logits.dtype, torch.float32))
+        return expand_logits(wide, self.head.vocab_ids, self.head.target_vocab_size)
+
+    def root(self, sequence: list[int]) -> torch.Tensor | None:
+        """Feed the pending real positions; logits for the token after ``sequence`` (None before any feature)."""
+        if self.pending:
+            hidden = torch.cat(self.pending).to(self.head.fc.weight)
+            self.pending = []
+            tokens = sequence[self.real + 1: self.real + 1 + len(hidden)]
+            if len(tokens) != len(hidden):
+                raise InvalidSettingError("draft head out of step with the target: hidden states and tokens disagree")
+            ids = torch.tensor([tokens], device=hidden.device)
+            self.last_feature = self.head(hidden[None], ids, self.kv)[0, -1:]
+            self.real += len(tokens)
+        if self.last_feature is None or self.real != len(sequence) - 1:
+            return None
+        self.features, self.tree_positions = self.last_feature, []
+        return self._full(self.head.logits(self.last_feature)[0])
+
+    def extend(self, rows: list[int], tokens: list[int], visible: torch.Tensor) -> torch.Tensor:
+        level = len(set(self.tree_positions))
+        positions = [self.real + level] * len(tokens)
+        device = self.head.fc.weight.device
+        all_positions = torch.tensor([*self.tree_positions, *positions], device=device)
+        new_positions = torch.tensor(positions, device=device)
+        mask = tree_attention_mask(self.head.layers, self.real, all_positions, visible.to(device), new_positions)
+        features = self.head(self.features[rows][None], torch.tensor([tokens], device=device), self.kv,
+                             position_ids=new_positions[None], attention_mask=mask)[0]
+        self.tree_positions += positions
+        self.features = features
+        return self._full(self.head.logits(features))
+
+    def reset(self) -> None:
+        self.kv.crop(self.real)
+
+
+class EagleProposer(Proposer):
+    """Chain drafting with a draft head: up to γ tokens, stopping early where the head's own
+    probability of its token falls below ``min_confidence``. Greedy or sampled (exact under
+    speculative sampling: the draft distributions go with the tokens)."""
+
+    def __init__(self, head: DraftHead, sampling: SamplingSettings, generator: torch.Generator | None,
+                 gamma: int = 5, min_confidence: float = 0.0) -> None:
+        super().__init__()
+        if gamma < 1:
+            raise InvalidSettingError(f"gamma (draft length) must be >= 1, got {gamma}")
+        self.drafter = HeadDrafter(head)
+        self.sampling, self.generator = sampling, generator
+        self.gamma, self.min_confidence = gamma, min_confidence
+
+    def on_prefill(self, prompt_hidden: torch.Tensor) -> None:
+        self.drafter.on_prefill(prompt_hidden)
+
+    def observe_hidden(self, hidden: torch.Tensor) -> None:
+        self.drafter.observe_hidden(hidden)
+
+    def propose(self, sequence: list[int], max_tokens: int) -> Draft:
+        limit = min(self.gamma, max_tokens)
+        logits = self.drafter.root(sequence) if limit >= 1 else None
+        if logits is None:
+            return Draft()
+        tokens: list[int] = []
+        probs: list[torch.Tensor] = []
+        while True:
+            self.stats.forwards += 1
+            if self.sampling.greedy:
+                token = int(logits.argmax())
+                confident = not self.min_confidence or float(torch.softmax(logits, -1)[token]) >= self.min_confidence
+            else:
+                dist = process_logits(logits, self.sampling)
+                token = sample(dist, self.generator)
+                probs.append(dist)
+                confident = float(dist[token]) >= self.min_confidence
+            tokens.append(token)
+            if len(tokens) == limit or not confident:
+                break
+            visible = torch.ones(1, len(tokens), dtype=torch.bool)
+            logits = self.drafter.extend([0], [token], visible)[0]
+        self.drafter.reset()
+        self.stats.proposed += len(tokens)
+        return Draft(tokens=tokens, probs=torch.stack(probs) if probs else None)
+
+
+class EagleTreeProposer(Proposer):
+    """EAGLE-2's dynamic draft tree (Li et al. 2024b), for greedy verification in one forward.
+
+    Level by level, the ``top_k`` most probable frontier nodes (by the head's joint log-probability
+    along their path) are expanded by their ``top_k`` best next tokens; after ``depth`` levels the
+    ``nodes`` most probable tokens of the whole tree are verified. A child never outscores its
+    parent, so that set is closed under ancestors.
+    """
+
+    def __init__(self, head: DraftHead, depth: int = 5, top_k: int = 4, nodes: int = 16) -> None:
+        super().__init__()
+        for name, value in (("depth", depth), ("top_k", top_k), ("nodes", nodes)):
+            if value < 1:
+                raise InvalidSettingError(f"{name} must be >= 1, got {value}")
+        self.drafter = HeadDrafter(head)
+        self.depth, self.top_k, self.nodes = depth, top_k, nodes
+
+    def on_prefill(self, prompt_hidden: torch.Tensor) -> None:
+        self.drafter.on_prefill(prompt_hidden)
+
+    def observe_hidden(self, hidden: torch.Tensor) -> None:
+        self.drafter.observe_hidden(hidden)
+
+    def propose(self, sequence: list[int], max_tokens: int) -> Draft:
+        depth = min(self.depth, max_tokens)
+        logits = self.drafter.root(sequence) if depth >= 1 else None
+        if logits is None:
+            return Draft()
+        tokens: list[int] = []
+        parents: list[int] = []   # index into [root, *tokens]
+        scores: list[float] = []
+        slot_of: dict[int, int] = {}  # node -> drafter tree slot, for fed nodes
+        rows_of: dict[int, int] = {0: 0}  # node -> row of the drafter's last logits that scored its children
+        frontier = self._children(torch.log_softmax(logits[None], dim=-1), [0], [0.0], tokens, parents, scores)
+        self.stats.forwards += 1
+        for _ in range(1, depth):
+            rows = [rows_of[parents[node - 1]] for node in frontier]
+            visible = torch.zeros(len(frontier), len(slot_of) + len(frontier), dtype=torch.bool)
+            for i, node in enumerate(frontier):
+                slot_of[node] = len(slot_of)
+                ancestor = node
+                while ancestor:
+                    visible[i, slot_of[ancestor]] = True
+                    ancestor = parents[ancestor - 1]
+            rows_of = {node: i for i, node in enumerate(frontier)}
+            log_p = torch.log_softmax(self.drafter.extend(rows, [tokens[n - 1] for n in frontier], visible), dim=-1)
+            self.stats.forwards += 1
+            frontier = self._children(log_p, frontier, [scores[n - 1] for n in frontier], tokens, parents, scores)
+        self.drafter.reset()
+        keep = sorted(sorted(range(len(tokens)), key=lambda i: -scores[i])[: self.nodes])
+        new_index = {old + 1: new + 1 for new, old in enumerate(keep)}
+        new_index[0] = 0
+        self.stats.proposed += len(keep)
+        return Draft(tokens=[tokens[i] for i in keep], parents=[new_index[parents[i]] for i in keep])
+
+    def _children(self, log_p: torch.Tensor, owners: list[int], owner_scores: list[float], tokens: list[int],
+                  parents: list[int], scores: list[float]) -> list[int]:
+        """Add the top-k children of every row (row i continues node ``owners[i]``); return the
+        ``top_k`` best new nodes as the next frontier."""
+        values, indices = log_p.topk(self.top_k, dim=-1)
+        start = len(tokens) + 1
+        for row, owner in enumerate(owners):
+            for value, token in zip(values[row].tolist(), indices[row].tolist()):
+                tokens.append(token)
+                parents.append(owner)
+                scores.append(owner_scores[row] + value)
+        added = range(start, len(tokens) + 1)
+        return sorted(sorted(added, key=lambda n: -scores[n - 1])[: self.top_k])

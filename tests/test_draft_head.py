@@ -1,0 +1,230 @@
+"""Feature-level draft heads: lossless chains and trees, exact caches, exact sampling, pairing, files."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from specdecode import SpeculativeDecoder
+from specdecode.errors import InvalidSettingError, VocabularyMismatchError
+from specdecode.models.cache import KVCache, forward, forward_with_hidden
+from specdecode.models.draft_head import DraftHead, load_head, pair_head
+from specdecode.models.tree import forward_candidates, keep_path
+from specdecode.propose.eagle import HeadDrafter
+from specdecode.sampling import SamplingSettings
+from test_sampling import SMALL_VOCAB, _first_tokens, _target_pair_distribution
+from tiny_models import ARCHITECTURES, VOCAB, tiny_model
+
+SUBSET = [i for i in range(VOCAB) if i % 5 != 3]  # a reduced draft vocabulary: some tokens never drafted
+
+
+def _head(target, seed: int = 0, vocab_ids=None, depth: int = 1, noise: float = 0.0) -> DraftHead:
+    torch.manual_seed(seed)
+    head = DraftHead.from_target(target, vocab_ids or SUBSET, depth=depth)
+    with torch.no_grad():
+        for param in head.parameters():
+            param.add_(torch.randn_like(param) * noise)
+    return head
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_eagle_chain_tree_and_mtad_equal_ar_greedy(arch):
+    target = tiny_model(arch, seed=0)
+    head = _head(target)
+    rng = random.Random(arch)
+    ar = SpeculativeDecoder(target, "ar")
+    for prompt in ([3], [1, 2, 3, 1, 2, 3, 1, 2], [rng.randrange(VOCAB) for _ in range(11)]):
+        max_new = rng.choice([2, 17, 40])  # 40 tokens cross Gemma's window of 8 many times
+        expected = ar.generate(prompt, max_new_tokens=max_new).token_ids
+        for method, options in (("eagle", dict(gamma=rng.randint(1, 6))),
+                                ("eagle", dict(gamma=4, min_confidence=0.3)),
+                                ("eagle-tree", dict(gamma=rng.randint(1, 5), top_k=3, nodes=rng.randint(1, 10))),
+                                ("eagle-mtad", dict(beams=3, gamma=3))):
+            result = SpeculativeDecoder(target, method, head=head, **options).generate(prompt, max_new_tokens=max_new)
+            assert result.token_ids == expected, (method, options)
+
+
+def test_head_drafts_are_accepted_when_the_head_knows_the_answer():
+    """Guards the test above against a head that is never used: a depth-0-like head that copies
+    the target's feature forward drafts the target's own next token often on a repetitive prompt."""
+    target = tiny_model("llama", seed=0)
+    stats = SpeculativeDecoder(target, "eagle", head=_head(target, vocab_ids=list(range(VOCAB))), gamma=3).generate(
+        [1, 2, 3] * 5, max_new_tokens=40).stats
+    tree = SpeculativeDecoder(target, "eagle-tree", head=_head(target, vocab_ids=list(range(VOCAB))), gamma=3,
+                              top_k=4, nodes=12).generate([1, 2, 3] * 5, max_new_tokens=40).stats
+    assert stats.proposed_tokens > 0 and tree.proposed_tokens > 0
+    assert tree.tokens_per_target_forward >= stats.tokens_per_target_forward * 0.9
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_head_cache_follows_the_target_exactly(arch):
+    """After a generation the head's cache equals a fresh head pass over the target's features of
+    the whole sequence: hidden states and tokens line up, drafts were cut back exactly."""
+    target = tiny_model(arch, seed=1)
+    head = _head(target, noise=0.05)
+    prompt = [4, 8, 15, 16, 23, 42, 4, 8, 15]
+    generation = SpeculativeDecoder(target, "eagle", head=head, gamma=3).start(prompt, max_new_tokens=30)
+    sequence = prompt + generation.result().token_ids
+    with torch.inference_mode():
+        cached = generation.proposer.drafter.root(sequence)
+        hidden = target.model.base_model(input_ids=torch.tensor([sequence])).last_hidden_state[0, :-1]
+        fresh = head.logits(head(hidden[None], torch.tensor([sequence[1:]]))[0, -1])
+    torch.testing.assert_close(cached[head.vocab_ids], fresh, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_head_cut_back_is_exact(arch):
+    target = tiny_model(arch, seed=2)
+    head = _head(target, noise=0.05)
+    drafter = HeadDrafter(head)
+    sequence = [(7 * i) % 90 for i in range(14)]  # longer than Gemma's window of 8
+    with torch.inference_mode():
+        hidden = target.model.base_model(input_ids=torch.tensor([sequence + [5, 6]])).last_hidden_state[0]
+        drafter.on_prefill(hidden[:11])
+        drafter.root(sequence[:12])
+        drafter.extend([0], [9], torch.ones(1, 1, dtype=torch.bool))
+        drafter.extend([0], [10], torch.ones(1, 2, dtype=torch.bool))
+        drafter.reset()
+        drafter.observe_hidden(hidden[11:14])
+        cached = drafter.root(sequence + [5])
+        fresh = head.logits(head(hidden[None, :14], torch.tensor([(sequence + [5])[1:]]))[0, -1])
+    torch.testing.assert_close(cached[head.vocab_ids], fresh, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_tree_compaction_keeps_exactly_the_accepted_path(arch):
+    target = tiny_model(arch, seed=4)
+    context = [(5 * i + 1) % 90 for i in range(13)]  # longer than Gemma's window of 8
+    tree = [context[-1], 11, 22, 33, 44, 55, 66]
+    parents = [0, 0, 1, 2, 2, 4]  # of tree[1:]
+    with torch.inference_mode():
+        for path in ([0], [0, 2, 4, 6], [0, 1, 3]):
+            kv = KVCache()
+            forward(target.model, kv, context[:-1], logits_to_keep=1)
+            logits, hidden = forward_candidates(target.model, kv, tree, parents)
+            branch = [tree[i] for i in path]
+            ref_logits, ref_hidden = forward_with_hidden(target.model, KVCache(), context[:-1] + branch, len(branch))
+            torch.testing.assert_close(logits[path], ref_logits, rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(hidden[path], ref_hidden, rtol=1e-9, atol=1e-9)
+            keep_path(kv, len(context) - 1, path)
+            assert kv.token_ids == context[:-1] + branch
+            after = forward(target.model, kv, [7, 8, 9] * 4, logits_to_keep=12)  # walks past the window
+            fresh = target.model(torch.tensor([context[:-1] + branch + [7, 8, 9] * 4])).logits[0, -12:]
+            torch.testing.assert_close(after, fresh, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.7, top_k=4, top_p=0.9)])
+def test_eagle_sampling_matches_target_distribution(settings):
+    target = tiny_model("llama", seed=3, vocab=SMALL_VOCAB)
+    head = _head(target, vocab_ids=[0, 1, 2, 4, 5, 6], noise=0.3)  # token 3 is never drafted
+    prompt = [1, 2, 3]
+    n = 2000
+    _, pairs = _first_tokens(SpeculativeDecoder(target, "eagle", head=head, gamma=2), prompt, settings, n)
+    _, joint = _target_pair_distribution(target, prompt, SamplingSettings(**settings))
+    support = [k for k, v in joint.items() if v > 0]
+    assert sum(pairs.get(k, 0) for k in joint if joint[k] == 0) == 0
+    observed = np.array([pairs.get(k, 0) for k in support])
+    expected = np.array([joint[k] for k in support]) * n
+    small = expected < 5
+    observed = np.append(observed[~small], observed[small].sum())
+    expected = np.append(expected[~small], expected[small].sum())
+    if expected[-1] == 0:
+        observed, expected = observed[:-1], expected[:-1]
+    assert chisquare(observed, expected * observed.sum() / expected.sum()).pvalue > 1e-3
+
+
+def test_eagle_mtad_keeps_its_properties():
+    target = tiny_model("qwen2", seed=5)
+    head = _head(target, noise=0.05)
+    paper = dict(temperature=1.0, top_k=10, top_p=0.9)
+    decoder = SpeculativeDecoder(target, "eagle-mtad", head=head, beams=3, gamma=3)
+    first = decoder.generate([1, 2, 3], max_new_tokens=20, seed=7, **paper)
+    assert decoder.generate([1, 2, 3], max_new_tokens=20, seed=7, **paper).token_ids == first.token_ids
+    assert len(first.token_ids) == 20 and first.stats.proposed_tokens > 0
+    # an unreachable threshold accepts nothing: one sampled token per target forward
+    never = SpeculativeDecoder(target, "eagle-mtad", head=head, threshold=1e9).generate(
+        [1, 2, 3], max_new_tokens=10, seed=1, **paper).stats
+    assert never.tokens_per_target_forward == 1.0
+
+
+def test_tree_needs_greedy():
+    target = tiny_model("llama")
+    with pytest.raises(InvalidSettingError):
+        SpeculativeDecoder(target, "eagle-tree", head=_head(target)).generate([1, 2], max_new_tokens=3,
+                                                                               temperature=1.0)
+
+
+def test_head_for_another_target_is_refused_with_one_line(tmp_path):
+    target = tiny_model("llama", seed=0)
+    head = _head(target)
+    other = tiny_model("llama", seed=1)
+    with pytest.raises(VocabularyMismatchError) as error:
+        pair_head(other, head)
+    assert "\n" not in str(error.value) and other.name in str(error.value)
+    head.save(tmp_path / "head")
+    with pytest.raises(VocabularyMismatchError):
+        SpeculativeDecoder(other, "eagle", head=str(tmp_path / "head"))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_save_load_round_trip(tmp_path, arch):
+    target = tiny_model(arch, seed=6)
+    head = _head(target, depth=2, noise=0.05)
+    head.save(tmp_path / "head")
+    loaded = load_head(tmp_path / "head")
+    pair_head(target, loaded)
+    assert loaded.depth == 2 and loaded.vocab_ids.tolist() == SUBSET
+    state = loaded.weights()
+    assert set(state) == set(head.weights())
+    for key, value in head.weights().items():
+        torch.testing.assert_close(state[key], value.to(torch.bfloat16).to(state[key].dtype))
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    hidden = torch.randn(1, 5, head.hidden_size, dtype=torch.float64)
+    with torch.inference_mode():
+        for param in head.parameters():  # the saved precision; the float64 head and the loaded float32 one
+            param.copy_(param.to(torch.bfloat16))
+        torch.testing.assert_close(loaded(hidden, ids), head(hidden, ids).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_feature_data_are_the_targets_hidden_states(tmp_path):
+    """Batched, left-padded generation returns per row what a plain teacher-forced pass computes."""
+    from specdecode.distill.head_data import collect_head_data
+
+    target = tiny_model("gemma3", seed=3)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [14]]
+    sequences = collect_head_data(target, prompts, tmp_path, rows=3, samples_per_prompt=1, unconditional=1,
+                                  max_new_tokens=12, progress=False)
+    assert len(sequences) == 7 and len(list(tmp_path.glob("chunk_*.pt"))) == 3
+    for seq in sequences:
+        assert len(seq.hidden) == len(seq.ids) - 1
+        with torch.inference_mode():
+            fresh = target.model.base_model(input_ids=seq.ids.long()[None]).last_hidden_state[0, :-1]
+        torch.testing.assert_close(seq.hidden.double(), fresh, rtol=2e-3, atol=2e-3)  # stored as float16
+    again = collect_head_data(target, prompts, tmp_path, rows=3, samples_per_prompt=1, unconditional=1,
+                              max_new_tokens=12, budget_s=0.0, progress=False)
+    assert [s.ids.tolist() for s in again] == [s.ids.tolist() for s in sequences]  # resumed from the chunks
+
+
+def test_training_lowers_the_loss_and_resumes(tmp_path):
+    from specdecode.distill.head_data import collect_head_data
+    from specdecode.distill.train_head import HeadTrainSettings, evaluate_head, train_head
+
+    target = tiny_model("llama", seed=3)
+    prompts = [[i, (i * 7) % VOCAB, (i * 13) % VOCAB] for i in range(6)]
+    sequences = collect_head_data(target, prompts, tmp_path / "data", rows=6, samples_per_prompt=1,
+                                  unconditional=0, max_new_tokens=24, progress=False)
+    head = _head(target, vocab_ids=list(range(VOCAB)))
+    before = evaluate_head(head, sequences, gamma=3)
+    settings = HeadTrainSettings(budget_s=60, max_steps=30, windows=4, window=16, lr=3e-3)
+    log = train_head(head, sequences, settings, checkpoint=tmp_path / "ckpt.pt", progress=False)
+    assert log.steps == 30 and sum(log.losses[-5:]) < sum(log.losses[:5])
+    after = evaluate_head(head, sequences, gamma=3)
+    assert after["first_token_agreement"] > before["first_token_agreement"]
+    assert 1.0 <= after["tau"] <= 4.0
+    settings.max_steps = 35  # a larger budget resumes from the checkpoint
+    assert train_head(head, sequences, settings, checkpoint=tmp_path / "ckpt.pt", progress=False).steps == 35
+    settings.lr = 1e-3
+    with pytest.raises(InvalidSettingError):  # another recipe than the checkpoint's
+        train_head(head, sequences, settings, checkpoint=tmp_path / "ckpt.pt", progress=False)
