@@ -28,3 +28,6 @@ $SD bench "${common[@]}" --method ar --method ar@eager --method sps:gamma=4 \
   --temperature 1 --top-k 10 --top-p 0.9 --seed 0 --out results/bench-fast-sampling
 $SD bench "${common[@]}" --quantize fp16 --method ar --method ar@eager --method pld --method pld:gamma=7 --method "$SSD" \
   --method sps:gamma=4 --out results/bench-fp16-greedy
+# the headline run: float16 weights, float32 reference and every peer in one run
+$SD bench "${common[@]}" --quantize fp16 --method ar --method ar@eager --method pld --method pld:gamma=7 \
+  --method "$SSD" --method sps:gamma=4 "${PEERS[@]}" --peer hf-pld --out results/bench-fp16-peers
