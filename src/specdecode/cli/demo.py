@@ -10,6 +10,7 @@ from specdecode.api import SpeculativeDecoder
 from specdecode.cli.common import add_model_args, model_kwargs
 from specdecode.models.draft_head import DEFAULT_HEAD, shipped_head_dir
 from specdecode.models.loading import DEFAULT_DRAFT, DEFAULT_MODEL, load_model, shipped_draft_dir
+from specdecode.models.runtime import runtime_of
 
 # searched by `specdecode build-knn` (results/knn-default/bundle, profile "mixed"): nothing skipped,
 # a 16k-token draft head — the best self-draft on this model (results/bench-default-greedy-drafts)
@@ -47,10 +48,12 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.model == DEFAULT_MODEL and SHIPPED_SSD_PROFILE.is_file():
         decoders["ssd"] = SpeculativeDecoder(target, "ssd", profile=SHIPPED_SSD_PROFILE)
+        decoders["knn-ssd"] = SpeculativeDecoder(target, "knn-ssd")  # the shipped bundle
     if args.model == DEFAULT_MODEL and (shipped_head_dir() / "config.json").is_file():
         decoders["eagle"] = SpeculativeDecoder(target, "eagle", head=DEFAULT_HEAD)
         decoders["eagle-tree"] = SpeculativeDecoder(target, "eagle-tree", head=DEFAULT_HEAD)
-    print(f"sps draft: {draft_label}", file=sys.stderr)
+    runtime = runtime_of(target.model)
+    print(f"sps draft: {draft_label} · runtime: {runtime.describe() if runtime else 'eager'}", file=sys.stderr)
     decoders["ar"].generate(args.prompt, max_new_tokens=4)  # warm-up
     results = {name: d.generate(args.prompt, max_new_tokens=args.max_new_tokens) for name, d in decoders.items()}
     reference = results["ar"]
