@@ -24,8 +24,9 @@ DEMO_PROMPT = (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="compare ar, pld, sps (shipped draft), ssd (shipped profile), knn-ssd (shipped bundle) and eagle "
-                                                   "(shipped head) on the default model")
+    parser = subparsers.add_parser(
+        "demo", help="compare ar, pld, sps (shipped draft), ssd (shipped profile), knn-ssd (shipped bundle) "
+                     "and eagle (shipped head) on the default model")
     parser.add_argument("--prompt", default=DEMO_PROMPT)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     add_model_args(parser)
