@@ -2,10 +2,8 @@
 
 import random
 
-import numpy as np
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from specdecode import SpeculativeDecoder
 from specdecode.errors import InvalidSettingError, VocabularyMismatchError
@@ -14,7 +12,7 @@ from specdecode.models.draft_head import DraftHead, load_head, pair_head
 from specdecode.models.tree import forward_candidates, keep_path
 from specdecode.propose.eagle import HeadDrafter
 from specdecode.sampling import SamplingSettings
-from test_sampling import SMALL_VOCAB, _first_tokens, _target_pair_distribution
+from test_sampling import SMALL_VOCAB, _first_tokens, _pooled_chisquare, _target_pair_distribution
 from tiny_models import ARCHITECTURES, VOCAB, tiny_model
 
 SUBSET = [i for i in range(VOCAB) if i % 5 != 3]  # a reduced draft vocabulary: some tokens never drafted
@@ -123,16 +121,7 @@ def test_eagle_sampling_matches_target_distribution(settings):
     n = 2000
     _, pairs = _first_tokens(SpeculativeDecoder(target, "eagle", head=head, gamma=2), prompt, settings, n)
     _, joint = _target_pair_distribution(target, prompt, SamplingSettings(**settings))
-    support = [k for k, v in joint.items() if v > 0]
-    assert sum(pairs.get(k, 0) for k in joint if joint[k] == 0) == 0
-    observed = np.array([pairs.get(k, 0) for k in support])
-    expected = np.array([joint[k] for k in support]) * n
-    small = expected < 5
-    observed = np.append(observed[~small], observed[small].sum())
-    expected = np.append(expected[~small], expected[small].sum())
-    if expected[-1] == 0:
-        observed, expected = observed[:-1], expected[:-1]
-    assert chisquare(observed, expected * observed.sum() / expected.sum()).pvalue > 1e-3
+    assert _pooled_chisquare(pairs, joint, n)[0] > 1e-3
 
 
 def test_eagle_mtad_keeps_its_properties():

@@ -36,6 +36,22 @@ def _target_pair_distribution(target, prompt, sampling):
     return p1.double().numpy(), joint
 
 
+def _pooled_chisquare(pairs: dict, joint: dict, n: int) -> tuple[float, int]:
+    """Chi-square p-value of observed first-two-token ``pairs`` against the target's ``joint``
+    (tiny cells merged so the approximation holds) and the number of cells compared; a pair the
+    target cannot produce fails at once."""
+    assert sum(pairs.get(k, 0) for k in joint if joint[k] == 0) == 0
+    support = [k for k, v in joint.items() if v > 0]
+    observed = np.array([pairs.get(k, 0) for k in support])
+    expected = np.array([joint[k] for k in support]) * n
+    small = expected < 5
+    observed = np.append(observed[~small], observed[small].sum())
+    expected = np.append(expected[~small], expected[small].sum())
+    if expected[-1] == 0:
+        observed, expected = observed[:-1], expected[:-1]
+    return chisquare(observed, expected * observed.sum() / expected.sum()).pvalue, len(observed)
+
+
 @pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.7, top_k=4, top_p=0.9)])
 def test_sps_sampling_matches_target_distribution(settings):
     target = tiny_model("llama", seed=3, vocab=SMALL_VOCAB)
@@ -45,17 +61,7 @@ def test_sps_sampling_matches_target_distribution(settings):
     decoder = SpeculativeDecoder(target, "sps", draft=draft, gamma=2)
     _, pairs = _first_tokens(decoder, prompt, settings, n)
     _, joint = _target_pair_distribution(target, prompt, SamplingSettings(**settings))
-    support = [k for k, v in joint.items() if v > 0]
-    observed = np.array([pairs.get(k, 0) for k in support])
-    expected = np.array([joint[k] for k in support]) * n
-    assert sum(pairs.get(k, 0) for k in joint if joint[k] == 0) == 0
-    # merge tiny cells so chi-square's approximation holds
-    small = expected < 5
-    observed = np.append(observed[~small], observed[small].sum())
-    expected = np.append(expected[~small], expected[small].sum())
-    if expected[-1] == 0:
-        observed, expected = observed[:-1], expected[:-1]
-    assert chisquare(observed, expected * observed.sum() / expected.sum()).pvalue > 1e-3
+    assert _pooled_chisquare(pairs, joint, n)[0] > 1e-3
 
 
 def test_residual_resampling_is_what_makes_it_exact():
