@@ -36,3 +36,37 @@ def test_sync_keeps_common_prefix():
         assert kv.sync([1, 2, 9, 9]) == [9, 9]
         assert kv.token_ids == [1, 2]
         assert kv.cache.get_seq_length() == 2
+
+
+def test_growing_layer_holds_what_concatenation_would():
+    """Appends, crops, tree-style replacement and reset, against `transformers`' concatenating layer;
+    and in steady state an append writes into the same buffer (no copy of the history)."""
+    from transformers.cache_utils import DynamicLayer
+
+    from specdecode.models.cache import GrowingLayer
+
+    rng = random.Random(0)
+    growing, reference = GrowingLayer(), DynamicLayer()
+    for step in range(200):
+        if step % 37 == 36:  # what keep_path does: new tensors instead of views of the buffer
+            index = torch.tensor(sorted(rng.sample(range(growing.get_seq_length()), growing.get_seq_length() // 2)))
+            for layer in (growing, reference):
+                layer.keys, layer.values = layer.keys.index_select(-2, index), layer.values.index_select(-2, index)
+        n = rng.choice([1, 1, 1, 4, 9, 300])
+        keys, values = torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
+        for got, want in zip(growing.update(keys, values), reference.update(keys, values)):
+            assert torch.equal(got, want)
+        cut = rng.randint(0, min(n, 6))
+        if cut:
+            growing.crop(-cut)
+            reference.crop(-cut)
+    growing.reset()
+    assert growing.get_seq_length() == 0 and growing._key_buffer is None
+    growing.update(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8))
+    buffer = growing._key_buffer.data_ptr()
+    for _ in range(100):
+        growing.update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
+    assert growing._key_buffer.data_ptr() == buffer  # capacity 256: no reallocation
+    kv = KVCache()
+    kv.cache.update(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8), 0)
+    assert isinstance(kv.cache.layers[0], GrowingLayer)

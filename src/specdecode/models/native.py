@@ -12,7 +12,9 @@ family (beyond the window SDPA's masked path rounds differently: float32 roundin
 It reads the layers of the module it is given, so layer-skip views (``models/layer_skip.py``)
 run through it too: a skipped attention appends zero placeholders to keep cache lengths equal,
 a skipped MLP is left out, int8 sub-layers call their own linear modules. Tree masks from
-``models/tree.py`` (one bool mask per attention type) pass through unchanged.
+``models/tree.py`` (one bool mask per attention type) pass through unchanged. In chain forwards
+a sliding-window layer attends only to the keys its window can reach, not to the whole history
+the cache keeps for exact rollback.
 """
 
 from __future__ import annotations
@@ -55,16 +57,21 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+def _window_start(past: int, window: int | None) -> int:
+    """First key position any of the new tokens can see: sliding layers skip older history."""
+    return 0 if window is None else max(0, past - window + 1)
+
+
 def _chain_mask(past: int, n: int, window: int | None, device: torch.device) -> torch.Tensor | None:
-    """Causal (and sliding-window) mask of ``n`` new tokens after ``past`` cached ones; None where
-    every key is visible (one token, window not reached): SDPA's fastest path."""
-    keys = past + n
-    if n == 1 and (window is None or keys <= window):
+    """Causal (and sliding-window) mask of ``n`` new tokens after ``past`` cached ones, over the
+    keys from :func:`_window_start` on; None where all of those are visible (one new token)."""
+    if n == 1:
         return None
-    key_positions = torch.arange(keys, device=device)
-    positions = key_positions[past:, None]
+    start = _window_start(past, window)
+    key_positions = torch.arange(start, past + n, device=device)
+    positions = torch.arange(past, past + n, device=device)[:, None]
     mask = key_positions[None, :] <= positions
-    if window is not None and keys > window:
+    if window is not None:
         mask = mask & (key_positions[None, :] > positions - window)
     return mask[None, None]
 
@@ -95,6 +102,7 @@ def native_forward(
         else:
             rotary[layer_type] = base.rotary_emb(hidden, position_ids)
     masks: dict[str, torch.Tensor | None] = {}
+    starts = dict.fromkeys(types, 0)
     for layer_type in set(types):
         if isinstance(attention_mask, dict):
             masks[layer_type] = attention_mask[layer_type]
@@ -103,6 +111,7 @@ def native_forward(
         else:
             window = getattr(config, "sliding_window", None) if layer_type == "sliding_attention" else None
             masks[layer_type] = _chain_mask(past, n, window, input_ids.device)
+            starts[layer_type] = _window_start(past, window)
     sandwich = hasattr(layers[0], "pre_feedforward_layernorm")  # Gemma: norms after each sub-layer too
     for index, layer in enumerate(layers):
         attention, mlp = layer.self_attn, layer.mlp
@@ -119,6 +128,9 @@ def native_forward(
             if hasattr(attention, "q_norm"):
                 q, k = _norm(attention.q_norm, q), _norm(attention.k_norm, k)
             k, v = cache.update(_rotate(k, cos, sin), v, index)
+            start = starts[types[index]]
+            if start:
+                k, v = k[..., start:, :], v[..., start:, :]
             out = F.scaled_dot_product_attention(_rotate(q, cos, sin), k, v, attn_mask=masks[types[index]],
                                                  scale=attention.scaling, enable_gqa=True)
             out = attention.o_proj(out.transpose(1, 2).reshape(1, n, -1))
