@@ -30,8 +30,9 @@ from specdecode.models.layer_skip import decoder_layers, is_skipped_attention, i
 
 NATIVE_MODEL_TYPES = ("llama", "qwen2", "gemma3_text")
 
-# the weight each RMSNorm multiplies by, float32: (1 + w) for Gemma's norms, w for Llama's
-_NORM_SCALES: weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, float]] = weakref.WeakKeyDictionary()
+# per RMSNorm: the float32 weight it multiplies by ((1 + w) for Gemma's norms, w for Llama's), eps,
+# and whether it is Gemma's (which multiplies before casting back to the model's dtype)
+_NORMS: weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, float, bool]] = weakref.WeakKeyDictionary()
 
 
 def supports_native(model: nn.Module) -> bool:
@@ -43,13 +44,20 @@ def supports_native(model: nn.Module) -> bool:
 
 
 def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    scale = _NORM_SCALES.get(module)
-    if scale is None:
-        eps = getattr(module, "eps", None) or module.variance_epsilon
+    """The module's RMSNorm with `transformers`' arithmetic: in float32, cast back afterwards."""
+    norm = _NORMS.get(module)
+    if norm is None:
+        gemma = "Gemma" in type(module).__name__
         weight = module.weight.detach().float()
-        scale = ((1.0 + weight) if "Gemma" in type(module).__name__ else weight, float(eps))
-        _NORM_SCALES[module] = scale
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + scale[1]) * scale[0]
+        norm = ((1.0 + weight) if gemma else weight, float(getattr(module, "eps", None) or module.variance_epsilon),
+                gemma)
+        _NORMS[module] = norm
+    scale, eps, gemma = norm
+    if x.dtype == torch.float32:  # the hot path: no casts
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale
+    wide = x.float()
+    normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * scale).to(x.dtype) if gemma else module.weight * normed.to(x.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
