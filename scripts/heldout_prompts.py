@@ -1,12 +1,16 @@
-"""Write the held-out prompt set the fast-runtime benchmarks run on.
+"""Write the held-out prompt sets the benchmarks run on.
 
-Every Spec-Bench task with two prompts each: for the five 40-prompt tasks, questions 21-22 of each
-category (the shipped ssd profile's vocabulary and the KNN bundle were built from the first 20,
-the shipped draft's held-out split is the first 10, so no shipped artifact chose its settings on
-these); for MT-bench, the first question of ``writing`` and of ``coding`` (inside the draft's
-held-out split; no bundle was built on MT-bench).
+``heldout-12`` (speed): every Spec-Bench task with two prompts each: for the five 40-prompt tasks,
+questions 21-22 of each category (the shipped ssd profile's vocabulary and the KNN bundle were
+built from the first 20, the shipped draft's held-out split is the first 10, so no shipped
+artifact chose its settings on these); for MT-bench, the first question of ``writing`` and of
+``coding`` (inside the draft's held-out split; no bundle was built on MT-bench).
 
-Usage: python scripts/heldout_prompts.py ../shared/data/specbench_dev.jsonl results/prompts/heldout-12.jsonl
+``quality-100`` (the MTAD perplexity judgement, which needs >= 100 prompts): every prompt that
+neither the shipped draft nor the draft head trained on — the first 10 of each 40-prompt task
+and all 40 MT-bench questions (their ``--holdout 10`` splits) — plus questions 21-22 of each task.
+
+Usage: python scripts/heldout_prompts.py ../shared/data/specbench_dev.jsonl OUT.jsonl [heldout-12|quality-100]
 """
 
 from __future__ import annotations
@@ -15,28 +19,35 @@ import json
 import sys
 from collections import defaultdict
 
-SKIP, TAKE = 20, 2
+TASKS = ("translation", "summarization", "qa", "math_reasoning", "rag")
 MT_BENCH_PICK = ("writing", "coding")
 
 
-def main(source: str, out: str) -> None:
+def picked(category: str, index: int, which: str) -> bool:
+    """Whether question ``index`` (0-based, within its category) belongs to the set ``which``."""
+    if category not in TASKS:
+        return which == "quality-100" or (category in MT_BENCH_PICK and index == 0)
+    if which == "quality-100" and index < 10:
+        return True
+    return 20 <= index < 22
+
+
+def main(source: str, out: str, which: str = "heldout-12") -> None:
+    if which not in ("heldout-12", "quality-100"):
+        raise SystemExit(f"unknown set {which!r}: heldout-12 or quality-100")
     rows = [json.loads(line) for line in open(source, encoding="utf-8") if line.strip()]
     seen: dict[str, int] = defaultdict(int)
-    picked = []
+    chosen = []
     for row in rows:
-        category = row["category"]
-        index = seen[category]
-        seen[category] += 1
-        if category in MT_BENCH_PICK and index == 0:
-            picked.append(row)
-        elif category not in MT_BENCH_PICK and index >= SKIP and index < SKIP + TAKE and category in (
-                "translation", "summarization", "qa", "math_reasoning", "rag"):
-            picked.append(row)
+        index = seen[row["category"]]
+        seen[row["category"]] += 1
+        if picked(row["category"], index, which):
+            chosen.append(row)
     with open(out, "w", encoding="utf-8") as handle:
-        for row in picked:
+        for row in chosen:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    print(f"wrote {len(picked)} prompts to {out}")
+    print(f"wrote {len(chosen)} prompts to {out}")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])
