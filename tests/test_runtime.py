@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from specdecode import SpeculativeDecoder
 from specdecode.errors import InvalidSettingError
 from specdecode.models.loading import LoadedModel, load_model
-from specdecode.models.runtime import (KERNELS, Fp16WeightLinear, KernelPlan, ScreenedHead, TunedLinear, prepare_runtime,
+from specdecode.models.runtime import (KERNELS, Fp16WeightLinear, Int8WeightLinear, KernelPlan, ScreenedHead, TunedLinear, prepare_runtime,
                                        runtime_of, tune_kernels)
 from specdecode.sampling import SamplingSettings, process_logits
 from tiny_models import ARCHITECTURES, VOCAB, tiny_config
@@ -156,15 +156,17 @@ def test_runtime_leaves_parameters_and_state_dict_alone():
     assert plain.model.state_dict().keys() == fast.model.state_dict().keys()
 
 
-def test_fp16_weights_are_close_but_a_different_target():
+@pytest.mark.parametrize("quantize, cls, tolerance", [("fp16", Fp16WeightLinear, 1e-2), ("int8", Int8WeightLinear, 0.25)])
+def test_quantized_weights_are_close_but_a_different_target(quantize, cls, tolerance):
     plain = _tiny_fp32("qwen2", seed=5)
     quant = _tiny_fp32("qwen2", seed=5)
-    prepare_runtime(quant, quantize="fp16")
-    assert any(isinstance(m, Fp16WeightLinear) for m in quant.modules())
+    prepare_runtime(quant, quantize=quantize)
+    assert any(isinstance(m, cls) for m in quant.modules())
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.inference_mode():
         a, b = plain(ids).logits, quant(ids).logits
-    assert 0 < (a - b).abs().max() < 1e-2 * a.abs().max()
+    assert 0 < (a - b).abs().max() < tolerance * a.abs().max()
+    assert plain.state_dict().keys() == quant.state_dict().keys()
 
 
 def test_runtime_refuses_what_it_cannot_do():

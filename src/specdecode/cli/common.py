@@ -16,8 +16,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="draft model for sps / mtad: 'default-draft' (shipped for the default target) or the forms of --model")
     group.add_argument("--dtype", default=None,
                        help="float32 (default), bfloat16, float16, or auto (bf16 where the device runs it natively)")
-    group.add_argument("--quantize", default=None, choices=["fp16"],
-                       help="run the linear layers on float16 weights (CPU, fbgemm): faster, a different target")
+    group.add_argument("--quantize", default=None, choices=["fp16", "int8"],
+                       help="run the linear layers on float16 or int8 weights (CPU, fbgemm): faster, a different target")
     group.add_argument("--eager", action="store_true",
                        help="the model's own kernels and forward: no fast CPU runtime "
                             "(screened head, tuned products, native decoder)")

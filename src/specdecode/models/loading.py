@@ -38,7 +38,7 @@ class LoadedModel:
     tokenizer: Any | None
     name: str
     fingerprint: str = field(default="")
-    quantize: str | None = None  # weight format other than the model's own ("fp16"): another target
+    quantize: str | None = None  # weight format other than the model's own ("fp16", "int8"): another target
     source: str = ""  # the spec it was loaded from ("default", a .gguf path, a directory, a hub id)
 
     def __post_init__(self) -> None:
@@ -146,7 +146,8 @@ def load_model(
     ``dtype`` defaults to float32 (``"auto"``: bf16 where the device runs it natively), ``device``
     to CUDA when present else CPU; ``threads`` sets torch's CPU thread count. ``fast`` installs
     the CPU runtime of ``models/runtime.py`` on float32 models (exact: same tokens, faster
-    kernels); ``quantize="fp16"`` runs the linear layers on float16 weights (a different target).
+    kernels); ``quantize="fp16"`` / ``"int8"`` runs the linear layers on float16 / int8 weights (a
+    different target).
     """
     if threads is not None:
         if threads < 1:
