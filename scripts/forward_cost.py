@@ -26,7 +26,9 @@ MODES = {  # label: load_model arguments
     "float32 eager": dict(fast=False),
     "float32 fast (exact)": dict(fast=True),
     "fp16 weights": dict(quantize="fp16"),
+    "int8 weights": dict(quantize="int8"),
 }
+LAYER_BYTES_PER_PARAM = {"fp16 weights": 2, "int8 weights": 1}  # float32 otherwise
 
 
 def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
@@ -46,7 +48,7 @@ def step_bytes(model: torch.nn.Module, mode: str) -> tuple[int, int]:
     head = model.get_output_embeddings().weight
     embed = model.get_input_embeddings().weight
     layer_params = sum(p.numel() for p in model.parameters() if p is not head and p is not embed)
-    layer_bytes = layer_params * (2 if mode == "fp16 weights" else 4)
+    layer_bytes = layer_params * LAYER_BYTES_PER_PARAM.get(mode, 4)
     head_bytes = head.numel() * (4 if mode == "float32 eager" else 2)  # the screened head reads float16
     return layer_bytes, head_bytes
 
