@@ -146,6 +146,72 @@ class CostModel:
         return cls(verify_s, fixed, max(0.0, full - fixed), [a / total for a in attention], [m / total for m in mlp])
 
 
+class CostTable:
+    """Cost models for a search over whole draft configurations: the target's verification forwards
+    are timed once; a draft forward's cost depends on its head (vocabulary size, int8 or float
+    weights), so each head is timed the first time a configuration uses it (fixed part: every
+    sub-layer skipped; layer part: nothing skipped), on the model as loaded (fast runtime included).
+
+    One table is shared by every domain's search of a bundle, so scores are comparable across domains.
+    """
+
+    def __init__(self, target: LoadedModel, context: list[int], max_draft: int, repeats: int = 5) -> None:
+        self.target, self.context, self.repeats = target, list(context), repeats
+        self.kv = KVCache()
+        pairs = sublayers(target.model)
+        attention = [_parameters(attn) for attn, _ in pairs]
+        mlp = [_parameters(m) for _, m in pairs]
+        total = sum(attention) + sum(mlp)
+        self.attention_share, self.mlp_share = [a / total for a in attention], [m / total for m in mlp]
+        self.heads: dict[str, tuple[float, float]] = {}
+        with torch.inference_mode():
+            forward(target.model, self.kv, self.context[:-1], logits_to_keep=0)
+            probe = self.context[-1:] * (max_draft + 1)
+            self.verify_s = [self._timed(lambda k=k: forward(target.model, self.kv, probe[:k], logits_to_keep=k))
+                             for k in range(1, max_draft + 2)]
+
+    def _timed(self, step: Any) -> float:
+        samples = []
+        for _ in range(self.repeats + 1):  # the first run warms caches and is dropped
+            start = time.perf_counter()
+            step()
+            samples.append(time.perf_counter() - start)
+            self.kv.crop(len(self.context) - 1)
+        return statistics.median(samples[1:])
+
+    @staticmethod
+    def head_key(settings: SelfDraftSettings) -> str:
+        return f"{len(settings.vocab_ids) if settings.vocab_ids is not None else 'full'}:{'int8' if settings.int8 else 'float'}"
+
+    def model_for(self, settings: SelfDraftSettings) -> CostModel:
+        """The cost model of ``settings``' draft head (timed now if this head is new)."""
+        key = self.head_key(settings)
+        if key not in self.heads:
+            count = len(self.attention_share)
+
+            def draft_time(skip: SkipSet) -> float:
+                probe = SelfDraftSettings(skip, threshold=1.0, max_draft=1, vocab_ids=settings.vocab_ids,
+                                          int8=settings.int8)
+                proposer = SelfDraftProposer(self.target, probe, SamplingSettings(), None)
+                proposer.bind_target_cache(self.kv)
+                return self._timed(lambda: proposer.propose(self.context, max_tokens=1))
+
+            with torch.inference_mode():
+                fixed = draft_time(SkipSet(tuple(range(count)), tuple(range(count))))
+                full = draft_time(SkipSet())
+            self.heads[key] = (fixed, max(0.0, full - fixed))
+        fixed, layers = self.heads[key]
+        verify = self.verify_s
+        if settings.max_draft + 1 > len(verify):  # longer drafts than timed: extrapolate linearly
+            slope = (verify[-1] - verify[0]) / max(1, len(verify) - 1)
+            verify = verify + [verify[-1] + slope * i for i in range(1, settings.max_draft + 2 - len(verify))]
+        return CostModel(verify, fixed, layers, self.attention_share, self.mlp_share)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"verify_s": self.verify_s, "draft_heads_s": {k: {"fixed": f, "layers": l} for k, (f, l) in self.heads.items()},
+                "attention_share": self.attention_share, "mlp_share": self.mlp_share}
+
+
 def _parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -155,7 +221,7 @@ class SimulatedObjective:
 
     name = "simulated"
 
-    def __init__(self, target: LoadedModel, calibration: CalibrationSet, costs: CostModel) -> None:
+    def __init__(self, target: LoadedModel, calibration: CalibrationSet, costs: CostModel | CostTable) -> None:
         self.target, self.calibration, self.costs = target, calibration, costs
         self.sequences = [p + c for p, c in zip(calibration.prompts, calibration.continuations)]
         self.caches = []
@@ -166,6 +232,7 @@ class SimulatedObjective:
                 self.caches.append(kv)
 
     def __call__(self, settings: SelfDraftSettings) -> Evaluation:
+        costs = self.costs.model_for(settings) if isinstance(self.costs, CostTable) else self.costs
         tokens = steps = drafts = proposed = accepted = 0
         seconds = 0.0
         for prompt, full, cache in zip(self.calibration.prompts, self.sequences, self.caches):
@@ -182,8 +249,8 @@ class SimulatedObjective:
                     kept = 0
                     while kept < min(len(draft), len(expected) - 1) and draft.tokens[kept] == expected[kept]:
                         kept += 1
-                    seconds += self.costs.verify(len(draft) + 1)
-                    seconds += (proposer.stats.forwards - before) * self.costs.draft(settings.skip)
+                    seconds += costs.verify(len(draft) + 1)
+                    seconds += (proposer.stats.forwards - before) * costs.draft(settings.skip)
                     steps += 1
                     proposed += len(draft)
                     accepted += kept
@@ -191,7 +258,7 @@ class SimulatedObjective:
             tokens += len(continuation)
             drafts += proposer.stats.forwards
         score = tokens / seconds
-        return Evaluation(score, score * self.costs.verify(1), tokens / steps,
+        return Evaluation(score, score * costs.verify(1), tokens / steps,
                           accepted / proposed if proposed else 0.0, tokens, drafts)
 
 
