@@ -527,7 +527,9 @@ def test_config_search_covers_the_space_resumes_and_stops_on_budget(tmp_path):
     for settings in calls:
         assert settings.vocab_ids is None or len(settings.vocab_ids) in (10, 40)
         assert 0.05 <= settings.threshold <= 0.3 and 2 <= settings.max_draft <= 6
-    assert set(costs.heads) >= {CostTable.head_key(s) for s in calls}
+    assert set(costs.formats) == {"int8" if s.int8 else "float" for s in calls}
+    cost = costs.model_for(calls[0])
+    assert cost.verify(3) >= cost.verify(2) >= cost.verify(1) > 0 and cost.draft(SkipSet()) >= cost.draft_fixed_s
     resumed = search_config(objective, 4, space, iterations=4, init_points=3, seed=1, checkpoint=checkpoint,
                             progress=False)
     assert len(calls) == 7 and resumed.history[:5] == first.history  # two more, the first five from the file
@@ -591,6 +593,10 @@ def test_cli_add_remove_and_eval_with_an_unseen_domain(tmp_path, capsys):
     assert all(m["identical"] == m["prompts"] == 6 for m in summary["methods"].values())
     assert set(summary["domain_matrix"]["ssd[qa]"]) == {"qa", "code", "chat"}
     assert (report / "tsne.png").stat().st_size > 0 and (report / "domain_matrix.png").stat().st_size > 0
+    check = json.loads((report / "routing.json").read_text())  # every held-out prompt, routed by embedding
+    assert check["per_domain"]["qa"]["prompts"] == 2 and check["per_domain"]["chat"] == {
+        **check["per_domain"]["chat"], "prompts": 3, "unseen": True}
+    assert "Routing of every held-out prompt" in (report / "knn.md").read_text()
     assert "(not in the bundle)" in (report / "knn.md").read_text()
     records = (report / "records.jsonl").read_text()
     assert len(list((report / "checkpoints").glob("request-*.pkl"))) == 6

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -76,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--no-measure", dest="measure", action="store_false", help=argparse.SUPPRESS)
     search.add_argument("--no-progress", action="store_true", help="no progress output")
     space = build.add_argument_group("configuration space")
-    space.add_argument("--vocab-sizes", default="1024,2048,4096,8192,16384",
+    space.add_argument("--vocab-sizes", default="256,512,1024,2048,4096,8192,16384",
                        help="draft vocabulary sizes to choose from (0: full head)")
     space.add_argument("--vocab-sources", default=",".join(VOCAB_SOURCES),
                        help=f"what a domain's vocabulary is ranked on, to choose from: {', '.join(VOCAB_SOURCES)}")
@@ -298,21 +299,58 @@ def run_eval(args: argparse.Namespace) -> int:
     evaluation = evaluate(target, bundle, args.bundle, stream, config, args.mix_ratio, progress=not args.no_progress,
                           checkpoints=out / "checkpoints", budget_s=args.budget, compare=args.compare_bundle)
     write(evaluation, out, command=shlex.join(["specdecode", *sys.argv[1:]]))
-    _stream_tsne(target, bundle, chosen, unseen, template, out / "tsne.png")
-    print(render(evaluation))
+    everything = category_prompts(args.data, bundle.categories, 1, offset, field, exclude, at_most=True,
+                                  every=True)
+    if unseen:
+        everything.update(category_prompts(args.data, unseen, 1, 0, field, exclude, at_most=True, every=True))
+    check = _routing_check(target, bundle, everything, unseen, template, out / "tsne.png")
+    (out / "routing.json").write_text(json.dumps(check, indent=2) + "\n")
+    with open(out / "knn.md", "a", encoding="utf-8") as handle:
+        handle.write(_render_check(check))
+    print(render(evaluation) + _render_check(check))
     print(f"wrote {out}", file=sys.stderr)
     return IDENTITY_FAILURE if evaluation.bench.mismatches() else 0
 
 
-def _stream_tsne(target, bundle, chosen, unseen, template, path: Path) -> None:
-    """t-SNE of the bundle's anchors and the stream's prompts, those of unseen domains as triangles."""
-    if target.tokenizer is None:
-        return
-    def embed(rows):
-        return embed_prompts(target, [target.tokenizer(format_prompt(p, template))["input_ids"] for p in rows])
-
-    seen = {c: embed(rows) for c, rows in chosen.items() if c not in unseen}
-    built = BuiltBundle(bundle, np.concatenate(list(seen.values())), [c for c, v in seen.items() for _ in v])
-    extra = {f"{c} (not in the bundle)": embed(chosen[c]) for c in unseen}
+def _routing_check(target, bundle, prompts, unseen, template, path: Path) -> dict:
+    """Route every held-out prompt (and every prompt of the unseen domains) by its embedding alone —
+    no generation, so many more requests than the timed stream — and draw the t-SNE picture."""
+    vectors = {c: embed_prompts(target, [target.tokenizer(format_prompt(p, template))["input_ids"] for p in rows])
+               for c, rows in prompts.items()}
+    rows: dict[str, dict] = {}
+    for category, block in vectors.items():
+        routes = [bundle.route(v) for v in block]
+        went: dict[str, int] = {}
+        for route in routes:
+            went[route.profile] = went.get(route.profile, 0) + 1
+        rows[category] = {"prompts": len(routes), "unseen": category in unseen,
+                          "nearest_own": sum(r.category == category for r in routes),
+                          "fallbacks": sum(r.fallback for r in routes), "configurations": went,
+                          "ids": [p.question_id for p in prompts[category]]}
+    seen = [c for c in rows if c not in unseen]
+    total = sum(rows[c]["prompts"] for c in seen)
+    summary = {"per_domain": rows, "bundle_domains": {
+        "prompts": total, "nearest_own": sum(rows[c]["nearest_own"] for c in seen),
+        "accuracy": sum(rows[c]["nearest_own"] for c in seen) / total if total else None,
+        "own_configuration": sum(rows[c]["configurations"].get(c, 0) for c in seen) / total if total else None}}
+    built = BuiltBundle(bundle, np.concatenate([vectors[c] for c in seen]), [c for c in seen for _ in vectors[c]])
+    extra = {f"{c} (not in the bundle)": vectors[c] for c in unseen}
     plot_tsne(built, path, extra=extra, title=f"KNN-SSD routing space (t-SNE) — {bundle.model_name}\n"
                                              "dots: held-out prompts, crosses: anchors, triangles: unseen domain")
+    return summary
+
+
+def _render_check(check: dict) -> str:
+    b = check["bundle_domains"]
+    out = ["", "## Routing of every held-out prompt (embedding only, no generation)", "",
+           f"Bundle domains: {b['nearest_own']}/{b['prompts']} nearest an anchor of their own domain "
+           f"({b['accuracy']:.0%}); {b['own_configuration']:.0%} drafted with their own configuration "
+           "(the rest fell back to mixed). t-SNE: tsne.png.", "",
+           "| domain | prompts | nearest anchor of its domain | fallbacks to mixed | configurations used |",
+           "|---|---:|---:|---:|---|"]
+    for category, row in check["per_domain"].items():
+        label = f"{category} (not in the bundle)" if row["unseen"] else category
+        own = "—" if row["unseen"] else str(row["nearest_own"])
+        used = ", ".join(f"{c} {n}" for c, n in row["configurations"].items())
+        out.append(f"| {label} | {row['prompts']} | {own} | {row['fallbacks']} | {used} |")
+    return "\n".join(out) + "\n"

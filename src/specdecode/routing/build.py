@@ -142,7 +142,7 @@ class BuiltBundle:
 class SearchSpace:
     """What a domain's configuration search may choose (see :class:`~specdecode.search.config_search.DraftSpace`)."""
 
-    vocab_sizes: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
+    vocab_sizes: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192, 16384)
     vocab_sources: tuple[str, ...] = VOCAB_SOURCES
     int8: tuple[bool, ...] = (False, True)
     threshold: tuple[float, float] = (0.3, 0.95)

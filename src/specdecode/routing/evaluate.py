@@ -40,11 +40,11 @@ KNN = "knn-ssd"
 
 def category_prompts(
     path: str | Path, categories: list[str], per_category: int, offset: int, field: str = "category",
-    exclude: set[str] | None = None, at_most: bool = False,
+    exclude: set[str] | None = None, at_most: bool = False, every: bool = False,
 ) -> dict[str, list[BenchPrompt]]:
     """Prompts ``offset .. offset + per_category`` of each category (a bundle is built on the first ones,
     evaluated on the ones after them), skipping any whose text is in ``exclude`` (``at_most``: take
-    fewer where a category has fewer). A prompt's id is ``<category>-<position in the file's category>``."""
+    fewer where a category has fewer; ``every``: all of them from ``offset`` on). A prompt's id is ``<category>-<position in the file's category>``."""
     if per_category < 1 or offset < 0:
         raise InvalidSettingError(f"need per-category >= 1 and prompt offset >= 0, got {per_category} and {offset}")
     records = load_labelled_prompts(path, field)
@@ -57,7 +57,8 @@ def category_prompts(
             raise InvalidSettingError(f"category {category!r} has {len(texts)} prompts in {Path(path).name}; "
                                       f"{per_category} from offset {offset} need {offset + per_category}"
                                       + (f" ({len(texts[offset:]) - len(usable)} excluded)" if exclude else ""))
-        chosen[category] = [BenchPrompt(f"{category}-{i}", category, text) for i, text in usable[:per_category]]
+        chosen[category] = [BenchPrompt(f"{category}-{i}", category, text)
+                            for i, text in (usable if every else usable[:per_category])]
     return chosen
 
 
