@@ -603,3 +603,15 @@ def test_cli_add_remove_and_eval_with_an_unseen_domain(tmp_path, capsys):
     assert main(evaluate) == 0  # resumes: every request comes from its checkpoint
     assert (report / "records.jsonl").read_text() == records
 
+
+
+def test_shipped_bundle_loads_and_stays_small():
+    """The bundle shipped for the embedded model validates without the model and stays under 1 MB."""
+    from specdecode.models.loading import shipped_bundle_dir
+
+    directory = shipped_bundle_dir()
+    bundle = load_bundle(directory)
+    assert len(bundle.categories) >= 5 and bundle.mixed.settings.vocab_ids is not None
+    for profile in bundle.profiles.values():
+        assert set(profile.settings.vocab_ids or ()) <= set(bundle.mixed.settings.vocab_ids)
+    assert sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) < 1_000_000
