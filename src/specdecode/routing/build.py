@@ -358,7 +358,8 @@ def build_domain(
     store = store or _Checkpoints(None)
     log = log or _Log(False, None)
     started = time.perf_counter()
-    identity = _digest({"model": target.fingerprint, "prompts": prompts, "options": asdict(options),
+    settings = {k: v for k, v in asdict(options).items() if k != "budget_s"}  # a resume may change the budget
+    identity = _digest({"model": target.fingerprint, "prompts": prompts, "options": settings,
                         "background": list(background)})
     done = store.load(f"{name}.domain.json", identity)
     if done is not None:
