@@ -249,5 +249,7 @@ def _resume(path: Path, signature: dict[str, Any], optimizer: BayesianOptimizati
     with tempfile.TemporaryDirectory() as scratch:
         state_file = Path(scratch) / "optimizer.json"
         state_file.write_text(json.dumps(data["optimizer"]))
-        optimizer.load_state(state_file)
+        with warnings.catch_warnings():  # refitting the GP on few points: length scales at their bounds
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            optimizer.load_state(state_file)
     return list(data["history"]), float(data.get("seconds", 0.0))
