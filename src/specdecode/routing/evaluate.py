@@ -22,14 +22,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
 from specdecode.bench.contenders import ContenderSpec
 from specdecode.bench.dataset import BenchPrompt
 from specdecode.bench.metrics import Aggregate, aggregate
 from specdecode.bench.report import write_report
-from specdecode.bench.runner import BASELINE, BenchConfig, BenchResult, ContenderInfo, run_bench
+from specdecode.bench.runner import BASELINE, BenchConfig, BenchResult, run_bench
 from specdecode.errors import InvalidSettingError
 from specdecode.models.loading import LoadedModel
 from specdecode.routing.bundle import MIXED, ProfileBundle
@@ -169,7 +168,7 @@ class KnnEvaluation:
     def headline(self) -> dict[str, Any]:
         """knn-ssd against the single mixed configuration and ar (whole stream), and on unseen domains."""
         methods = self.methods()
-        knn, mixed, ar = methods[KNN], methods[f"ssd[{MIXED}]"], methods[BASELINE]
+        knn, mixed = methods[KNN], methods[f"ssd[{MIXED}]"]
         routing = self.routing()
         out: dict[str, Any] = {
             "tau_vs_mixed": knn.tau / mixed.tau if mixed.tau else None,
