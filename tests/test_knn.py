@@ -615,3 +615,33 @@ def test_shipped_bundle_loads_and_stays_small():
     for profile in bundle.profiles.values():
         assert set(profile.settings.vocab_ids or ()) <= set(bundle.mixed.settings.vocab_ids)
     assert sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) < 1_000_000
+
+
+def test_cli_build_resumes_after_an_interruption(tmp_path, capsys):
+    """Finished domains come back from their checkpoints; an interrupted one resumes its search."""
+    from specdecode.cli.main import main
+
+    directory, _ = _tiny_model_dir(tmp_path)
+    rng = random.Random(11)
+    data = tmp_path / "knn.jsonl"
+    data.write_text("\n".join(json.dumps({"category": c, "turns": [" ".join(f"w{rng.randrange(1, VOCAB)}"
+                                                                            for _ in range(8))]})
+                              for c in ("qa", "math") for _ in range(4)))
+    out = tmp_path / "bundle"
+    build = ["build-knn", "--model", str(directory), "--data", str(data), "--prompts-per-category", "4",
+             "--anchors", "2", "--search-prompts", "2", "--answer-tokens", "6", "--search-tokens", "6",
+             "--iterations", "2", "--init-points", "2", "--vocab-sizes", "8,30", "--out", str(out)]
+    assert main(build) == 0
+    first = {p.name: p.read_bytes() for p in (out / "profiles").iterdir()}
+    capsys.readouterr()
+    (out / "bundle.json").unlink()  # as if killed before the end: math finished, qa's search too,
+    (out / "checkpoints" / "math.domain.json").unlink()  # but math's domain was not written yet
+    assert main([*build, "--budget", "500"]) == 0  # a resume may change the budget
+    err = capsys.readouterr().err
+    assert "qa: finished in an earlier run (checkpoint)" in err
+    assert "math: ar answers of 4 build prompts reused from the checkpoint" in err
+    assert "math search: 100%" in err and "0/4" not in err.split("math search")[1][:40]  # resumed at 4/4
+    assert {p.name: p.read_bytes() for p in (out / "profiles").iterdir()}.keys() == first.keys()
+    assert (out / "profiles" / "qa.json").read_bytes() == first["qa.json"]
+    assert load_bundle(out).profiles["math"].settings == SkipProfile.from_dict(
+        json.loads(first["math.json"])).settings
