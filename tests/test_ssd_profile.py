@@ -59,7 +59,7 @@ def _edit(path, change):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda d: d.update(version=PROFILE_VERSION + 1), "version 2; this specdecode reads version 1"),
+        (lambda d: d.update(version=PROFILE_VERSION + 1), "version 3; this specdecode reads versions 1, 2"),
         (lambda d: d.update(format="something-else"), "not a valid ssd profile: expected a JSON object"),
         (lambda d: d.pop("skip"), r"missing or malformed field \(KeyError: 'skip'\)"),
         (lambda d: d["skip"].update(attention=[7]), "attention layer index 7 out of range: the model has 4"),

@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_search_args(parser: argparse.ArgumentParser) -> None:
-    """Flags of the skip-set search, shared with ``build-knn``."""
+    """Flags of the skip-set search (``build-knn`` has its own: it searches whole configurations)."""
     search = parser.add_argument_group("search")
     search.add_argument("--iterations", type=int, default=40, help="optimiser suggestions after the random starts")
     search.add_argument("--init-points", type=int, default=8, help="random skip sets to start from (default 8)")
@@ -55,7 +55,7 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_draft_args(parser: argparse.ArgumentParser) -> None:
-    """Flags of the self-draft being searched, shared with ``build-knn``."""
+    """Flags of the self-draft being searched."""
     draft = parser.add_argument_group("draft")
     draft.add_argument("--threshold", type=float, default=0.8, help="stop drafting below this top-1 probability")
     draft.add_argument("--max-draft", type=int, default=12, help="longest draft (default 12)")

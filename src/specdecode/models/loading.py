@@ -210,7 +210,7 @@ def shipped_draft_dir() -> Path:
 
 
 def shipped_bundle_dir() -> Path:
-    """The KNN-SSD bundle for the embedded default (results/knn-default/bundle), shipped inside the package."""
+    """The KNN-SSD bundle for the embedded default, shipped inside the package."""
     return shipped_draft_dir().parent / "gemma-3-270m-knn-bundle"
 
 

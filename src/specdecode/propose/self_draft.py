@@ -17,6 +17,7 @@ costs (see :mod:`specdecode.models.layer_skip` for int8 weights):
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -87,17 +88,24 @@ class _FrozenLinear(nn.Module):
         return nn.functional.linear(x, self.weight, self.bias)
 
 
-# sub-vocabulary heads per model and (ids, int8): built once, shared by every request and profile
-_HEADS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[tuple[int, ...], bool], _SubVocabHead]] = (
+# sub-vocabulary heads per model and (ids, int8): built once, shared by every request and profile.
+# The most recently used few are kept: a bundle has one per domain, a configuration search tries
+# many sizes and would otherwise keep every head it ever built.
+_HEADS: weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple[tuple[int, ...], bool], _SubVocabHead]] = (
     weakref.WeakKeyDictionary()
 )
+MAX_CACHED_HEADS = 24
 
 
 def sub_vocab_head(model: nn.Module, token_ids: tuple[int, ...], int8: bool) -> _SubVocabHead:
-    per_model = _HEADS.setdefault(model, {})
+    per_model = _HEADS.setdefault(model, OrderedDict())
     key = (token_ids, int8)
-    if key not in per_model:
+    if key in per_model:
+        per_model.move_to_end(key)
+    else:
         per_model[key] = _SubVocabHead(model, torch.tensor(token_ids, dtype=torch.long, device=_device(model)), int8)
+        while len(per_model) > MAX_CACHED_HEADS:
+            per_model.popitem(last=False)
     return per_model[key]
 
 

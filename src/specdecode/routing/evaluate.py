@@ -1,19 +1,28 @@
-"""Mixed-stream evaluation of KNN-SSD: a stream of requests that switches category, with ``ar``,
-``ssd`` with the mixed profile, ``ssd`` with each single-category profile, and ``knn-ssd``.
+"""Mixed-stream evaluation of KNN-SSD: a stream of requests that switches domain, with ``ar``,
+``ssd`` with the mixed configuration, ``ssd`` with each domain's configuration, and ``knn-ssd``.
+
+The stream may hold domains the bundle was not built on ("unseen"): their requests show what the
+router does with something new (fall back to the mixed configuration, or borrow a neighbour's).
 
 The methods run through the benchmark runner (same prompts, interleaved per request, warm-up,
-identity check against ``ar``); this module builds the stream, names the contenders and adds
-what only KNN-SSD has: how often the router picked the request's own category.
+identity check against ``ar``), one request at a time with a checkpoint after each, so an
+interrupted evaluation resumes; this module builds the stream, names the contenders and adds what
+only KNN-SSD has: how often the router picked the request's own domain, and the cross-domain matrix.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
+import sys
+import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from specdecode.bench.contenders import ContenderSpec
 from specdecode.bench.dataset import BenchPrompt
@@ -29,21 +38,26 @@ KNN = "knn-ssd"
 
 
 def category_prompts(
-    path: str | Path, categories: list[str], per_category: int, offset: int, field: str = "category"
+    path: str | Path, categories: list[str], per_category: int, offset: int, field: str = "category",
+    exclude: set[str] | None = None, at_most: bool = False, every: bool = False,
 ) -> dict[str, list[BenchPrompt]]:
     """Prompts ``offset .. offset + per_category`` of each category (a bundle is built on the first ones,
-    evaluated on the ones after them)."""
+    evaluated on the ones after them), skipping any whose text is in ``exclude`` (``at_most``: take
+    fewer where a category has fewer; ``every``: all of them from ``offset`` on). A prompt's id is ``<category>-<position in the file's category>``."""
     if per_category < 1 or offset < 0:
         raise InvalidSettingError(f"need per-category >= 1 and prompt offset >= 0, got {per_category} and {offset}")
     records = load_labelled_prompts(path, field)
+    exclude = exclude or set()
     chosen = {}
     for category in categories:
-        texts = [text for label, text in records if label == category]
-        if len(texts) < offset + per_category:
+        texts = [(i, text) for i, text in enumerate(t for label, t in records if label == category)]
+        usable = [(i, text) for i, text in texts[offset:] if text not in exclude]
+        if len(usable) < per_category and not (at_most and usable):
             raise InvalidSettingError(f"category {category!r} has {len(texts)} prompts in {Path(path).name}; "
-                                      f"{per_category} from offset {offset} need {offset + per_category}")
-        chosen[category] = [BenchPrompt(f"{category}-{offset + i}", category, text)
-                            for i, text in enumerate(texts[offset: offset + per_category])]
+                                      f"{per_category} from offset {offset} need {offset + per_category}"
+                                      + (f" ({len(texts[offset:]) - len(usable)} excluded)" if exclude else ""))
+        chosen[category] = [BenchPrompt(f"{category}-{i}", category, text)
+                            for i, text in (usable if every else usable[:per_category])]
     return chosen
 
 
@@ -68,14 +82,21 @@ def mixed_stream(prompts: Mapping[str, list[BenchPrompt]], mix_ratio: float, see
     return stream
 
 
-def contenders(bundle: ProfileBundle, bundle_path: str | Path) -> dict[str, ContenderSpec]:
-    """Short name → contender: ar, ssd with the mixed profile, ssd with each category's, knn-ssd."""
+OTHER = "knn-ssd[other]"
+
+
+def contenders(bundle: ProfileBundle, bundle_path: str | Path, compare: str | Path | None = None
+               ) -> dict[str, ContenderSpec]:
+    """Short name → contender: ar, ssd with the mixed configuration, ssd with each domain's, knn-ssd
+    (and knn-ssd with another bundle, ``compare``)."""
     if not bundle.sources:
         raise InvalidSettingError("evaluate a bundle loaded from disk (its profiles are passed to ssd as files)")
     specs = {BASELINE: ContenderSpec(BASELINE), f"ssd[{MIXED}]": ContenderSpec("ssd", {"profile": str(bundle.sources[MIXED])})}
     for category in bundle.categories:
         specs[f"ssd[{category}]"] = ContenderSpec("ssd", {"profile": str(bundle.sources[category])})
     specs[KNN] = ContenderSpec(KNN, {"bundle": str(bundle_path)})
+    if compare is not None:
+        specs[OTHER] = ContenderSpec(KNN, {"bundle": str(compare)})
     return specs
 
 
@@ -84,28 +105,52 @@ class KnnEvaluation:
     bench: BenchResult
     names: dict[str, str]  # short name → contender label in ``bench``
     mix_ratio: float
-    radius: float
+    radius: float | dict[str, float]
+    bundle_domains: list[str] = field(default_factory=list)
+    complete: bool = True  # False: a budget stopped the stream early
+    seconds: float = 0.0
 
-    def methods(self) -> dict[str, Aggregate]:
-        baseline = self.bench.of(BASELINE)
-        return {name: aggregate(self.bench.of(label), baseline) for name, label in self.names.items()}
+    def methods(self, categories: list[str] | None = None) -> dict[str, Aggregate]:
+        """Each method over the stream (or over the requests of ``categories``)."""
+        def keep(records):
+            return [r for r in records if categories is None or r.prompt.category in categories]
+
+        baseline = keep(self.bench.of(BASELINE))
+        return {name: aggregate(keep(self.bench.of(label)), baseline) for name, label in self.names.items()}
+
+    def unseen(self) -> list[str]:
+        return [c for c in dict.fromkeys(r.prompt.category for r in self.bench.of(BASELINE))
+                if self.bundle_domains and c not in self.bundle_domains]
 
     def routing(self) -> dict[str, dict[str, Any]]:
-        """Per category (and overall): requests, nearest anchor of the right category, fallbacks."""
+        """Per domain (bundle domains, then unseen ones), over the bundle's domains, and overall:
+        requests, nearest anchor of the right domain, fallbacks, where requests went."""
         rows: dict[str, dict[str, Any]] = {}
         records = self.bench.of(self.names[KNN])
-        for key in [*dict.fromkeys(r.prompt.category for r in records), "overall"]:
-            mine = [r for r in records if key in ("overall", r.prompt.category)]
+        categories = list(dict.fromkeys(r.prompt.category for r in records))
+        seen = [c for c in categories if not self.bundle_domains or c in self.bundle_domains]
+        keys = [*seen, *[c for c in categories if c not in seen], "bundle domains", "overall"]
+        for key in keys:
+            if key == "bundle domains":
+                mine = [r for r in records if r.prompt.category in seen]
+            else:
+                mine = [r for r in records if key in ("overall", r.prompt.category)]
+            if not mine:
+                continue
             routes = [r.stats.extra["route"] for r in mine]
             correct = sum(route["category"] == r.prompt.category for route, r in zip(routes, mine))
             distances = [route["distance"] for route in routes if route["distance"] is not None]
+            went: dict[str, int] = {}
+            for route in routes:
+                went[route["profile"]] = went.get(route["profile"], 0) + 1
             rows[key] = {"requests": len(mine), "correct": correct, "accuracy": correct / len(mine),
                          "fallbacks": sum(route["fallback"] for route in routes),
-                         "mean_distance": sum(distances) / len(distances) if distances else None}
+                         "mean_distance": sum(distances) / len(distances) if distances else None,
+                         "configurations": went, "unseen": key in categories and key not in seen}
         return rows
 
     def domain_matrix(self) -> dict[str, dict[str, Aggregate]]:
-        """Contender → prompt category → aggregate: row ``ssd[c]`` is profile c evaluated on every category."""
+        """Contender → prompt domain → aggregate: row ``ssd[c]`` is configuration c on every domain."""
         categories = list(dict.fromkeys(r.prompt.category for r in self.bench.of(BASELINE)))
         matrix: dict[str, dict[str, Aggregate]] = {}
         for name, label in self.names.items():
@@ -120,6 +165,31 @@ class KnnEvaluation:
         order = [r.prompt.category for r in self.bench.of(BASELINE)]
         return sum(a != b for a, b in zip(order, order[1:]))
 
+    def headline(self) -> dict[str, Any]:
+        """knn-ssd against the single mixed configuration and ar (whole stream), and on unseen domains."""
+        methods = self.methods()
+        knn, mixed = methods[KNN], methods[f"ssd[{MIXED}]"]
+        routing = self.routing()
+        out: dict[str, Any] = {
+            "tau_vs_mixed": knn.tau / mixed.tau if mixed.tau else None,
+            "wall_vs_mixed": knn.tokens_per_second / mixed.tokens_per_second if mixed.tokens_per_second else None,
+            "wall_vs_ar": knn.speedup, "mixed_wall_vs_ar": mixed.speedup,
+            "routing_accuracy_bundle_domains": routing.get("bundle domains", {}).get("accuracy"),
+        }
+        unseen = self.unseen()
+        if unseen:
+            part = self.methods(unseen)
+            out["unseen"] = {"domains": unseen, "knn_tau": part[KNN].tau, "mixed_tau": part[f"ssd[{MIXED}]"].tau,
+                             "knn_speedup": part[KNN].speedup, "mixed_speedup": part[f"ssd[{MIXED}]"].speedup,
+                             "tau_vs_mixed": part[KNN].tau / part[f"ssd[{MIXED}]"].tau
+                             if part[f"ssd[{MIXED}]"].tau else None}
+        if OTHER in methods:
+            other = methods[OTHER]
+            out["vs_other_bundle"] = {"tau": knn.tau / other.tau if other.tau else None,
+                                      "wall": knn.tokens_per_second / other.tokens_per_second
+                                      if other.tokens_per_second else None}
+        return out
+
 
 def evaluate(
     target: LoadedModel,
@@ -129,16 +199,76 @@ def evaluate(
     config: BenchConfig,
     mix_ratio: float,
     progress: bool = True,
+    checkpoints: str | Path | None = None,
+    budget_s: float | None = None,
+    compare: str | Path | None = None,
 ) -> KnnEvaluation:
-    """Run every contender on the stream (greedy or sampling, as ``config`` says)."""
+    """Run every contender on the stream (greedy or sampling, as ``config`` says), one request at a
+    time (contender order rotating per request); after each request its records go to
+    ``checkpoints`` and a rerun with the same stream and contenders picks up after the last one.
+    ``budget_s``: start no new request after this many seconds of this run."""
     bundle.check_model(target)
-    specs = contenders(bundle, bundle_path)
-    result = run_bench(target, stream, list(specs.values()), config=config, progress=progress)
-    return KnnEvaluation(result, {name: spec.label for name, spec in specs.items()}, mix_ratio, bundle.radius)
+    specs = contenders(bundle, bundle_path, compare)
+    order = list(specs.values())
+    identity = {"model": target.fingerprint, "stream": [p.question_id for p in stream],
+                "contenders": [s.label for s in order], "config": asdict(config)}
+    store = Path(checkpoints) if checkpoints is not None else None
+    if store is not None:
+        store.mkdir(parents=True, exist_ok=True)
+        index = store / "stream.json"
+        if index.exists() and json.loads(index.read_text()) != json.loads(json.dumps(identity)):
+            raise InvalidSettingError(f"checkpoints in {str(store)!r} belong to another evaluation (stream, contenders "
+                                      "or settings differ); delete them or choose another --out")
+        index.write_text(json.dumps(identity))
+    started = time.perf_counter()
+    results: list[BenchResult] = []
+    warmed = False
+    complete = True
+    bar = tqdm(total=len(stream), desc="knn-eval", unit="request", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    try:
+        for i, prompt in enumerate(stream):
+            path = store / f"request-{i:03d}.pkl" if store is not None else None
+            if path is not None and path.exists():
+                results.append(pickle.loads(path.read_bytes()))
+                bar.update()
+                continue
+            if budget_s is not None and time.perf_counter() - started >= budget_s:
+                complete = False
+                break
+            shift = i % len(order)
+            rotated = order[shift:] + order[:shift]
+            chunk = replace(config, warmup=0 if warmed else config.warmup, seed=config.seed + i)
+            bar.set_postfix_str(f"{prompt.category} #{prompt.question_id}, {time.perf_counter() - started:.0f}s"
+                                + (f"/{budget_s:.0f}s" if budget_s else ""))
+            result = run_bench(target, [prompt], rotated, config=chunk, progress=False)
+            warmed = True
+            results.append(result)
+            if path is not None:
+                staging = path.with_name(f".{path.name}.tmp")
+                staging.write_bytes(pickle.dumps(result))
+                staging.replace(path)
+            bar.update()
+    finally:
+        bar.close()
+    if not results:
+        raise InvalidSettingError("no request of the stream was run (budget too small?)")
+    labels = [s.label for s in order]
+    infos = {c.label: c for c in results[0].contenders}
+    records = [r for result in results for label in labels for r in result.records if r.label == label]
+    merged = BenchResult(config, [infos[label] for label in labels], records, results[-1].meta)
+    return KnnEvaluation(merged, {name: spec.label for name, spec in specs.items()}, mix_ratio, bundle.radius,
+                         bundle.categories, complete, time.perf_counter() - started)
 
 
 def _fmt(value: float | None, pattern: str) -> str:
     return "—" if value is None else pattern.format(value)
+
+
+def _radius_text(radius: float | dict[str, float]) -> str:
+    if isinstance(radius, dict):
+        return "per domain " + ", ".join(f"{c} {r:.3f}" for c, r in radius.items())
+    return f"{radius:.4f}"
 
 
 def render(evaluation: KnnEvaluation) -> str:
@@ -147,30 +277,51 @@ def render(evaluation: KnnEvaluation) -> str:
     counts: dict[str, int] = {}
     for record in prompts:
         counts[record.prompt.category] = counts.get(record.prompt.category, 0) + 1
+    unseen = evaluation.unseen()
     out = [
         f"# KNN-SSD on a mixed request stream — {result.meta.get('model', '?')}",
         "",
         f"mix ratio {evaluation.mix_ratio} · {len(prompts)} requests "
-        f"({', '.join(f'{c} {n}' for c, n in counts.items())}) · {evaluation.switches()} category switches · "
+        f"({', '.join(f'{c} {n}' + (' (not in the bundle)' if c in unseen else '') for c, n in counts.items())}) · "
+        f"{evaluation.switches()} domain switches · "
         f"{'greedy' if result.greedy else f'temperature {config.temperature}'} · {config.max_new_tokens} new tokens "
         f"(EOS ignored) · repeats {config.repeats} (median) · {result.meta.get('device')} "
-        f"{result.meta.get('dtype')}, {result.meta.get('threads')} threads",
+        f"{result.meta.get('dtype')}, {result.meta.get('threads')} threads · runtime: {result.meta.get('runtime')}"
+        + ("" if evaluation.complete else " · **stopped early by the time budget**"),
         "",
-        "| method | τ | tokens/s | speedup vs ar | acceptance | identical to ar |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | τ | tokens/s | speedup vs ar | acceptance | draft cost / verify | identical to ar |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, cell in evaluation.methods().items():
         identical = "—" if cell.identical is None else f"{cell.identical}/{cell.prompts}"
         out.append(f"| `{name}` | {cell.tau:.2f} | {cell.tokens_per_second:.2f} | {_fmt(cell.speedup, '{:.2f}×')} | "
-                   f"{_fmt(cell.acceptance_rate, '{:.1%}')} | {identical} |")
-    out += ["", f"## Routing of `knn-ssd` (fallback radius {evaluation.radius:.4f})", "",
-            "| category | requests | nearest anchor of its category | fallbacks to mixed | mean distance |",
-            "|---|---:|---:|---:|---:|"]
+                   f"{_fmt(cell.acceptance_rate, '{:.1%}')} | {_fmt(cell.draft_cost, '{:.2f}')} | {identical} |")
+    head = evaluation.headline()
+    out += ["", f"`knn-ssd` against the single mixed configuration: τ {_fmt(head['tau_vs_mixed'], '{:.2f}×')}, "
+                f"wall clock {_fmt(head['wall_vs_mixed'], '{:.2f}×')}; against `ar`: {_fmt(head['wall_vs_ar'], '{:.2f}×')} "
+                f"(mixed: {_fmt(head['mixed_wall_vs_ar'], '{:.2f}×')}); routing accuracy on bundle domains "
+                f"{_fmt(head['routing_accuracy_bundle_domains'], '{:.0%}')}."]
+    if "unseen" in head:
+        u = head["unseen"]
+        out.append(f"Domains not in the bundle ({', '.join(u['domains'])}): `knn-ssd` τ {u['knn_tau']:.2f} vs mixed "
+                   f"{u['mixed_tau']:.2f} ({_fmt(u['tau_vs_mixed'], '{:.2f}×')}); speedup vs ar "
+                   f"{_fmt(u['knn_speedup'], '{:.2f}×')} vs {_fmt(u['mixed_speedup'], '{:.2f}×')}.")
+    if "vs_other_bundle" in head:
+        o = head["vs_other_bundle"]
+        out.append(f"Against `knn-ssd` with the other bundle: τ {_fmt(o['tau'], '{:.2f}×')}, wall clock "
+                   f"{_fmt(o['wall'], '{:.2f}×')}.")
+    out += ["", f"## Routing of `knn-ssd` (fallback radius {_radius_text(evaluation.radius)})", "",
+            "| domain | requests | nearest anchor of its domain | fallbacks to mixed | mean distance | configurations used |",
+            "|---|---:|---:|---:|---:|---|"]
     for category, row in evaluation.routing().items():
-        out.append(f"| {category} | {row['requests']} | {row['correct']} ({row['accuracy']:.0%}) | "
-                   f"{row['fallbacks']} | {_fmt(row['mean_distance'], '{:.4f}')} |")
-    out += ["", "`ssd[c]` drafts with category c's profile on every request; `knn-ssd` picks the profile of the "
-            "prompt's nearest anchor. Speedup and tokens/s include the prefill. Per-request records: records.jsonl.", ""]
+        label = f"{category} (not in the bundle)" if row["unseen"] else category
+        correct = "—" if row["unseen"] else f"{row['correct']} ({row['accuracy']:.0%})"
+        used = ", ".join(f"{c} {n}" for c, n in row["configurations"].items())
+        out.append(f"| {label} | {row['requests']} | {correct} | {row['fallbacks']} | "
+                   f"{_fmt(row['mean_distance'], '{:.4f}')} | {used} |")
+    out += ["", "`ssd[c]` drafts with domain c's configuration on every request; `knn-ssd` picks the configuration of "
+            "the prompt's nearest anchor (mixed beyond that domain's radius). Speedup and tokens/s include the "
+            "prefill. Per-request records: records.jsonl.", ""]
     return "\n".join(out)
 
 
@@ -180,12 +331,16 @@ def write(evaluation: KnnEvaluation, out_dir: str | Path, command: str | None = 
     written = write_report(evaluation.bench, out_dir, command)
     summary = {
         "mix_ratio": evaluation.mix_ratio, "radius": evaluation.radius, "switches": evaluation.switches(),
+        "complete": evaluation.complete, "seconds": round(evaluation.seconds, 1), "headline": evaluation.headline(),
+        "unseen_domains": evaluation.unseen(),
         "stream": [r.prompt.question_id for r in evaluation.bench.of(BASELINE)],
         "contenders": evaluation.names, "config": asdict(evaluation.bench.config), "meta": evaluation.bench.meta,
         "methods": {name: asdict(cell) for name, cell in evaluation.methods().items()},
         "routing": evaluation.routing(),
         "domain_matrix": {row: {c: {"tau": cell.tau, "speedup": cell.speedup} for c, cell in cells.items()}
                           for row, cells in evaluation.domain_matrix().items()},
+        "by_domain": {c: {name: asdict(cell) for name, cell in evaluation.methods([c]).items()}
+                      for c in dict.fromkeys(r.prompt.category for r in evaluation.bench.of(BASELINE))},
     }
     (out_dir / "knn.md").write_text(render(evaluation) + render_matrix(evaluation), encoding="utf-8")
     plot_matrix(evaluation, out_dir / "domain_matrix.png")
@@ -197,8 +352,8 @@ def render_matrix(evaluation: KnnEvaluation) -> str:
     """Cross-domain table: each profile (row) on each category's prompts (column), τ and speedup vs ar."""
     matrix = evaluation.domain_matrix()
     categories = list(next(iter(matrix.values())))
-    out = ["## Cross-domain matrix: profile (row) on prompts of category (column)", "",
-           "τ / speedup against `ar` on the same prompts; the diagonal is each profile on its own domain.", "",
+    out = ["## Cross-domain matrix: configuration (row) on prompts of domain (column)", "",
+           "τ / speedup against `ar` on the same prompts; the diagonal is each configuration on its own domain.", "",
            "| profile | " + " | ".join(categories) + " |", "|---|" + "---:|" * len(categories)]
     for row, cells in matrix.items():
         out.append(f"| `{row}` | " + " | ".join(f"{cell.tau:.2f} / {_fmt(cell.speedup, '{:.2f}×')}"
@@ -223,11 +378,12 @@ def plot_matrix(evaluation: KnnEvaluation, path: Path) -> None:
             cell = matrix[r][c]
             ax.text(j, i, f"{cell.tau:.2f}\n{_fmt(cell.speedup, '{:.2f}x')}", ha="center", va="center",
                     fontsize=8, color="white" if cell.tau < (max(map(max, tau)) + min(map(min, tau))) / 2 else "black")
-    ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), rows)
-    ax.set_xlabel("prompt category")
-    ax.set_ylabel("skip profile")
-    ax.set_title("ssd tokens per target forward (τ) and speedup vs ar, per profile and domain")
+    ax.set_xticks(range(len(categories)), [c + ("\n(unseen)" if c in evaluation.unseen() else "") for c in categories],
+                  rotation=30, ha="right")
+    ax.set_xlabel("prompt domain")
+    ax.set_ylabel("draft configuration")
+    ax.set_title("τ (tokens per target forward) and speedup vs ar,\nper draft configuration (row) and domain (column)")
     fig.colorbar(image, ax=ax, label="τ")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

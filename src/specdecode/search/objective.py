@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -146,6 +147,103 @@ class CostModel:
         return cls(verify_s, fixed, max(0.0, full - fixed), [a / total for a in attention], [m / total for m in mlp])
 
 
+class CostTable:
+    """Cost models for a search over whole draft configurations, timed on the model as loaded
+    (fast runtime included) and shared by every domain's search of a bundle, so scores compare.
+
+    On a shared CPU single timings are noisy (another job's burst can double one), so every
+    timing is the *minimum* of ``repeats`` runs (interference only ever adds time) and the table
+    is a small model fitted to a few of them rather than one timing per configuration:
+
+    * verification of k tokens: timed at a few k, made non-decreasing, interpolated linearly;
+    * a draft forward, per weight format (float or int8): ``fixed + rows · per_row + kept · layers``
+      where ``rows`` is the draft head's vocabulary size (the full head is timed on its own),
+      ``kept`` the parameter share of the sub-layers kept. ``fixed`` and ``per_row`` come from two
+      drafts that skip every sub-layer (a small and a large head), ``layers`` from one that skips
+      nothing.
+    """
+
+    SMALL, LARGE = 1024, 16384
+
+    def __init__(self, target: LoadedModel, context: list[int], max_draft: int, repeats: int = 5) -> None:
+        self.target, self.context, self.repeats = target, list(context), repeats
+        self.kv = KVCache()
+        pairs = sublayers(target.model)
+        attention = [_parameters(attn) for attn, _ in pairs]
+        mlp = [_parameters(m) for _, m in pairs]
+        total = sum(attention) + sum(mlp)
+        self.attention_share, self.mlp_share = [a / total for a in attention], [m / total for m in mlp]
+        self.formats: dict[str, dict[str, float]] = {}  # "float" / "int8" -> fixed, per_row, layers, full_head
+        self.started = time.perf_counter()
+        with torch.inference_mode():
+            forward(target.model, self.kv, self.context[:-1], logits_to_keep=0)
+            probe = self.context[-1:] * (max_draft + 1)
+            points = sorted({1, 2, 3, 5, 8, 12, max_draft + 1} & set(range(1, max_draft + 2)))
+            timed = [self._timed(lambda k=k: forward(target.model, self.kv, probe[:k], logits_to_keep=k))
+                     for k in points]
+        timed = list(np.maximum.accumulate(timed))
+        self.verify_points = dict(zip(points, timed))
+        self.verify_s = [float(np.interp(k, points, timed)) for k in range(1, max_draft + 2)]
+
+    def _timed(self, step: Any) -> float:
+        samples = []
+        for _ in range(self.repeats + 1):  # the first run warms caches and is dropped
+            start = time.perf_counter()
+            step()
+            samples.append(time.perf_counter() - start)
+            self.kv.crop(len(self.context) - 1)
+        return min(samples[1:])
+
+    @staticmethod
+    def head_key(settings: SelfDraftSettings) -> str:
+        return f"{len(settings.vocab_ids) if settings.vocab_ids is not None else 'full'}:{'int8' if settings.int8 else 'float'}"
+
+    def _draft_time(self, skip: SkipSet, vocab_ids: tuple[int, ...] | None, int8: bool) -> float:
+        probe = SelfDraftSettings(skip, threshold=1.0, max_draft=1, vocab_ids=vocab_ids, int8=int8)
+        proposer = SelfDraftProposer(self.target, probe, SamplingSettings(), None)
+        proposer.bind_target_cache(self.kv)
+        with torch.inference_mode():
+            return self._timed(lambda: proposer.propose(self.context, max_tokens=1))
+
+    def _format(self, int8: bool, full_head: bool) -> dict[str, float]:
+        name = "int8" if int8 else "float"
+        entry = self.formats.setdefault(name, {})
+        count = len(self.attention_share)
+        everything = SkipSet(tuple(range(count)), tuple(range(count)))
+        vocab = min(self.LARGE, self.target.vocab_size)
+        small = tuple(range(min(self.SMALL, vocab)))
+        if "fixed" not in entry:
+            large = tuple(range(vocab))
+            t_small = self._draft_time(everything, small, int8)
+            t_large = self._draft_time(everything, large, int8)
+            per_row = max(0.0, (t_large - t_small) / max(1, len(large) - len(small)))
+            entry["per_row"] = per_row
+            entry["fixed"] = max(0.0, t_small - per_row * len(small))
+            entry["layers"] = max(0.0, self._draft_time(SkipSet(), small, int8) - t_small)
+        if full_head and "full_head" not in entry:
+            entry["full_head"] = max(0.0, self._draft_time(everything, None, int8) - entry["fixed"])
+        return entry
+
+    def model_for(self, settings: SelfDraftSettings) -> CostModel:
+        """The cost model of ``settings``' draft (timed now if its weight format is new)."""
+        entry = self._format(settings.int8, settings.vocab_ids is None)
+        head = entry["full_head"] if settings.vocab_ids is None else entry["per_row"] * len(settings.vocab_ids)
+        verify = self.verify_s
+        if settings.max_draft + 1 > len(verify):  # longer drafts than timed: extrapolate linearly
+            slope = (verify[-1] - verify[0]) / max(1, len(verify) - 1)
+            verify = verify + [verify[-1] + slope * i for i in range(1, settings.max_draft + 2 - len(verify))]
+        return CostModel(verify, entry["fixed"] + head, entry["layers"], self.attention_share, self.mlp_share)
+
+    @property
+    def heads(self) -> dict[str, dict[str, float]]:
+        return self.formats
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"verify_s": self.verify_s, "verify_timed": {str(k): v for k, v in self.verify_points.items()},
+                "draft": self.formats, "attention_share": self.attention_share, "mlp_share": self.mlp_share,
+                "timing": f"minimum of {self.repeats} runs after one warm-up"}
+
+
 def _parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -155,7 +253,7 @@ class SimulatedObjective:
 
     name = "simulated"
 
-    def __init__(self, target: LoadedModel, calibration: CalibrationSet, costs: CostModel) -> None:
+    def __init__(self, target: LoadedModel, calibration: CalibrationSet, costs: CostModel | CostTable) -> None:
         self.target, self.calibration, self.costs = target, calibration, costs
         self.sequences = [p + c for p, c in zip(calibration.prompts, calibration.continuations)]
         self.caches = []
@@ -166,6 +264,7 @@ class SimulatedObjective:
                 self.caches.append(kv)
 
     def __call__(self, settings: SelfDraftSettings) -> Evaluation:
+        costs = self.costs.model_for(settings) if isinstance(self.costs, CostTable) else self.costs
         tokens = steps = drafts = proposed = accepted = 0
         seconds = 0.0
         for prompt, full, cache in zip(self.calibration.prompts, self.sequences, self.caches):
@@ -182,8 +281,8 @@ class SimulatedObjective:
                     kept = 0
                     while kept < min(len(draft), len(expected) - 1) and draft.tokens[kept] == expected[kept]:
                         kept += 1
-                    seconds += self.costs.verify(len(draft) + 1)
-                    seconds += (proposer.stats.forwards - before) * self.costs.draft(settings.skip)
+                    seconds += costs.verify(len(draft) + 1)
+                    seconds += (proposer.stats.forwards - before) * costs.draft(settings.skip)
                     steps += 1
                     proposed += len(draft)
                     accepted += kept
@@ -191,7 +290,7 @@ class SimulatedObjective:
             tokens += len(continuation)
             drafts += proposer.stats.forwards
         score = tokens / seconds
-        return Evaluation(score, score * self.costs.verify(1), tokens / steps,
+        return Evaluation(score, score * costs.verify(1), tokens / steps,
                           accepted / proposed if proposed else 0.0, tokens, drafts)
 
 

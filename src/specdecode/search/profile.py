@@ -7,6 +7,10 @@ keeps how it was found (search metadata) and what it measured, so reports can ci
 
 The reduced-vocabulary ids are stored most frequent first; ``draft_vocab=N`` at run time keeps
 the first N of them.
+
+Versions: 1 (skip sets and draft settings) and 2, which adds an optional ``domain`` block — which
+domain a full draft configuration (skip set, vocabulary, int8, threshold, maximum draft) was
+searched for and where its vocabulary came from. Both are read; version 2 is written.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from specdecode.models.loading import LoadedModel
 from specdecode.propose.self_draft import SelfDraftSettings
 
 PROFILE_FORMAT = "specdecode-ssd-profile"
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -36,6 +41,7 @@ class SkipProfile:
     layers: int
     search: dict[str, Any] = field(default_factory=dict)
     measured: dict[str, Any] = field(default_factory=dict)
+    domain: dict[str, Any] = field(default_factory=dict)  # version 2: name, vocabulary source, ...
 
     def check_model(self, target: LoadedModel, source: str = "profile") -> None:
         """Refuse to draft for a model other than the one the profile was searched on."""
@@ -67,6 +73,7 @@ class SkipProfile:
             "skip": {"attention": list(s.skip.attention), "mlp": list(s.skip.mlp)},
             "draft": {"threshold": s.threshold, "max_draft": s.max_draft, "int8": s.int8,
                       "vocab_ids": list(s.vocab_ids) if s.vocab_ids is not None else None},
+            "domain": self.domain,
             "search": self.search,
             "measured": self.measured,
         }
@@ -79,10 +86,10 @@ class SkipProfile:
 
         if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
             raise fail(f"expected a JSON object with format {PROFILE_FORMAT!r}")
-        if data.get("version") != PROFILE_VERSION:
+        if data.get("version") not in READABLE_VERSIONS:
             raise InvalidSettingError(
-                f"{source} has ssd profile version {data.get('version')!r}; this specdecode reads version "
-                f"{PROFILE_VERSION}"
+                f"{source} has ssd profile version {data.get('version')!r}; this specdecode reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}"
             )
         try:
             model, skip, draft = data["model"], data["skip"], data["draft"]
@@ -100,7 +107,7 @@ class SkipProfile:
             settings.validate(layers)
             profile = cls(settings=settings, fingerprint=str(model["fingerprint"]), model_name=str(model["name"]),
                           layers=layers, search=dict(data.get("search") or {}),
-                          measured=dict(data.get("measured") or {}))
+                          measured=dict(data.get("measured") or {}), domain=dict(data.get("domain") or {}))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, InvalidSettingError):
                 raise fail(str(exc)) from None
@@ -110,6 +117,14 @@ class SkipProfile:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically (a crash never leaves half a profile); returns the path."""
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.tmp")
+        staging.write_text(self.to_text())
+        staging.replace(path)
+        return path
+
+    def to_text(self) -> str:
+        """The file's text: deterministic, so an unchanged profile saves byte-identical."""
         data = self.to_dict()
         vocab = data["draft"]["vocab_ids"]
         if vocab is not None:
@@ -117,11 +132,7 @@ class SkipProfile:
         text = json.dumps(data, indent=2)
         if vocab is not None:
             text = text.replace('"@VOCAB@"', json.dumps(vocab, separators=(",", ":")))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.tmp")
-        staging.write_text(text + "\n")
-        staging.replace(path)
-        return path
+        return text + "\n"
 
 
 def load_profile(path: str | os.PathLike[str], target: LoadedModel | None = None) -> SkipProfile:
