@@ -35,6 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="directory to write the head to")
     parser.add_argument("--data", default="../shared/data/specbench_dev.jsonl", help="Spec-Bench style JSONL prompts")
     parser.add_argument("--holdout", type=int, default=10, help="first N prompts of every category never trained on")
+    parser.add_argument("--exclude", action="append", default=[], metavar="JSONL",
+                        help="prompts (by question_id) never trained on, e.g. a benchmark's held-out set (repeatable)")
+    parser.add_argument("--teacher-forced", action=argparse.BooleanOptionalAction, default=True,
+                        help="also take features from one teacher-forced forward over each training prompt's full "
+                             "text (off-policy rows, EAGLE-1 style; default on)")
     parser.add_argument("--eval-per-category", type=int, default=1, help="held-out prompts per category to measure on")
     parser.add_argument("--depth", type=int, default=1, help="decoder layers in the head (default 1)")
     parser.add_argument("--draft-vocab", type=int, default=16384, help="reduced output vocabulary (default 16384)")
@@ -60,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidSettingError("--depth, --draft-vocab and --holdout must be positive")
     started = time.perf_counter()
     train_prompts, held_out = split_holdout(read_prompts(args.data), args.holdout)
+    excluded = {p.question_id for path in args.exclude for p in read_prompts(path)}
+    train_prompts = [p for p in train_prompts if p.question_id not in excluded]
     if not train_prompts:
         raise InvalidSettingError(f"--holdout {args.holdout} leaves no training prompts in {args.data}")
     target = load_model(args.target, threads=args.threads)
@@ -72,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     sequences = collect_head_data(target, encode(train_prompts), work / "data", rows=args.rows,
                                   samples_per_prompt=args.samples_per_prompt, unconditional=args.unconditional,
                                   max_new_tokens=args.max_new_tokens, budget_s=args.data_minutes * 60,
-                                  seed=args.seed, progress=progress)
+                                  seed=args.seed, progress=progress,
+                                  teacher_forced=encode(train_prompts) if args.teacher_forced else None)
     data_seconds = time.perf_counter() - data_started
     evaluation = held_out_per_category(held_out, args.eval_per_category)
     eval_sequences = collect_head_data(target, encode(evaluation), work / "eval", rows=args.rows, samples_per_prompt=0,
@@ -89,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
     after = evaluate_head(head, eval_sequences)
     report = {
         "target": target.name, "target_fingerprint": target.fingerprint, "train_prompts": len(train_prompts),
+        "excluded_prompts": sorted(excluded, key=str),
         "sequences": len(sequences), "positions": sum(len(s.hidden) for s in sequences),
+        "teacher_forced_sequences": sum(s.prompt_len == 0 for s in sequences),
+        "teacher_forced_positions": sum(len(s.hidden) for s in sequences if s.prompt_len == 0),
         "answer_tokens": sum(len(s.ids) - s.prompt_len for s in sequences),
         "data_seconds_this_run": round(data_seconds, 1), "train_steps": log.steps,
         "train_seconds": round(log.seconds, 1), "train_positions_seen": log.positions,
