@@ -21,7 +21,7 @@ from specdecode import load_model
 from specdecode.models.cache import KVCache, forward
 from specdecode.models.runtime import cpu_description, runtime_of
 
-TOKENS = (1, 2, 4, 8, 16)
+TOKENS = (1, 2, 4, 5, 8, 9, 16)  # 5 and 9: a 4- and an 8-token draft plus the last token
 MODES = {  # label: load_model arguments
     "float32 eager": dict(fast=False),
     "float32 fast (exact)": dict(fast=True),
@@ -69,6 +69,11 @@ def main() -> None:
     # every mode loaded first, then measured interleaved (repeat × tokens × mode), so machine drift
     # hits the modes alike
     loaded = {mode: load_model(args.model, **kwargs) for mode, kwargs in MODES.items()}
+    for mode, target in loaded.items():
+        runtime = runtime_of(target.model)
+        report["modes"][mode] = {"runtime": runtime.describe() if runtime else "eager"}
+        print(f"{mode}: {report['modes'][mode]['runtime']}")
+    print()
     caches = {}
     with torch.inference_mode():
         for mode, target in loaded.items():
@@ -99,7 +104,7 @@ def main() -> None:
                              vs_one_token=step / one_token, floor_ms=floor_ms, vs_floor=step / floor_ms))
             print(f"| {mode} | {n} | {body:.1f} | {step - body:.1f} | {step:.1f} | {step / one_token:.2f} | "
                   f"{floor_ms:.1f} | {step / floor_ms:.2f} |")
-        report["modes"][mode] = dict(layer_bytes=layer_bytes, head_bytes=head_bytes, floor_ms=floor_ms, rows=rows)
+        report["modes"][mode].update(layer_bytes=layer_bytes, head_bytes=head_bytes, floor_ms=floor_ms, rows=rows)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)

@@ -1,5 +1,6 @@
 """The fast CPU runtime keeps float32 exactness: same tokens, same top-k values, same fingerprint."""
 
+import json
 import random
 
 import pytest
@@ -9,7 +10,8 @@ from transformers import AutoModelForCausalLM
 from specdecode import SpeculativeDecoder
 from specdecode.errors import InvalidSettingError
 from specdecode.models.loading import LoadedModel, load_model
-from specdecode.models.runtime import Fp16WeightLinear, ScreenedHead, SkinnyLinear, prepare_runtime, runtime_of
+from specdecode.models.runtime import (KERNELS, Fp16WeightLinear, KernelPlan, ScreenedHead, TunedLinear, prepare_runtime,
+                                       runtime_of, tune_kernels)
 from specdecode.sampling import SamplingSettings, process_logits
 from tiny_models import ARCHITECTURES, VOCAB, tiny_config
 
@@ -25,11 +27,11 @@ def _tiny_fp32(arch: str, seed: int = 0, vocab: int = VOCAB) -> torch.nn.Module:
     return model.eval()
 
 
-def _pair(arch: str, seed: int = 0, vocab: int = VOCAB) -> tuple[LoadedModel, LoadedModel]:
+def _pair(arch: str, seed: int = 0, vocab: int = VOCAB, kernels: str = "auto") -> tuple[LoadedModel, LoadedModel]:
     """The same float32 weights twice: plain, and with the runtime installed."""
     plain = _tiny_fp32(arch, seed, vocab)
     fast = _tiny_fp32(arch, seed, vocab)
-    assert prepare_runtime(fast.eval()) is not None
+    assert prepare_runtime(fast.eval(), kernels=kernels) is not None
     return LoadedModel(plain, None, f"plain-{arch}"), LoadedModel(fast, None, f"fast-{arch}")
 
 
@@ -85,12 +87,13 @@ def test_exact_top_says_what_processing_reads():
     assert SamplingSettings(temperature=1.0, top_p=0.9).exact_top is None
 
 
+@pytest.mark.parametrize("kernels", ["auto", *KERNELS])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_greedy_methods_with_the_runtime_equal_plain_ar(arch):
-    plain, fast = _pair(arch, seed=3, vocab=3001)
+def test_greedy_methods_with_the_runtime_equal_plain_ar(arch, kernels):
+    plain, fast = _pair(arch, seed=3, vocab=3001, kernels=kernels)
     assert runtime_of(fast.model).head is not None
     # GPT-2 projects with Conv1D modules, which keep their kernel; the others' linears are swapped
-    assert any(isinstance(m, SkinnyLinear) for m in fast.model.modules()) == (arch != "gpt2")
+    assert any(isinstance(m, TunedLinear) for m in fast.model.modules()) == (arch != "gpt2")
     rng = random.Random(arch)
     ar = SpeculativeDecoder(plain, "ar")
     for _ in range(3):
@@ -109,6 +112,42 @@ def test_top_k_sampling_with_the_runtime_reproduces_plain_sampling():
     for method in ("ar", "pld"):
         expected = SpeculativeDecoder(plain, method).generate([5, 6, 7, 5, 6], **settings).token_ids
         assert SpeculativeDecoder(fast, method).generate([5, 6, 7, 5, 6], **settings).token_ids == expected
+
+
+def test_every_kernel_computes_the_float32_product():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 40)
+    reference = torch.nn.Linear(48, 40)
+    reference.load_state_dict(linear.state_dict())
+    model = torch.nn.Sequential(linear)
+    linear.__class__ = TunedLinear
+    linear.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 8)
+    with torch.inference_mode():
+        for kernel in KERNELS:
+            linear.plan = KernelPlan(tuple(kernel for _ in range(5)))
+            for rows in (1, 3, 8, 16, 40):
+                x = torch.randn(1, rows, 48)
+                torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    plan = tune_kernels([linear])
+    assert set(plan.kernels) <= set(KERNELS) and len(plan.measured_ms) == 5
+
+
+def test_kernel_plan_is_cached_per_machine_and_shape(tmp_path):
+    cache = tmp_path / "plans.json"
+    first = runtime_of(_prepared(cache)).plan
+    stored = json.loads(cache.read_text())
+    assert list(stored.values()) == [list(first.kernels)]
+    key = next(iter(stored))
+    cache.write_text(json.dumps({key: ["wxt", "mkl", "wxt", "mkl", "wxt"]}))  # a plan from an earlier run
+    assert runtime_of(_prepared(cache)).plan.kernels == ("wxt", "mkl", "wxt", "mkl", "wxt")
+    with pytest.raises(InvalidSettingError, match="unknown kernel"):
+        prepare_runtime(_tiny_fp32("llama"), kernels="blas")
+
+
+def _prepared(cache) -> torch.nn.Module:
+    model = _tiny_fp32("qwen2", seed=1)
+    prepare_runtime(model, plan_cache=cache)
+    return model
 
 
 def test_runtime_leaves_parameters_and_state_dict_alone():
@@ -133,7 +172,9 @@ def test_runtime_refuses_what_it_cannot_do():
         prepare_runtime(_tiny_fp32("llama"), quantize="int3")
     with pytest.raises(InvalidSettingError, match="float32 model"):
         prepare_runtime(_tiny_fp32("llama").double(), quantize="fp16")
-    assert prepare_runtime(_tiny_fp32("llama").double()) is None
+    float64 = prepare_runtime(_tiny_fp32("llama").double())  # no kernels, only the native decoder
+    assert float64.head is None and float64.plan is None and float64.native
+    assert prepare_runtime(_tiny_fp32("gpt2").double()) is None
 
 
 def test_fingerprint_follows_the_weights_not_the_dtype(tmp_path):

@@ -19,7 +19,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quantize", default=None, choices=["fp16"],
                        help="run the linear layers on float16 weights (CPU, fbgemm): faster, a different target")
     group.add_argument("--eager", action="store_true",
-                       help="the model's own kernels: no fast CPU runtime (screened head, skinny products)")
+                       help="the model's own kernels and forward: no fast CPU runtime "
+                            "(screened head, tuned products, native decoder)")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
     group.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from specdecode.models.native import native_forward
 from specdecode.models.runtime import runtime_of
 
 
@@ -81,14 +82,16 @@ def forward_with_hidden(
     """
     device = next(model.parameters()).device
     input_ids = torch.tensor([new_ids], dtype=torch.long, device=device)
-    out = model.base_model(input_ids=input_ids, past_key_values=kv.cache, use_cache=True,
-                           position_ids=position_ids, attention_mask=attention_mask)
+    runtime = runtime_of(model)
+    if runtime is not None and runtime.native:
+        hidden = native_forward(model, kv.cache, input_ids, position_ids, attention_mask)[0]
+    else:
+        hidden = model.base_model(input_ids=input_ids, past_key_values=kv.cache, use_cache=True,
+                                  position_ids=position_ids, attention_mask=attention_mask).last_hidden_state[0]
     kv.token_ids.extend(new_ids)
-    hidden = out.last_hidden_state[0]
     if logits_to_keep == 0:
         return hidden, hidden
     hidden = hidden[-logits_to_keep:]
-    runtime = runtime_of(model)
     if runtime is not None and runtime.head is not None:
         head = runtime.head
         return (head.top(hidden, exact_top) if exact_top else head.full(hidden)), hidden

@@ -151,6 +151,14 @@ class _SkippedMLP(nn.Module):
         return torch.zeros_like(hidden_states)
 
 
+def is_skipped_attention(module: nn.Module) -> bool:
+    return isinstance(module, _SkippedAttention)
+
+
+def is_skipped_mlp(module: nn.Module) -> bool:
+    return isinstance(module, _SkippedMLP)
+
+
 def _kv_shape(attention: nn.Module) -> tuple[int, int]:
     config = attention.config
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads

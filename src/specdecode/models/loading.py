@@ -170,7 +170,7 @@ def load_model(
             raise ModelLoadError(f"model path not found: {spec_str}")
     model, tokenizer, fingerprint = _load_transformers(directory, torch_dtype, torch_device)
     if fast or quantize is not None:
-        prepare_runtime(model, quantize)
+        prepare_runtime(model, quantize, plan_cache=cache_dir() / "kernel-plans.json")
     return LoadedModel(model, tokenizer, name=name, fingerprint=fingerprint, quantize=quantize, source=spec_str)
 
 

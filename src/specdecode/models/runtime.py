@@ -11,9 +11,12 @@ embedded Gemma 3 270M, see docs/perf.md), and by one product above all: the 262k
   decoding needs ``k = 1``, top-k sampling ``k = top_k``: every value such a consumer can read is
   exact, the rest of the row is ``-inf``. Consumers that read the whole distribution (sampling
   without top-k, perplexity) get the full float32 head.
-* **Skinny products** (float32, exact). For a handful of tokens, ``W @ xᵀ`` runs faster than
-  ``x @ Wᵀ`` through MKL on AVX2-only CPUs (measured: 40 vs 65 ms for 5 tokens through the 18
-  layers' linears, 2 threads).
+* **Tuned products** (float32, exact). Which kernel multiplies a few rows by a layer's weight
+  fastest depends on the CPU, the thread count and the row count: on an AVX2-only EPYC, MKL's
+  ``x @ Wᵀ`` costs 2× for 2 rows what it costs for 1, while oneDNN on a prepacked weight costs
+  1.1× (2 threads). At load time every candidate (MKL, ``W @ xᵀ``, oneDNN packed) is timed on the
+  model's own linear layers for 1, 2, 4, 8 and 16 rows; each row count uses the fastest (the plan
+  is cached per CPU, thread count and layer shapes, and recorded in every result).
 
 and one that does (explicit, reported as another target): ``quantize="fp16"`` runs every linear
 layer on float16 weights (fbgemm, float32 activations and accumulation).
@@ -23,8 +26,12 @@ Everything here is CPU-only; on CUDA the runtime stays off (cuBLAS serves these 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
-from collections.abc import Iterator
+import statistics
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdecode.errors import InvalidSettingError
+from specdecode.models.native import supports_native
 
 QUANTIZE_CHOICES = ("fp16",)
-_SKINNY_ROWS = 16  # up to this many tokens a linear runs as W @ xᵀ
+KERNELS = ("mkl", "wxt", "onednn")  # x @ Wᵀ (MKL), W @ xᵀ, oneDNN on a prepacked weight
+ROW_BUCKETS = (1, 2, 4, 8, 16)  # a product of r rows uses the plan of the smallest bucket >= r
 _SCREENED_MODEL_TYPES = ("gemma3_text", "llama", "qwen2", "gpt2", "mistral", "qwen3")
 
 
@@ -70,17 +79,99 @@ def fbgemm_fp16_available() -> bool:
         torch.ops.quantized, "linear_prepack_fp16")
 
 
-class SkinnyLinear(nn.Linear):
-    """``nn.Linear`` computing few-row products as ``W @ xᵀ`` (same weights, same state dict)."""
+@dataclass(frozen=True)
+class KernelPlan:
+    """Which product kernel each row-count bucket uses (``ROW_BUCKETS[i]`` → ``kernels[i]``)."""
+
+    kernels: tuple[str, ...]
+    measured_ms: tuple[tuple[float, ...], ...] = ()  # [bucket][kernel], from the tuning run
+
+    def kernel_for(self, rows: int) -> str:
+        for bucket, kernel in zip(ROW_BUCKETS, self.kernels):
+            if rows <= bucket:
+                return kernel
+        return "mkl"  # prefill-sized products: MKL is compute-bound and good at them
+
+    def describe(self) -> str:
+        return " ".join(f"{bucket}:{kernel}" for bucket, kernel in zip(ROW_BUCKETS, self.kernels))
+
+
+class TunedLinear(nn.Linear):
+    """``nn.Linear`` whose product kernel follows a :class:`KernelPlan` (same weights, same state
+    dict; the oneDNN kernel reads a packed copy made at load time)."""
+
+    plan: KernelPlan
+    packed: torch.Tensor | None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] > _SKINNY_ROWS:
-            return F.linear(x, self.weight, self.bias)
-        out = torch.mm(self.weight, rows.t()).t()
-        if self.bias is not None:
-            out = out + self.bias
+        kernel = self.plan.kernel_for(rows.shape[0])
+        if kernel == "onednn":
+            out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+        elif kernel == "wxt":
+            out = torch.mm(self.weight, rows.t()).t()
+            if self.bias is not None:
+                out = out + self.bias
+        else:
+            out = F.linear(rows, self.weight, self.bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def tune_kernels(linears: Sequence[TunedLinear], repeats: int = 3) -> KernelPlan:
+    """Time every kernel on ``linears`` (the whole stack, as a step runs it) for each row bucket;
+    keep the fastest. Takes ~2–4 s on a 270M model."""
+    kernels = KERNELS if all(m.packed is not None for m in linears) else KERNELS[:2]
+    chosen, measured = [], []
+    with torch.inference_mode():
+        for bucket in ROW_BUCKETS:
+            inputs = {m.in_features: torch.randn(bucket, m.in_features) for m in linears}
+            times = []
+            for kernel in kernels:
+                plan = KernelPlan(tuple(kernel for _ in ROW_BUCKETS))
+                runs = []
+                for _ in range(repeats + 1):
+                    start = time.perf_counter()
+                    for m in linears:
+                        m.plan = plan
+                        m(inputs[m.in_features])
+                    runs.append(time.perf_counter() - start)
+                times.append(statistics.median(runs[1:]) * 1000)
+            chosen.append(kernels[times.index(min(times))])
+            measured.append(tuple(round(t, 2) for t in times))
+    return KernelPlan(tuple(chosen), tuple(measured))
+
+
+def _plan_key(linears: Sequence[nn.Linear]) -> str:
+    shapes = hashlib.sha256(repr([tuple(m.weight.shape) for m in linears]).encode()).hexdigest()[:12]
+    cpu = cpu_description()
+    return f"{cpu['cpu']}|threads={cpu['threads']}|torch={torch.__version__}|{shapes}"
+
+
+def _cached_plan(linears: Sequence[TunedLinear], plan_cache: Path | None) -> KernelPlan:
+    """The tuned plan of this CPU / thread count / model shape, measured once and kept in ``plan_cache``."""
+    key = _plan_key(linears)
+    stored: dict[str, list[str]] = {}
+    if plan_cache is not None and plan_cache.is_file():
+        try:
+            stored = json.loads(plan_cache.read_text())
+        except (OSError, ValueError):
+            stored = {}
+        kernels = stored.get(key)
+        if isinstance(kernels, list) and len(kernels) == len(ROW_BUCKETS) and set(kernels) <= set(KERNELS):
+            if "onednn" not in kernels or all(m.packed is not None for m in linears):
+                return KernelPlan(tuple(kernels))
+    plan = tune_kernels(linears)
+    if plan_cache is not None:
+        try:
+            plan_cache.parent.mkdir(parents=True, exist_ok=True)
+            plan_cache.write_text(json.dumps({**stored, key: list(plan.kernels)}, indent=1))
+        except OSError:
+            pass  # a read-only home only costs a re-tune next time
+    return plan
 
 
 class Fp16WeightLinear(nn.Linear):
@@ -160,17 +251,20 @@ class Runtime:
     """What the fast runtime changed on one model; ``describe()`` goes into every result."""
 
     head: ScreenedHead | None
-    skinny: bool
+    plan: KernelPlan | None  # float32 products (None with quantized weights)
     quantize: str | None
+    native: bool  # layers run by models/native.py instead of `transformers`' forward
 
     def describe(self) -> str:
         parts = []
         if self.quantize:
             parts.append(f"{self.quantize} weights (fbgemm)")
-        elif self.skinny:
-            parts.append("float32 W@xT linears")
+        elif self.plan is not None:
+            parts.append(f"float32 products by rows {self.plan.describe()}")
         if self.head is not None:
             parts.append("fp16-screened exact head")
+        if self.native:
+            parts.append("native decoder")
         return ", ".join(parts) or "eager"
 
 
@@ -187,7 +281,7 @@ def eager_kernels(*models: nn.Module | None) -> Iterator[None]:
     for model in models:
         if model is None or runtime_of(model) is None:
             continue
-        swapped = [(m, m.__class__) for m in model.modules() if isinstance(m, (SkinnyLinear, Fp16WeightLinear))]
+        swapped = [(m, m.__class__) for m in model.modules() if isinstance(m, (TunedLinear, Fp16WeightLinear))]
         for module, _ in swapped:
             module.__class__ = nn.Linear
         saved.append((model, model.__dict__.pop("specdecode_runtime"), swapped))
@@ -200,29 +294,63 @@ def eager_kernels(*models: nn.Module | None) -> Iterator[None]:
             model.__dict__["specdecode_runtime"] = runtime
 
 
-def prepare_runtime(model: nn.Module, quantize: str | None = None) -> Runtime | None:
-    """Install the fast CPU kernels on a float32 model (in place); None where they do not apply."""
+def prepare_runtime(
+    model: nn.Module,
+    quantize: str | None = None,
+    kernels: str = "auto",
+    plan_cache: Path | None = None,
+) -> Runtime | None:
+    """Install the fast CPU runtime on ``model`` (in place): the kernels on float32 models, the
+    native decoder (``models/native.py``) on supported architectures in any CPU dtype; None where
+    nothing applies (CUDA, unsupported float64 architectures).
+
+    ``kernels`` is ``"auto"`` (time the candidates, or reuse the plan stored in ``plan_cache``) or
+    one of :data:`KERNELS` for every row count.
+    """
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise InvalidSettingError(f"unknown quantize choice {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}")
+    if kernels != "auto" and kernels not in KERNELS:
+        raise InvalidSettingError(f"unknown kernel choice {kernels!r}; choose auto or one of {', '.join(KERNELS)}")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     if device.type != "cpu" or dtype != torch.float32 or not fbgemm_fp16_available():
         if quantize is not None:
             raise InvalidSettingError(f"quantize={quantize!r} needs a float32 model on a CPU with fbgemm")
-        return None
+        if device.type != "cpu" or not supports_native(model):
+            return None
+        runtime = Runtime(head=None, plan=None, quantize=None, native=True)  # any CPU dtype: fewer ops
+        model.__dict__["specdecode_runtime"] = runtime
+        return runtime
     head_module = model.get_output_embeddings()
     layers = [m for m in model.modules() if type(m) is nn.Linear and m is not head_module]
-    for linear in layers:
-        if quantize == "fp16":
+    plan = None
+    if quantize == "fp16":
+        for linear in layers:
             linear.__class__ = Fp16WeightLinear
             linear.packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach(), None)
-        else:
-            linear.__class__ = SkinnyLinear
+    elif layers:
+        plan = _install_tuned(layers, kernels, plan_cache)
     head = None
     if (getattr(model.config, "model_type", None) in _SCREENED_MODEL_TYPES and isinstance(head_module, nn.Linear)
             and hasattr(model, "base_model")):
         head = ScreenedHead(head_module.weight, head_module.bias,
                             getattr(model.config, "final_logit_softcapping", None))
-    runtime = Runtime(head=head, skinny=quantize is None, quantize=quantize)
+    runtime = Runtime(head=head, plan=plan, quantize=quantize, native=supports_native(model))
     model.__dict__["specdecode_runtime"] = runtime
     return runtime
+
+
+def _install_tuned(layers: list[nn.Linear], kernels: str, plan_cache: Path | None) -> KernelPlan:
+    pack = _onednn_available() and kernels in ("auto", "onednn")
+    for linear in layers:
+        linear.__class__ = TunedLinear
+        # the hint 8 packs for a few rows: 1 row costs what MKL costs, 2–16 rows much less
+        linear.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 8) if pack else None
+    if kernels == "onednn" and not pack:
+        raise InvalidSettingError("the oneDNN kernel is not available in this torch build")
+    plan = KernelPlan(tuple(kernels for _ in ROW_BUCKETS)) if kernels != "auto" else _cached_plan(layers, plan_cache)
+    for linear in layers:
+        linear.plan = plan
+        if "onednn" not in plan.kernels:
+            linear.packed = None  # the packed copy is only worth its memory when it is used
+    return plan
