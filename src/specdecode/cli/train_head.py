@@ -18,7 +18,7 @@ from specdecode.distill.head_data import collect_head_data
 from specdecode.distill.train_head import HeadTrainSettings, evaluate_head, train_head
 from specdecode.errors import InvalidSettingError
 from specdecode.models.cache import KVCache
-from specdecode.models.draft_head import DraftHead
+from specdecode.models.draft_head import DraftHead, load_head, pair_head
 from specdecode.models.frequent_vocab import frequent_token_ids
 from specdecode.models.loading import load_model
 from specdecode.models.vocab_map import tokenizer_digest
@@ -54,6 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=HeadTrainSettings.lr)
     parser.add_argument("--windows", type=int, default=HeadTrainSettings.windows)
     parser.add_argument("--window", type=int, default=HeadTrainSettings.window)
+    parser.add_argument("--compare", action="append", default=[], metavar="HEAD_DIR",
+                        help="also measure this saved head on the same held-out answers (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--no-progress", action="store_true")
@@ -95,6 +97,11 @@ def run(args: argparse.Namespace) -> int:
                                  seed=args.seed)
     log = train_head(head, sequences, settings, checkpoint=work / "checkpoint.pt", progress=progress)
     after = evaluate_head(head, eval_sequences)
+    compared = {}
+    for path in args.compare:
+        other = load_head(path)
+        pair_head(target, other)
+        compared[str(path)] = evaluate_head(other, eval_sequences)
     report = {
         "target": target.name, "target_fingerprint": target.fingerprint, "train_prompts": len(train_prompts),
         "excluded_prompts": sorted(excluded, key=str),
@@ -106,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         "train_seconds": round(log.seconds, 1), "train_positions_seen": log.positions,
         "loss_first_last": [log.losses[0], sum(log.losses[-20:]) / len(log.losses[-20:])] if log.losses else None,
         "kl_by_unroll_step_last": log.kl_by_step[-1] if log.kl_by_step else None,
-        "eval_prompts": len(eval_sequences), "untrained": before, "held_out": after,
+        "eval_prompts": len(eval_sequences), "untrained": before, "held_out": after, "compared": compared,
         "head_forward_ms": round(head_forward_ms(head, eval_sequences[0].hidden, eval_sequences[0].ids.tolist()), 2),
         "target_forward_ms": round(forward_ms(target, eval_sequences[0].ids.tolist()), 2),
         "settings": asdict(settings), "vocab_size": len(vocab), "depth": args.depth,
@@ -116,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     head.save(out, extra={"training": report})
     (out / "train_log.json").write_text(json.dumps({"losses": log.losses, "kl_by_step": log.kl_by_step}))
     (out / "eval.json").write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}: " + json.dumps({k: report[k] for k in ("held_out", "head_cost_ratio", "positions")}),
+    print(f"wrote {out}: " + json.dumps({k: report[k] for k in ("held_out", "compared", "head_cost_ratio", "positions")}),
           file=sys.stderr)
     return 0
 
