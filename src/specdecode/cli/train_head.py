@@ -27,7 +27,8 @@ from specdecode.models.vocab_map import tokenizer_digest
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train-head", help="train a feature-level draft head (EAGLE-style) for a target",
-        description="The target answers the training prompts in batches (greedy and sampled) and from BOS, "
+        description="Features come from one teacher-forced forward over each training prompt's text, and from "
+                    "the target answering the training prompts in batches (greedy and sampled) and from BOS, "
                     "keeping its hidden states; a one-layer head is trained on them (forward KL over a reduced "
                     "vocabulary, multi-step unroll) and measured on held-out prompts. Resumable: rerun the "
                     "same command to continue.")
