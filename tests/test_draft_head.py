@@ -69,7 +69,7 @@ def test_head_cache_follows_the_target_exactly(arch):
         cached = generation.proposer.drafter.root(sequence)
         hidden = target.model.base_model(input_ids=torch.tensor([sequence])).last_hidden_state[0, :-1]
         fresh = head.logits(head(hidden[None], torch.tensor([sequence[1:]]))[0, -1])
-    torch.testing.assert_close(cached[head.vocab_ids], fresh, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(cached, fresh, rtol=1e-9, atol=1e-9)  # over the head's own ids
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -88,7 +88,7 @@ def test_head_cut_back_is_exact(arch):
         drafter.observe_hidden(hidden[11:14])
         cached = drafter.root(sequence + [5])
         fresh = head.logits(head(hidden[None, :14], torch.tensor([(sequence + [5])[1:]]))[0, -1])
-    torch.testing.assert_close(cached[head.vocab_ids], fresh, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(cached, fresh, rtol=1e-9, atol=1e-9)  # over the head's own ids
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -217,3 +217,94 @@ def test_training_lowers_the_loss_and_resumes(tmp_path):
     settings.lr = 1e-3
     with pytest.raises(InvalidSettingError):  # another recipe than the checkpoint's
         train_head(head, sequences, settings, checkpoint=tmp_path / "ckpt.pt", progress=False)
+
+
+def _fp32_with_runtime(arch: str, seed: int):
+    from specdecode.models.loading import LoadedModel
+    from specdecode.models.runtime import prepare_runtime
+
+    model = tiny_model(arch, seed=seed).model.float().eval()
+    if prepare_runtime(model) is None:
+        pytest.skip("the fast runtime needs fbgemm on a CPU")
+    return LoadedModel(model=model, tokenizer=None, name=f"tiny-{arch}-{seed}-fp32")
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_fast_batched_generation_equals_generate(arch):
+    """The data generator's own loop (base model + the runtime's screened exact head) gives
+    ``generate``'s greedy tokens and hidden states on left-padded rows; sampled tokens lie in the
+    target's top k at every step."""
+    from specdecode.distill.head_data import _generate, _generate_fast, _Job, _fast_head
+
+    target = _fp32_with_runtime(arch, seed=3)
+    assert _fast_head(target) is not None
+    prompts = [(1, 2, 3), (4, 5, 6, 7, 8, 9, 10, 11, 12, 13), (14,)]
+    greedy = [_Job(p, True) for p in prompts]
+    slow, fast = _generate(target, greedy, 14, 0), _generate_fast(target, greedy, 14, 0)
+    for a, b in zip(slow, fast):
+        assert a.ids.tolist() == b.ids.tolist() and a.prompt_len == b.prompt_len
+        torch.testing.assert_close(a.hidden, b.hidden, rtol=0, atol=2e-3)
+    for row in _generate_fast(target, [_Job(p, False) for p in prompts], 14, 5):
+        with torch.inference_mode():
+            logits = target.model(input_ids=row.ids.long()[None]).logits[0]
+        for t in range(row.prompt_len, len(row.ids)):
+            assert int(row.ids[t]) in logits[t - 1].topk(10).indices.tolist()
+
+
+def test_teacher_forced_rows_come_first_and_are_the_targets_features(tmp_path):
+    from specdecode.distill.head_data import collect_head_data
+
+    target = tiny_model("gemma3", seed=3)
+    texts = [[(3 * i + 1) % VOCAB for i in range(30)], [5, 6, 7, 8, 9], [1, 2]]  # the last is too short
+    sequences = collect_head_data(target, [[1, 2, 3]], tmp_path, rows=1, samples_per_prompt=0, unconditional=0,
+                                  max_new_tokens=4, progress=False, teacher_forced=texts, max_text_tokens=16)
+    forced = [s for s in sequences if s.prompt_len == 0]
+    assert [s.ids.tolist() for s in forced] == [texts[0][:16], texts[0][16:], texts[1]]
+    assert sequences[: len(forced)] == forced and len(list(tmp_path.glob("tf_*.pt"))) == 1
+    for seq in forced:
+        with torch.inference_mode():
+            fresh = target.model.base_model(input_ids=seq.ids.long()[None]).last_hidden_state[0, :-1]
+        torch.testing.assert_close(seq.hidden.double(), fresh, rtol=2e-3, atol=2e-3)
+
+
+def test_head_drafts_on_its_own_vocabulary_and_widens_q_exactly():
+    """Chains and beams draft over the head's reduced ids; the q handed to speculative sampling
+    is the processed distribution over the whole vocabulary (zero outside the head's ids), and
+    MTAD's log q is that of the widened logits."""
+    from specdecode.propose.beam_sampler import BeamSampleProposer
+    from specdecode.propose.eagle import EagleProposer
+    from specdecode.sampling import process_logits
+
+    target = tiny_model("llama", seed=7)
+    head = _head(target, noise=0.2)
+    prompt = [4, 8, 15, 16, 23, 42]
+    with torch.inference_mode():
+        hidden = target.model.base_model(input_ids=torch.tensor([prompt])).last_hidden_state[0, :-1]
+    settings = SamplingSettings(temperature=0.8, top_k=7, top_p=0.9)
+    proposer = EagleProposer(head, settings, torch.Generator().manual_seed(0), gamma=3)
+    proposer.on_prefill(hidden)
+    with torch.inference_mode():
+        draft = proposer.propose(prompt, 3)
+        reference = HeadDrafter(head)
+        reference.on_prefill(hidden)
+        logits = reference.root(prompt)
+        assert logits.shape == (len(SUBSET),)
+        expected = [process_logits(reference.full(logits), settings)]
+        for i, token in enumerate(draft.tokens[:-1]):
+            logits = reference.extend([0], [token], torch.ones(1, i + 1, dtype=torch.bool))[0]
+            expected.append(process_logits(reference.full(logits), settings))
+    assert draft.probs.shape == (3, VOCAB) and set(draft.tokens) <= set(SUBSET)
+    torch.testing.assert_close(draft.probs, torch.stack(expected), rtol=1e-12, atol=1e-12)
+    outside = [i for i in range(VOCAB) if i not in SUBSET]
+    assert float(draft.probs[:, outside].abs().sum()) == 0.0
+
+    beams = BeamSampleProposer(HeadDrafter(head), settings, torch.Generator().manual_seed(1), beams=3, depth=1)
+    beams.on_prefill(hidden)
+    with torch.inference_mode():
+        draft = beams.propose(prompt, 1)
+        fresh = HeadDrafter(head)
+        fresh.on_prefill(hidden)
+        wide = torch.log(process_logits(fresh.full(fresh.root(prompt)), settings))
+    assert draft.tokens[0] in SUBSET
+    torch.testing.assert_close(draft.log_q, wide[draft.tokens], rtol=1e-12, atol=1e-12)
+

@@ -18,7 +18,7 @@ from specdecode.distill.head_data import collect_head_data
 from specdecode.distill.train_head import HeadTrainSettings, evaluate_head, train_head
 from specdecode.errors import InvalidSettingError
 from specdecode.models.cache import KVCache
-from specdecode.models.draft_head import DraftHead
+from specdecode.models.draft_head import DraftHead, load_head, pair_head
 from specdecode.models.frequent_vocab import frequent_token_ids
 from specdecode.models.loading import load_model
 from specdecode.models.vocab_map import tokenizer_digest
@@ -27,7 +27,8 @@ from specdecode.models.vocab_map import tokenizer_digest
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train-head", help="train a feature-level draft head (EAGLE-style) for a target",
-        description="The target answers the training prompts in batches (greedy and sampled) and from BOS, "
+        description="Features come from one teacher-forced forward over each training prompt's text, and from "
+                    "the target answering the training prompts in batches (greedy and sampled) and from BOS, "
                     "keeping its hidden states; a one-layer head is trained on them (forward KL over a reduced "
                     "vocabulary, multi-step unroll) and measured on held-out prompts. Resumable: rerun the "
                     "same command to continue.")
@@ -35,6 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="directory to write the head to")
     parser.add_argument("--data", default="../shared/data/specbench_dev.jsonl", help="Spec-Bench style JSONL prompts")
     parser.add_argument("--holdout", type=int, default=10, help="first N prompts of every category never trained on")
+    parser.add_argument("--exclude", action="append", default=[], metavar="JSONL",
+                        help="prompts (by question_id) never trained on, e.g. a benchmark's held-out set (repeatable)")
+    parser.add_argument("--teacher-forced", action=argparse.BooleanOptionalAction, default=True,
+                        help="also take features from one teacher-forced forward over each training prompt's full "
+                             "text (off-policy rows, EAGLE-1 style; default on)")
     parser.add_argument("--eval-per-category", type=int, default=1, help="held-out prompts per category to measure on")
     parser.add_argument("--depth", type=int, default=1, help="decoder layers in the head (default 1)")
     parser.add_argument("--draft-vocab", type=int, default=16384, help="reduced output vocabulary (default 16384)")
@@ -49,6 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=HeadTrainSettings.lr)
     parser.add_argument("--windows", type=int, default=HeadTrainSettings.windows)
     parser.add_argument("--window", type=int, default=HeadTrainSettings.window)
+    parser.add_argument("--compare", action="append", default=[], metavar="HEAD_DIR",
+                        help="also measure this saved head on the same held-out answers (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--no-progress", action="store_true")
@@ -60,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidSettingError("--depth, --draft-vocab and --holdout must be positive")
     started = time.perf_counter()
     train_prompts, held_out = split_holdout(read_prompts(args.data), args.holdout)
+    excluded = {p.question_id for path in args.exclude for p in read_prompts(path)}
+    train_prompts = [p for p in train_prompts if p.question_id not in excluded]
     if not train_prompts:
         raise InvalidSettingError(f"--holdout {args.holdout} leaves no training prompts in {args.data}")
     target = load_model(args.target, threads=args.threads)
@@ -72,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     sequences = collect_head_data(target, encode(train_prompts), work / "data", rows=args.rows,
                                   samples_per_prompt=args.samples_per_prompt, unconditional=args.unconditional,
                                   max_new_tokens=args.max_new_tokens, budget_s=args.data_minutes * 60,
-                                  seed=args.seed, progress=progress)
+                                  seed=args.seed, progress=progress,
+                                  teacher_forced=encode(train_prompts) if args.teacher_forced else None)
     data_seconds = time.perf_counter() - data_started
     evaluation = held_out_per_category(held_out, args.eval_per_category)
     eval_sequences = collect_head_data(target, encode(evaluation), work / "eval", rows=args.rows, samples_per_prompt=0,
@@ -87,15 +98,23 @@ def run(args: argparse.Namespace) -> int:
                                  seed=args.seed)
     log = train_head(head, sequences, settings, checkpoint=work / "checkpoint.pt", progress=progress)
     after = evaluate_head(head, eval_sequences)
+    compared = {}
+    for path in args.compare:
+        other = load_head(path)
+        pair_head(target, other)
+        compared[str(path)] = evaluate_head(other, eval_sequences)
     report = {
         "target": target.name, "target_fingerprint": target.fingerprint, "train_prompts": len(train_prompts),
+        "excluded_prompts": sorted(excluded, key=str),
         "sequences": len(sequences), "positions": sum(len(s.hidden) for s in sequences),
+        "teacher_forced_sequences": sum(s.prompt_len == 0 for s in sequences),
+        "teacher_forced_positions": sum(len(s.hidden) for s in sequences if s.prompt_len == 0),
         "answer_tokens": sum(len(s.ids) - s.prompt_len for s in sequences),
         "data_seconds_this_run": round(data_seconds, 1), "train_steps": log.steps,
         "train_seconds": round(log.seconds, 1), "train_positions_seen": log.positions,
         "loss_first_last": [log.losses[0], sum(log.losses[-20:]) / len(log.losses[-20:])] if log.losses else None,
         "kl_by_unroll_step_last": log.kl_by_step[-1] if log.kl_by_step else None,
-        "eval_prompts": len(eval_sequences), "untrained": before, "held_out": after,
+        "eval_prompts": len(eval_sequences), "untrained": before, "held_out": after, "compared": compared,
         "head_forward_ms": round(head_forward_ms(head, eval_sequences[0].hidden, eval_sequences[0].ids.tolist()), 2),
         "target_forward_ms": round(forward_ms(target, eval_sequences[0].ids.tolist()), 2),
         "settings": asdict(settings), "vocab_size": len(vocab), "depth": args.depth,
@@ -105,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     head.save(out, extra={"training": report})
     (out / "train_log.json").write_text(json.dumps({"losses": log.losses, "kl_by_step": log.kl_by_step}))
     (out / "eval.json").write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}: " + json.dumps({k: report[k] for k in ("held_out", "head_cost_ratio", "positions")}),
+    print(f"wrote {out}: " + json.dumps({k: report[k] for k in ("held_out", "compared", "head_cost_ratio", "positions")}),
           file=sys.stderr)
     return 0
 

@@ -217,7 +217,7 @@ def evaluate_head(head: DraftHead, sequences: list[FeatureSequence], gamma: int 
             logits = drafter.root(ids[:n])
             draft = []
             for k in range(min(gamma, len(ids) - n)):
-                draft.append(int(logits.argmax()))
+                draft.append(int(drafter.vocab_ids[logits.argmax()]))
                 if k + 1 < min(gamma, len(ids) - n):
                     logits = drafter.extend([0], [draft[-1]], torch.ones(1, len(draft), dtype=torch.bool))[0]
             drafter.reset()

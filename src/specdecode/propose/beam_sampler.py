@@ -33,7 +33,18 @@ class TreeDrafter:
     of tree tokens, token i continuing row ``rows[i]`` of the previous call's logits (of the root
     for the first level), seeing the tree slots fed so far that ``visible[i]`` names plus itself;
     :meth:`reset` drops the tree again. The feed hooks mirror :class:`Proposer`'s.
+
+    The logits are over the drafter's own vocabulary: row ``j`` of the last axis is target token
+    ``vocab_ids[j]`` (``None``: the target's whole vocabulary, ``j`` is the token id). A draft
+    head with a reduced vocabulary drafts on its few thousand ids and never widens its logits to
+    the target's vocabulary; tokens handed to :meth:`extend` are target ids.
     """
+
+    vocab_ids: torch.Tensor | None = None
+
+    def to_target(self, local: torch.Tensor) -> torch.Tensor:
+        """Target token ids of rows ``local`` of this drafter's logits."""
+        return local if self.vocab_ids is None else self.vocab_ids[local]
 
     def on_prefill(self, prompt_hidden: torch.Tensor) -> None:
         """See the target's hidden states over the prompt."""
@@ -131,12 +142,12 @@ class BeamSampleProposer(Proposer):
             return Draft()
         log_q = self._log_q(root)
         self.stats.forwards += 1
-        _, tokens = self._choose(log_q[None])
-        beam_tokens = tokens[:, None]                   # [B, t] tokens of each beam
-        beam_log_q = log_q[tokens][:, None]             # [B, t] per-step draft log-probs
+        _, local = self._choose(log_q[None])            # rows of the drafter's (maybe reduced) vocabulary
+        beam_tokens = self.drafter.to_target(local)[:, None]  # [B, t] target token ids of each beam
+        beam_log_q = log_q[local][:, None]              # [B, t] per-step draft log-probs
         score = beam_log_q[:, 0] - torch.logsumexp(beam_log_q[:, 0], dim=0)
-        beam_slots: list[list[int]] = [[] for _ in range(len(tokens))]  # tree slots of fed ancestors
-        rows = [0] * len(tokens)                        # logits row each beam's last token was drawn from
+        beam_slots: list[list[int]] = [[] for _ in range(len(local))]  # tree slots of fed ancestors
+        rows = [0] * len(local)                        # logits row each beam's last token was drawn from
         fed = 0
         for _ in range(1, depth):
             # feed every beam's last token as a new tree slot
@@ -148,9 +159,9 @@ class BeamSampleProposer(Proposer):
             logits = self.drafter.extend(rows, beam_tokens[:, -1].tolist(), visible)
             self.stats.forwards += 1
             log_q = self._log_q(logits)                 # [width, V]
-            parents, tokens = self._choose(score[:, None] + log_q)
-            step_log_q = log_q[parents, tokens]
-            beam_tokens = torch.cat([beam_tokens[parents], tokens[:, None]], dim=1)
+            parents, local = self._choose(score[:, None] + log_q)
+            step_log_q = log_q[parents, local]
+            beam_tokens = torch.cat([beam_tokens[parents], self.drafter.to_target(local)[:, None]], dim=1)
             beam_log_q = torch.cat([beam_log_q[parents], step_log_q[:, None]], dim=1)
             beam_slots = [beam_slots[p] + [fed + p] for p in parents.tolist()]
             rows = parents.tolist()

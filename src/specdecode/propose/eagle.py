@@ -22,10 +22,13 @@ from specdecode.sampling import SamplingSettings, process_logits, sample
 
 
 class HeadDrafter(TreeDrafter):
-    """A :class:`DraftHead` as a tree drafter over the target's vocabulary (``-inf`` outside its own)."""
+    """A :class:`DraftHead` as a tree drafter over its own reduced vocabulary (``vocab_ids``):
+    :meth:`root` and :meth:`extend` return float32 logits ``[..., len(vocab_ids)]``; :meth:`full`
+    widens them to the target's vocabulary (``-inf`` elsewhere) where a consumer needs that."""
 
     def __init__(self, head: DraftHead) -> None:
         self.head = head
+        self.vocab_ids = head.vocab_ids.long()
         self.kv = KVCache()
         self.real = 0                             # cache entries built from the target's own features
         self.pending: list[torch.Tensor] = []     # target hidden states not yet fed
@@ -39,9 +42,18 @@ class HeadDrafter(TreeDrafter):
     def observe_hidden(self, hidden: torch.Tensor) -> None:
         self.pending.append(hidden)
 
-    def _full(self, sub_logits: torch.Tensor) -> torch.Tensor:
-        wide = sub_logits.to(torch.promote_types(sub_logits.dtype, torch.float32))
-        return expand_logits(wide, self.head.vocab_ids, self.head.target_vocab_size)
+    def full(self, sub_logits: torch.Tensor) -> torch.Tensor:
+        """Logits over the target's vocabulary, ``-inf`` outside the head's."""
+        return expand_logits(sub_logits, self.head.vocab_ids, self.head.target_vocab_size)
+
+    def full_probs(self, sub_probs: torch.Tensor) -> torch.Tensor:
+        """A distribution over the head's ids as one over the target's vocabulary (0 elsewhere)."""
+        wide = sub_probs.new_zeros((*sub_probs.shape[:-1], self.head.target_vocab_size))
+        return wide.index_copy_(-1, self.vocab_ids.to(sub_probs.device), sub_probs)
+
+    @staticmethod
+    def _wide(sub_logits: torch.Tensor) -> torch.Tensor:
+        return sub_logits.to(torch.promote_types(sub_logits.dtype, torch.float32))
 
     def root(self, sequence: list[int]) -> torch.Tensor | None:
         """Feed the pending real positions; logits for the token after ``sequence`` (None before any feature)."""
@@ -57,7 +69,7 @@ class HeadDrafter(TreeDrafter):
         if self.last_feature is None or self.real != len(sequence) - 1:
             return None
         self.features, self.tree_positions = self.last_feature, []
-        return self._full(self.head.logits(self.last_feature)[0])
+        return self._wide(self.head.logits(self.last_feature)[0])
 
     def extend(self, rows: list[int], tokens: list[int], visible: torch.Tensor) -> torch.Tensor:
         level = len(set(self.tree_positions))
@@ -70,7 +82,7 @@ class HeadDrafter(TreeDrafter):
                              position_ids=new_positions[None], attention_mask=mask)[0]
         self.tree_positions += positions
         self.features = features
-        return self._full(self.head.logits(features))
+        return self._wide(self.head.logits(features))
 
     def reset(self) -> None:
         self.kv.crop(self.real)
@@ -105,14 +117,16 @@ class EagleProposer(Proposer):
         probs: list[torch.Tensor] = []
         while True:
             self.stats.forwards += 1
+            # logits are over the head's own ids: process and sample there, widen q once per token
             if self.sampling.greedy:
-                token = int(logits.argmax())
-                confident = not self.min_confidence or float(torch.softmax(logits, -1)[token]) >= self.min_confidence
+                local = int(logits.argmax())
+                confident = not self.min_confidence or float(torch.softmax(logits, -1)[local]) >= self.min_confidence
             else:
                 dist = process_logits(logits, self.sampling)
-                token = sample(dist, self.generator)
+                local = sample(dist, self.generator)
                 probs.append(dist)
-                confident = float(dist[token]) >= self.min_confidence
+                confident = float(dist[local]) >= self.min_confidence
+            token = int(self.drafter.vocab_ids[local])
             tokens.append(token)
             if len(tokens) == limit or not confident:
                 break
@@ -120,7 +134,7 @@ class EagleProposer(Proposer):
             logits = self.drafter.extend([0], [token], visible)[0]
         self.drafter.reset()
         self.stats.proposed += len(tokens)
-        return Draft(tokens=tokens, probs=torch.stack(probs) if probs else None)
+        return Draft(tokens=tokens, probs=self.drafter.full_probs(torch.stack(probs)) if probs else None)
 
 
 class EagleTreeProposer(Proposer):
@@ -182,7 +196,8 @@ class EagleTreeProposer(Proposer):
                   parents: list[int], scores: list[float]) -> list[int]:
         """Add the top-k children of every row (row i continues node ``owners[i]``); return the
         ``top_k`` best new nodes as the next frontier."""
-        values, indices = log_p.topk(self.top_k, dim=-1)
+        values, indices = log_p.topk(min(self.top_k, log_p.shape[-1]), dim=-1)
+        indices = self.drafter.to_target(indices)
         start = len(tokens) + 1
         for row, owner in enumerate(owners):
             for value, token in zip(values[row].tolist(), indices[row].tolist()):
