@@ -1,14 +1,16 @@
 """Write the held-out prompt sets the benchmarks run on.
 
 ``heldout-12`` (speed): every Spec-Bench task with two prompts each: for the five 40-prompt tasks,
-questions 21-22 of each category (the shipped ssd profile's vocabulary and the KNN bundle were
-built from the first 20, the shipped draft's held-out split is the first 10, so no shipped
-artifact chose its settings on these); for MT-bench, the first question of ``writing`` and of
-``coding`` (inside the draft's held-out split; no bundle was built on MT-bench).
+questions 21-22 of each category — the shipped ssd profile and KNN bundles were built on the first
+20 and the second draft head excluded these twelve, but the shipped draft model (``default-draft``)
+was trained on every prompt past its held-out first 10, these included, so ``sps`` / ``mtad``
+figures on this set may be optimistic; for MT-bench, the first question of ``writing`` and of
+``coding`` (held out from every shipped artifact).
 
-``quality-100`` (the MTAD perplexity judgement, which needs >= 100 prompts): every prompt that
-neither the shipped draft nor the draft head trained on — the first 10 of each 40-prompt task
-and all 40 MT-bench questions (their ``--holdout 10`` splits) — plus questions 21-22 of each task.
+``quality-100`` (the MTAD perplexity judgement, which needs >= 100 prompts): the 90 prompts that
+neither the shipped draft nor the draft heads trained on — the first 10 of each 40-prompt task
+and all 40 MT-bench questions (their ``--holdout 10`` splits) — plus questions 21-22 of each task
+(in the shipped draft's training prompts, see above).
 
 Usage: python scripts/heldout_prompts.py ../shared/data/specbench_dev.jsonl OUT.jsonl [heldout-12|quality-100]
 """
