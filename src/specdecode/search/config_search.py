@@ -23,9 +23,7 @@ resumes from a checkpoint of the same search.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -41,10 +39,10 @@ from tqdm import tqdm
 from specdecode.errors import InvalidSettingError
 from specdecode.models.layer_skip import SkipSet
 from specdecode.propose.self_draft import SelfDraftSettings
+from specdecode.search.checkpoint import load_search, save_search
 from specdecode.search.objective import Evaluation, Objective
 
 CHECKPOINT_FORMAT = "specdecode-draft-config-checkpoint"
-CHECKPOINT_VERSION = 1
 THRESHOLD_STEP = 0.05
 
 
@@ -170,7 +168,8 @@ def search_config(
     history: list[dict[str, Any]] = []
     spent = 0.0
     if checkpoint is not None and Path(checkpoint).exists():
-        history, spent = _resume(Path(checkpoint), signature, optimizer)
+        resumed = load_search(Path(checkpoint), CHECKPOINT_FORMAT, "draft-config", signature, optimizer)
+        history, spent = list(resumed["history"]), float(resumed.get("seconds", 0.0))
     known = {tuple(entry["point"]) for entry in history}
     rng = np.random.default_rng(seed)
     starts = [space.default_point(layers)] + [_random_point(rng, layers, space, max_density)
@@ -207,7 +206,8 @@ def search_config(
             history.append({"point": point, "origin": origin, "evaluation": evaluation.to_dict()})
             known.add(tuple(point))
             if checkpoint is not None:
-                _save(Path(checkpoint), signature, history, optimizer, time.perf_counter() - started)
+                save_search(Path(checkpoint), CHECKPOINT_FORMAT, signature, history, optimizer,
+                            seconds=time.perf_counter() - started)
             if on_evaluation is not None:
                 on_evaluation(len(history), settings, evaluation)
             best = max(e["evaluation"]["score"] for e in history)
@@ -219,37 +219,3 @@ def search_config(
     top = max(history, key=lambda e: e["evaluation"]["score"])
     return ConfigSearchResult(space.settings(top["point"], layers), list(top["point"]), Evaluation(**top["evaluation"]),
                               history, init_points, time.perf_counter() - started, stopped_by)
-
-
-def _save(path: Path, signature: dict[str, Any], history: list[dict[str, Any]], optimizer: BayesianOptimization,
-          seconds: float) -> None:
-    with tempfile.TemporaryDirectory() as scratch:
-        state_file = Path(scratch) / "optimizer.json"
-        optimizer.save_state(state_file)
-        state = json.loads(state_file.read_text())
-    data = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "search": signature, "seconds": seconds,
-            "history": history, "optimizer": state}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(data))
-    staging.replace(path)
-
-
-def _resume(path: Path, signature: dict[str, Any], optimizer: BayesianOptimization) -> tuple[list[dict[str, Any]], float]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidSettingError(f"cannot resume from checkpoint {str(path)!r}: {exc}") from None
-    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT or data.get("version") != CHECKPOINT_VERSION:
-        raise InvalidSettingError(f"{str(path)!r} is not a version-{CHECKPOINT_VERSION} draft-config checkpoint")
-    if data.get("search") != json.loads(json.dumps(signature)):
-        raise InvalidSettingError(
-            f"checkpoint {str(path)!r} belongs to a different search (model, data, space, seed or starts differ); "
-            "delete it or choose another output directory")
-    with tempfile.TemporaryDirectory() as scratch:
-        state_file = Path(scratch) / "optimizer.json"
-        state_file.write_text(json.dumps(data["optimizer"]))
-        with warnings.catch_warnings():  # refitting the GP on few points: length scales at their bounds
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            optimizer.load_state(state_file)
-    return list(data["history"]), float(data.get("seconds", 0.0))

@@ -16,9 +16,7 @@ search continues where it stopped instead of starting again.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,10 +31,10 @@ from tqdm import tqdm
 from specdecode.errors import InvalidSettingError
 from specdecode.models.layer_skip import SkipSet
 from specdecode.propose.self_draft import SelfDraftSettings
+from specdecode.search.checkpoint import load_search, save_search
 from specdecode.search.objective import Evaluation, Objective
 
 CHECKPOINT_FORMAT = "specdecode-ssd-search-checkpoint"
-CHECKPOINT_VERSION = 1
 
 
 @dataclass
@@ -128,7 +126,7 @@ def search_skip_set(
                  "init_points": init_points, "max_density": max_density, "min_skip": min_skip}
     history: list[dict[str, Any]] = []
     if checkpoint is not None and Path(checkpoint).exists():
-        history = _resume(Path(checkpoint), signature, optimizer)
+        history = list(load_search(Path(checkpoint), CHECKPOINT_FORMAT, "skip-search", signature, optimizer)["history"])
     known = {tuple(entry["mask"]): entry for entry in history}
     starts = random_masks(layers, init_points, seed, max_density)
     total = init_points + iterations
@@ -154,7 +152,7 @@ def search_skip_set(
             history.append(entry)
             known[tuple(mask)] = entry
             if checkpoint is not None:
-                _save(Path(checkpoint), signature, history, optimizer)
+                save_search(Path(checkpoint), CHECKPOINT_FORMAT, signature, history, optimizer)
             if on_evaluation is not None:
                 on_evaluation(len(history), skip, evaluation)
             best = max(e["evaluation"]["score"] for e in history)
@@ -166,35 +164,3 @@ def search_skip_set(
     best_skip = SkipSet.from_mask(top["mask"], layers)
     best = SelfDraftSettings(best_skip, base.threshold, base.max_draft, base.vocab_ids, base.int8)
     return SearchResult(best, Evaluation(**top["evaluation"]), history, init_points)
-
-
-def _save(path: Path, signature: dict[str, Any], history: list[dict[str, Any]], optimizer: BayesianOptimization) -> None:
-    with tempfile.TemporaryDirectory() as scratch:
-        state_file = Path(scratch) / "optimizer.json"
-        optimizer.save_state(state_file)
-        state = json.loads(state_file.read_text())
-    data = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "search": signature,
-            "history": history, "optimizer": state}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(data))
-    staging.replace(path)
-
-
-def _resume(path: Path, signature: dict[str, Any], optimizer: BayesianOptimization) -> list[dict[str, Any]]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidSettingError(f"cannot resume from checkpoint {str(path)!r}: {exc}") from None
-    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT or data.get("version") != CHECKPOINT_VERSION:
-        raise InvalidSettingError(f"{str(path)!r} is not a version-{CHECKPOINT_VERSION} skip-search checkpoint")
-    if data.get("search") != json.loads(json.dumps(signature)):
-        raise InvalidSettingError(
-            f"checkpoint {str(path)!r} belongs to a different search (model, data, objective, seed or starts "
-            "differ); delete it or choose another checkpoint path"
-        )
-    with tempfile.TemporaryDirectory() as scratch:
-        state_file = Path(scratch) / "optimizer.json"
-        state_file.write_text(json.dumps(data["optimizer"]))
-        optimizer.load_state(state_file)
-    return list(data["history"])
