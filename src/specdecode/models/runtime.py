@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdecode.errors import InvalidSettingError
-from specdecode.models.native import supports_native
+from specdecode.models.layer_skip import decoder_layers
+from specdecode.models.native import register_fused, supports_native
 
 QUANTIZE_CHOICES = ("fp16", "int8")
 KERNELS = ("mkl", "wxt", "onednn")  # x @ Wᵀ (MKL), W @ xᵀ, oneDNN on a prepacked weight
@@ -358,6 +359,8 @@ def prepare_runtime(
             linear.packed = _pack_int8(linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
     elif layers:
         plan = _install_tuned(layers, kernels, plan_cache)
+    if supports_native(model):
+        _fuse_projections(model)
     head = None
     if (getattr(model.config, "model_type", None) in _SCREENED_MODEL_TYPES and isinstance(head_module, nn.Linear)
             and hasattr(model, "base_model")):
@@ -366,6 +369,40 @@ def prepare_runtime(
     runtime = Runtime(head=head, plan=plan, quantize=quantize, native=supports_native(model))
     model.__dict__["specdecode_runtime"] = runtime
     return runtime
+
+
+def _fuse_projections(model: nn.Module) -> None:
+    """Give the native decoder one product for q/k/v and one for gate/up in every layer, each run by
+    the same kind of kernel as its parts (the parts stay as they are: the state dict, the
+    fingerprint and `transformers`' own forward see the original model).
+
+    Only the float32 runtime's kernels are fused: their columns come out bit-identical to the
+    parts' (tested), while e.g. MKL's float64 product rounds a wider matrix differently."""
+    for layer in decoder_layers(model):
+        attention, mlp = layer.self_attn, layer.mlp
+        for parts in ((attention.q_proj, attention.k_proj, attention.v_proj), (mlp.gate_proj, mlp.up_proj)):
+            kind = type(parts[0])
+            if kind not in (TunedLinear, Fp16WeightLinear, Int8WeightLinear) or any(
+                    type(part) is not kind for part in parts):
+                continue
+            weight = torch.cat([part.weight.detach() for part in parts])
+            bias = None
+            if any(part.bias is not None for part in parts):
+                bias = torch.cat([part.bias.detach() if part.bias is not None else weight.new_zeros(part.out_features)
+                                  for part in parts])
+            fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+            fused.weight = nn.Parameter(weight, requires_grad=False)
+            if bias is not None:
+                fused.bias = nn.Parameter(bias, requires_grad=False)
+            fused.__class__ = kind
+            if kind is Fp16WeightLinear:
+                fused.packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
+            elif kind is Int8WeightLinear:
+                fused.packed = _pack_int8(weight, bias)
+            else:
+                fused.plan = parts[0].plan
+                fused.packed = None if parts[0].packed is None else torch.ops.mkldnn._reorder_linear_weight(weight, 8)
+            register_fused(parts, fused)
 
 
 def _install_tuned(layers: list[nn.Linear], kernels: str, plan_cache: Path | None) -> KernelPlan:
