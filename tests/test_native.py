@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from specdecode import SpeculativeDecoder
+from specdecode.models import fused as fused_registry
 from specdecode.models.cache import KVCache, forward_with_hidden
 from specdecode.models.layer_skip import SkipSet, layer_skip_view
 from specdecode.models.loading import LoadedModel
@@ -76,31 +77,32 @@ def test_lossless_methods_with_the_native_decoder_equal_ar(arch):
             assert result.token_ids == expected, (method, options)
 
 
+def _without_fusion(fn):
+    """``fn()`` with every fused projection unregistered: the parts run one by one."""
+    saved = dict(fused_registry._FUSED)
+    fused_registry._FUSED.clear()
+    try:
+        return fn()
+    finally:
+        fused_registry._FUSED.update(saved)
+
+
 @pytest.mark.parametrize("quantize", [None, "fp16", "int8"])
 def test_native_decoder_runs_the_fused_projections(quantize):
     """q/k/v and gate/up run as one product each (the parts are not called), with the same
-    logits as the parts; an int8 layer-skip view, whose projections are other modules, runs them."""
+    hidden states as the parts — on the target in every runtime mode and on an int8 self-draft."""
     loaded = tiny_model("llama", seed=4)
     loaded.model.float()
     prepare_runtime(loaded.model, quantize=quantize)
-    layer = loaded.model.model.layers[0]
-    calls = []
-    for part in (layer.self_attn.q_proj, layer.mlp.gate_proj):
-        part.register_forward_hook(lambda *args: calls.append(1))
     context = [(5 * i + 1) % VOCAB for i in range(9)]
-    fused = forward_with_hidden(loaded.model, KVCache(), context, 3)[0]
-    assert not calls
-    from specdecode.models import native
-    saved = dict(native._FUSED)
-    native._FUSED.clear()
-    try:
-        parts = forward_with_hidden(loaded.model, KVCache(), context, 3)[0]
-    finally:
-        native._FUSED.update(saved)
-    assert calls and torch.equal(fused, parts)
-    calls.clear()
-    view = layer_skip_view(loaded.model, SkipSet.of(mlp=[1]), int8=True)
-    int8_calls = []
-    view.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *args: int8_calls.append(1))
-    forward_with_hidden(view, KVCache(), context, 1)
-    assert int8_calls  # the int8 view's own projections ran, not the float32 fused ones
+    for view in (loaded.model, layer_skip_view(loaded.model, SkipSet.of(attention=[0]), int8=True),
+                 layer_skip_view(loaded.model, SkipSet.of(mlp=[1]), int8=True)):
+        layer = view.model.layers[0]
+        calls = []
+        for part in (getattr(layer.self_attn, "q_proj", None), layer.mlp.gate_proj):
+            if part is not None:
+                part.register_forward_hook(lambda *args: calls.append(1))
+        fused = forward_with_hidden(view, KVCache(), context, 3)[1]
+        assert not calls
+        parts = _without_fusion(lambda: forward_with_hidden(view, KVCache(), context, 3)[1])
+        assert calls and torch.equal(fused, parts)

@@ -57,6 +57,43 @@ def test_screened_head_finds_the_exact_top_k_among_near_ties():
     assert torch.equal(head.top(hidden, 1).argmax(1), exact.argmax(1))
 
 
+def test_screened_head_stops_after_the_block_of_the_first_mismatch():
+    torch.manual_seed(1)
+    weight = torch.randn(5_000, 32)
+    head = ScreenedHead(weight, None, softcap=None)
+    hidden = torch.randn(11, 32) * 5
+    full = head.top(hidden, 1).max(dim=1)  # what greedy matching reads: each row's top value and index
+
+    def same_top(out, rows):
+        top = out[rows].max(dim=1)
+        return torch.equal(top.values, full.values[rows]) and torch.equal(top.indices, full.indices[rows])
+
+    choices = full.indices.tolist()
+    assert same_top(head.top(hidden, 1, until_mismatch=choices[:10]), slice(None))  # all accepted: every row
+    for wrong in (0, 3, 4, 6, 9):
+        draft = list(choices[:10])
+        draft[wrong] = (draft[wrong] + 1) % 5_000
+        out = head.top(hidden, 1, until_mismatch=draft)
+        computed = (wrong // 4 + 1) * 4
+        assert same_top(out, slice(computed)), wrong
+        assert torch.isneginf(out[computed:]).all(), wrong
+
+
+def test_greedy_verification_skips_the_head_after_a_rejection_and_stays_exact():
+    """Long prompt-lookup drafts on a repetitive prompt: some verifications stop the head early,
+    and the tokens still equal plain `ar`'s."""
+    plain, fast = _pair("llama", seed=5, vocab=3001)
+    head = runtime_of(fast.model).head
+    screened_rows = []
+    screen = head._top
+    head._top = lambda hidden, k: (screened_rows.append(hidden.shape[0]), screen(hidden, k))[1]
+    prompt = [11, 12, 13, 14, 15, 16, 17, 18] * 3 + [11, 12, 13, 99, 15, 16]
+    expected = SpeculativeDecoder(plain, "ar").generate(prompt, max_new_tokens=40).token_ids
+    result = SpeculativeDecoder(fast, "pld", gamma=10).generate(prompt, max_new_tokens=40)
+    assert result.token_ids == expected
+    assert sum(screened_rows) < result.stats.proposed_tokens + result.stats.target_forwards, screened_rows
+
+
 def test_screened_head_softcap_keeps_order_and_values():
     torch.manual_seed(1)
     weight = torch.randn(5_000, 32) * 0.1

@@ -20,6 +20,8 @@ from specdecode.sampling import SamplingSettings, process_logits, sample
 
 
 class JointRatioAcceptance:
+    reads_until_mismatch = False  # the longest passing prefix may extend past a failing position
+
     def __init__(self, sampling: SamplingSettings, generator: torch.Generator | None, threshold: float = 0.5) -> None:
         if not threshold > 0:
             raise InvalidSettingError(f"threshold (acceptance threshold tau) must be > 0, got {threshold}")
@@ -43,6 +45,8 @@ class JointRatioAcceptance:
 class AcceptAll:
     """Keep the whole draft (it already came from the target's own distribution: MTJD), then one
     token sampled from the target's conditional after it."""
+
+    reads_until_mismatch = False
 
     def __init__(self, sampling: SamplingSettings, generator: torch.Generator | None) -> None:
         self.sampling, self.generator = sampling, generator

@@ -28,11 +28,17 @@ class Verdict:
 
 
 class AcceptanceRule(Protocol):
+    # True where the rule reads row i + 1 of a chain draft only if row i's argmax is draft token i:
+    # the target's head may then stop computing rows after the first mismatch
+    reads_until_mismatch: bool
+
     def __call__(self, draft: Draft, target_logits: torch.Tensor) -> Verdict: ...
 
 
 class GreedyMatch:
     """Keep draft tokens while they equal the target's argmax: lossless w.r.t. greedy decoding."""
+
+    reads_until_mismatch = True
 
     def __call__(self, draft: Draft, target_logits: torch.Tensor) -> Verdict:
         choices = target_logits.argmax(dim=-1).tolist()
@@ -47,6 +53,7 @@ class GreedyTreeMatch:
     argmax for as long as there is one; lossless like :class:`GreedyMatch`."""
 
     lossless = True
+    reads_until_mismatch = True  # for chain drafts, which it matches like GreedyMatch
 
     def __call__(self, draft: Draft, target_logits: torch.Tensor) -> Verdict:
         if draft.parents is None:
@@ -67,6 +74,8 @@ class SpeculativeSampling:
     The output is distributed exactly as sampling from the processed target ``p``. A draft
     without ``probs`` was chosen deterministically, i.e. q is one-hot on the drafted token.
     """
+
+    reads_until_mismatch = False
 
     def __init__(self, sampling: SamplingSettings, generator: torch.Generator | None) -> None:
         self.sampling = sampling

@@ -81,7 +81,8 @@ class Generation:
                 t1 = _now(device)
                 fed = [sequence[-1], *draft.tokens]
                 logits, hidden = forward_candidates(model, kv, fed, draft.parents,
-                                                    exact_top=self.settings.sampling.exact_top)
+                                                    exact_top=self.settings.sampling.exact_top,
+                                                    until_mismatch=draft.tokens if self.rule.reads_until_mismatch else None)
                 verdict = self.rule(draft, logits)
                 kept = list(verdict.path or range(verdict.accepted + 1))
                 if draft.parents is not None:

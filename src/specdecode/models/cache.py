@@ -15,6 +15,8 @@ Each layer appends into a preallocated buffer (:class:`GrowingLayer`) rather tha
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -127,11 +129,15 @@ def forward_with_hidden(
     exact_top: int | None = None,
     position_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | dict[str, torch.Tensor] | None = None,
+    until_mismatch: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`forward`, also returning the final (post-norm) hidden states of the kept positions:
     the one forward a feature-level draft head needs (no second pass).
 
     ``position_ids`` and ``attention_mask`` are for tree attention (``models/tree.py``).
+    ``until_mismatch`` (greedy chain verification, ``exact_top == 1``): the draft tokens the rows
+    predict; the caller reads no row after the first one whose argmax differs from its draft
+    token, so a screened head may leave those rows ``-inf`` (it stops after that row's block).
     """
     device = next(model.parameters()).device
     input_ids = torch.tensor([new_ids], dtype=torch.long, device=device)
@@ -147,7 +153,7 @@ def forward_with_hidden(
     hidden = hidden[-logits_to_keep:]
     if runtime is not None and runtime.head is not None:
         head = runtime.head
-        return (head.top(hidden, exact_top) if exact_top else head.full(hidden)), hidden
+        return (head.top(hidden, exact_top, until_mismatch) if exact_top else head.full(hidden)), hidden
     logits = model.get_output_embeddings()(hidden)
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     if softcap:

@@ -24,7 +24,6 @@ They are built once per linear module and shared by every view of the same model
 from __future__ import annotations
 
 import copy
-import warnings
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,6 +32,8 @@ import torch
 from torch import nn
 
 from specdecode.errors import InvalidSettingError
+from specdecode.models.fused import concatenated, is_fused, projection_groups, register_fused
+from specdecode.models.int8 import Int8Linear
 
 
 @dataclass(frozen=True)
@@ -165,33 +166,6 @@ def _kv_shape(attention: nn.Module) -> tuple[int, int]:
     return int(heads), int(attention.head_dim)
 
 
-class Int8Linear(nn.Module):
-    """``x @ W.T + b`` with per-channel int8 ``W`` (a copy) and activations quantised per call.
-
-    Accepts and returns the caller's dtype (the kernels themselves run in float32).
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
-        from torch.ao.quantization import per_channel_dynamic_qconfig
-
-        float_linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-        with torch.no_grad():
-            float_linear.weight.copy_(weight.detach().float())
-            if bias is not None:
-                float_linear.bias.copy_(bias.detach().float())
-        float_linear.qconfig = per_channel_dynamic_qconfig
-        with warnings.catch_warnings():
-            # torch.ao quantised tensors are flagged deprecated upstream; they are what runs int8 on CPU here
-            warnings.simplefilter("ignore")
-            self.inner = DynamicInt8Linear.from_float(float_linear)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).float()  # the kernels take 2-D float32 input
-        return self.inner(flat).reshape(*x.shape[:-1], -1).to(x.dtype)
-
-
 # int8 copies, one per float linear module of any model, shared by all views of that model
 _INT8_COPIES: weakref.WeakKeyDictionary[nn.Module, Int8Linear] = weakref.WeakKeyDictionary()
 
@@ -229,6 +203,15 @@ def _with_int8_linears(module: nn.Module) -> nn.Module:
                              if child is not None})
 
 
+def _fuse_int8(layer: nn.Module, int8_layer: nn.Module) -> None:
+    """One int8 product per projection group of ``int8_layer`` (per-channel: the same floats as its
+    parts), built from the float layer's weights once and shared by every view."""
+    float_groups = projection_groups(layer)
+    for name, parts in projection_groups(int8_layer).items():
+        if all(type(part) is Int8Linear for part in parts) and not is_fused(parts):
+            register_fused(parts, Int8Linear(*concatenated(float_groups[name])))
+
+
 def layer_skip_view(model: nn.Module, skip: SkipSet, int8: bool = False, int8_head: bool = False) -> nn.Module:
     """``model`` as a draft that skips the sub-layers in ``skip``; shares every float weight.
 
@@ -250,6 +233,8 @@ def layer_skip_view(model: nn.Module, skip: SkipSet, int8: bool = False, int8_he
         elif int8:
             mlp = _with_int8_linears(mlp)
         new_layers.append(_shallow(layer, {layout.attention: attention, layout.mlp: mlp}))
+        if int8:
+            _fuse_int8(layer, new_layers[-1])
     replacements = {layout.stack: _shallow(stack, {layout.layers: nn.ModuleList(new_layers)})}
     if int8_head:
         replacements["lm_head"] = int8_copy(model.get_output_embeddings())

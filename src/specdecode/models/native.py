@@ -15,7 +15,7 @@ a skipped MLP is left out, int8 sub-layers call their own linear modules. Tree m
 ``models/tree.py`` (one bool mask per attention type) pass through unchanged. In chain forwards
 a sliding-window layer attends only to the keys its window can reach, not to the whole history
 the cache keeps for exact rollback. Where the runtime registered a fused projection
-(:func:`register_fused`: q/k/v as one product, gate/up as one) it runs that instead of the parts —
+(``models/fused.py``: q/k/v as one product, gate/up as one) it runs that instead of the parts —
 one weight read and one kernel call instead of three, and the same floats: each output column is
 the same dot product in the same order (tested against the parts).
 """
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+from specdecode.models.fused import project
 from specdecode.models.layer_skip import decoder_layers, is_skipped_attention, is_skipped_mlp
 
 NATIVE_MODEL_TYPES = ("llama", "qwen2", "gemma3_text")
@@ -36,23 +37,6 @@ NATIVE_MODEL_TYPES = ("llama", "qwen2", "gemma3_text")
 # per RMSNorm: the float32 weight it multiplies by ((1 + w) for Gemma's norms, w for Llama's), eps,
 # and whether it is Gemma's (which multiplies before casting back to the model's dtype)
 _NORMS: weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, float, bool]] = weakref.WeakKeyDictionary()
-# first part of a projection group → (the fused module, the parts it stands for)
-_FUSED: weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, tuple[nn.Module, ...]]] = weakref.WeakKeyDictionary()
-
-
-def register_fused(parts: tuple[nn.Module, ...], fused: nn.Module) -> None:
-    """Run ``fused`` (whose output is the parts' outputs side by side) wherever the native forward
-    would call every module of ``parts`` on the same input. Views that replace a part (int8
-    sub-layers of a layer-skip view) no longer match and run their own parts."""
-    _FUSED[parts[0]] = (fused, parts)
-
-
-def _project(x: torch.Tensor, *parts: nn.Module) -> list[torch.Tensor] | tuple[torch.Tensor, ...]:
-    """Every part applied to ``x``: through their fused module where one is registered."""
-    fused = _FUSED.get(parts[0])
-    if fused is None or len(fused[1]) != len(parts) or any(a is not b for a, b in zip(fused[1], parts)):
-        return [part(x) for part in parts]
-    return fused[0](x).split([part.out_features for part in parts], dim=-1)
 
 
 def supports_native(model: nn.Module) -> bool:
@@ -151,7 +135,7 @@ def native_forward(
             x = _norm(layer.input_layernorm, hidden)
             head_dim = attention.head_dim
             q, k, v = (p.view(1, n, -1, head_dim).transpose(1, 2)
-                       for p in _project(x, attention.q_proj, attention.k_proj, attention.v_proj))
+                       for p in project(x, attention.q_proj, attention.k_proj, attention.v_proj))
             if hasattr(attention, "q_norm"):
                 q, k = _norm(attention.q_norm, q), _norm(attention.k_norm, k)
             k, v = cache.update(_rotate(k, cos, sin), v, index)
@@ -164,7 +148,7 @@ def native_forward(
             hidden = hidden + (_norm(layer.post_attention_layernorm, out) if sandwich else out)
         if not is_skipped_mlp(mlp):
             x = _norm(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm, hidden)
-            gate, up = _project(x, mlp.gate_proj, mlp.up_proj)
+            gate, up = project(x, mlp.gate_proj, mlp.up_proj)
             out = mlp.down_proj(mlp.act_fn(gate) * up)
             hidden = hidden + (_norm(layer.post_feedforward_layernorm, out) if sandwich else out)
     return _norm(base.norm, hidden)

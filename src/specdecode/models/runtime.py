@@ -33,7 +33,6 @@ import json
 import platform
 import statistics
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,11 +44,14 @@ from torch import nn
 
 from specdecode.errors import InvalidSettingError
 from specdecode.models.layer_skip import decoder_layers
-from specdecode.models.native import register_fused, supports_native
+from specdecode.models.fused import concatenated, projection_groups, register_fused
+from specdecode.models.int8 import Int8Linear, int8_product, pack_int8
+from specdecode.models.native import supports_native
 
 QUANTIZE_CHOICES = ("fp16", "int8")
 KERNELS = ("mkl", "wxt", "onednn")  # x @ Wᵀ (MKL), W @ xᵀ, oneDNN on a prepacked weight
-ROW_BUCKETS = (1, 2, 4, 8, 16)  # a product of r rows uses the plan of the smallest bucket >= r
+ROW_BUCKETS = (1, 2, 4, 8, 16)
+HEAD_BLOCK_ROWS = 4  # the fp16 head screen is memory-bound up to ~4 rows on this CPU  # a product of r rows uses the plan of the smallest bucket >= r
 _SCREENED_MODEL_TYPES = ("gemma3_text", "llama", "qwen2", "gpt2", "mistral", "qwen3")
 
 
@@ -205,18 +207,7 @@ class Int8WeightLinear(nn.Linear):
     packed: object
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        out = torch.ops.quantized.linear_dynamic(rows.float(), self.packed, True)
-        return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
-
-
-def _pack_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> object:
-    scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # quantised tensors are flagged deprecated; fbgemm still runs them
-        quantized = torch.quantize_per_channel(weight, scales, torch.zeros_like(scales, dtype=torch.long), 0,
-                                               torch.qint8)
-    return torch.ops.quantized.linear_prepack(quantized, bias)
+        return int8_product(x, self.packed)
 
 
 class ScreenedHead:
@@ -244,8 +235,26 @@ class ScreenedHead:
         """Every logit, float32."""
         return self._cap(F.linear(hidden, self.weight, self.bias))
 
-    def top(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
-        """Logits ``[n, V]``, exact wherever a row's top ``k`` can be, ``-inf`` elsewhere."""
+    def top(self, hidden: torch.Tensor, k: int, until_mismatch: Sequence[int] | None = None) -> torch.Tensor:
+        """Logits ``[n, V]``, exact wherever a row's top ``k`` can be, ``-inf`` elsewhere.
+
+        With ``until_mismatch`` (``k == 1``: greedy verification of a chain draft) the rows are
+        screened in blocks of :data:`HEAD_BLOCK_ROWS`, and after the block holding the first row
+        whose argmax differs from its draft token the rest stay ``-inf``: a rejected draft does
+        not pay for the head on the rows after it (up to 4 rows cost about what 1 does here).
+        """
+        if until_mismatch is None or k != 1 or hidden.shape[0] <= HEAD_BLOCK_ROWS:
+            return self._top(hidden, k)
+        out = hidden.new_full((hidden.shape[0], self.weight.shape[0]), float("-inf"), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], HEAD_BLOCK_ROWS):
+            block = self._top(hidden[start:start + HEAD_BLOCK_ROWS], 1)
+            out[start:start + block.shape[0]] = block
+            choices = block.argmax(dim=1).tolist()
+            if any(choice != token for choice, token in zip(choices, until_mismatch[start:])):
+                break
+        return out
+
+    def _top(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
         hidden = hidden.float()
         screen = torch.ops.quantized.linear_dynamic_fp16(hidden, self.packed)
         if self.bias is not None:
@@ -356,7 +365,7 @@ def prepare_runtime(
     elif quantize == "int8":
         for linear in layers:
             linear.__class__ = Int8WeightLinear
-            linear.packed = _pack_int8(linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
+            linear.packed = pack_int8(linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
     elif layers:
         plan = _install_tuned(layers, kernels, plan_cache)
     if supports_native(model):
@@ -379,17 +388,15 @@ def _fuse_projections(model: nn.Module) -> None:
     Only the float32 runtime's kernels are fused: their columns come out bit-identical to the
     parts' (tested), while e.g. MKL's float64 product rounds a wider matrix differently."""
     for layer in decoder_layers(model):
-        attention, mlp = layer.self_attn, layer.mlp
-        for parts in ((attention.q_proj, attention.k_proj, attention.v_proj), (mlp.gate_proj, mlp.up_proj)):
+        for parts in projection_groups(layer).values():
             kind = type(parts[0])
             if kind not in (TunedLinear, Fp16WeightLinear, Int8WeightLinear) or any(
                     type(part) is not kind for part in parts):
                 continue
-            weight = torch.cat([part.weight.detach() for part in parts])
-            bias = None
-            if any(part.bias is not None for part in parts):
-                bias = torch.cat([part.bias.detach() if part.bias is not None else weight.new_zeros(part.out_features)
-                                  for part in parts])
+            weight, bias = concatenated(parts)
+            if kind is Int8WeightLinear:
+                register_fused(parts, Int8Linear(weight, bias))  # no float copy: int8 products only
+                continue
             fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
             fused.weight = nn.Parameter(weight, requires_grad=False)
             if bias is not None:
@@ -397,8 +404,6 @@ def _fuse_projections(model: nn.Module) -> None:
             fused.__class__ = kind
             if kind is Fp16WeightLinear:
                 fused.packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
-            elif kind is Int8WeightLinear:
-                fused.packed = _pack_int8(weight, bias)
             else:
                 fused.plan = parts[0].plan
                 fused.packed = None if parts[0].packed is None else torch.ops.mkldnn._reorder_linear_weight(weight, 8)

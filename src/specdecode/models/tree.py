@@ -9,6 +9,8 @@ per attention type, so sliding-window layers keep their window).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from specdecode.errors import InvalidSettingError
@@ -112,11 +114,14 @@ def forward_candidates(
     ids: list[int],
     parents: list[int] | None,
     exact_top: int | None = None,
+    until_mismatch: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Verify candidates in one forward: a chain (``parents`` None), or a tree rooted at ``ids[0]``
-    where ``parents[i] < i + 1`` is the index in ``ids`` of the parent of ``ids[i + 1]``."""
+    where ``parents[i] < i + 1`` is the index in ``ids`` of the parent of ``ids[i + 1]``.
+    ``until_mismatch`` (the draft of a chain, for greedy matching) is passed on to
+    :func:`forward_with_hidden`; a tree computes every row."""
     if parents is None:
-        return forward_with_hidden(model, kv, ids, len(ids), exact_top)
+        return forward_with_hidden(model, kv, ids, len(ids), exact_top, until_mismatch=until_mismatch)
     start = len(kv)
     tree = [-1, *parents]
     positions = [start + d for d in depths(tree)]

@@ -26,7 +26,8 @@ from torch import nn
 from specdecode.errors import InvalidSettingError
 from specdecode.models.cache import KVCache, forward
 from specdecode.models.frequent_vocab import expand_logits, validate_token_ids
-from specdecode.models.layer_skip import Int8Linear, SkipSet, layer_skip_view, num_layers
+from specdecode.models.int8 import Int8Linear
+from specdecode.models.layer_skip import SkipSet, layer_skip_view, num_layers
 from specdecode.models.loading import LoadedModel
 from specdecode.propose.base import Draft, Proposer
 from specdecode.sampling import SamplingSettings, process_logits, sample
