@@ -12,7 +12,10 @@ neither the shipped draft nor the draft heads trained on — the first 10 of eac
 and all 40 MT-bench questions (their ``--holdout 10`` splits) — plus questions 21-22 of each task
 (in the shipped draft's training prompts, see above).
 
-Usage: python scripts/heldout_prompts.py ../shared/data/specbench_dev.jsonl OUT.jsonl [heldout-12|quality-100]
+``tune-56`` (choosing defaults, e.g. of prompt lookup, without touching either set above): questions
+23-30 of each 40-prompt task and the second and third question of each MT-bench category.
+
+Usage: python scripts/heldout_prompts.py ../shared/data/specbench_dev.jsonl OUT.jsonl [heldout-12|quality-100|tune-56]
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ MT_BENCH_PICK = ("writing", "coding")
 
 def picked(category: str, index: int, which: str) -> bool:
     """Whether question ``index`` (0-based, within its category) belongs to the set ``which``."""
+    if which == "tune-56":
+        return 1 <= index < 3 if category not in TASKS else 22 <= index < 30
     if category not in TASKS:
         return which == "quality-100" or (category in MT_BENCH_PICK and index == 0)
     if which == "quality-100" and index < 10:
@@ -35,8 +40,8 @@ def picked(category: str, index: int, which: str) -> bool:
 
 
 def main(source: str, out: str, which: str = "heldout-12") -> None:
-    if which not in ("heldout-12", "quality-100"):
-        raise SystemExit(f"unknown set {which!r}: heldout-12 or quality-100")
+    if which not in ("heldout-12", "quality-100", "tune-56"):
+        raise SystemExit(f"unknown set {which!r}: heldout-12, quality-100 or tune-56")
     rows = [json.loads(line) for line in open(source, encoding="utf-8") if line.strip()]
     seen: dict[str, int] = defaultdict(int)
     chosen = []

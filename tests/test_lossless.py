@@ -30,6 +30,7 @@ def test_pld_and_sps_equal_ar_greedy(arch):
         assert len(expected) == max_new
         candidates = [
             SpeculativeDecoder(target, "pld", gamma=rng.randint(1, 8), max_ngram=rng.randint(1, 4)),
+            SpeculativeDecoder(target, "pld", gamma=rng.randint(1, 8), match="first"),
             SpeculativeDecoder(target, "sps", draft=near_draft, gamma=rng.randint(1, 6)),
             SpeculativeDecoder(target, "sps", draft=far_draft, gamma=3, adaptive_gamma=True),
             SpeculativeDecoder(target, "sps", draft=near_draft, gamma=2, adaptive_gamma=True),
@@ -38,6 +39,15 @@ def test_pld_and_sps_equal_ar_greedy(arch):
             result = decoder.generate(prompt, max_new_tokens=max_new)
             assert result.token_ids == expected, (decoder.method, decoder.method_options)
             assert result.stats.new_tokens == max_new
+
+
+def test_prompt_lookup_copies_the_occurrence_it_is_asked_for():
+    from specdecode.propose.ngram import NgramProposer
+
+    sequence = [1, 2, 3, 9, 9, 1, 2, 4, 8, 1, 2]
+    assert NgramProposer(3, max_ngram=2, match="last").propose(sequence, 10).tokens == [4, 8, 1]
+    assert NgramProposer(3, max_ngram=2, match="first").propose(sequence, 10).tokens == [3, 9, 9]
+    assert NgramProposer(3, max_ngram=3, match="first").propose([5, 6, 5, 6], 10).tokens == [5, 6]
 
 
 def test_self_draft_accepts_everything():

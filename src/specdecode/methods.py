@@ -102,10 +102,11 @@ def build_autoregressive(ctx: MethodContext) -> tuple[Proposer, AcceptanceRule]:
 
 @register("pld")
 def build_prompt_lookup(
-    ctx: MethodContext, gamma: int = 10, max_ngram: int = 3, min_ngram: int = 1
+    ctx: MethodContext, gamma: int = 10, max_ngram: int = 3, min_ngram: int = 1, match: str = "last"
 ) -> tuple[Proposer, AcceptanceRule]:
-    """Prompt lookup: draft the continuation of an earlier occurrence of the last n-gram."""
-    return NgramProposer(gamma, max_ngram, min_ngram), default_rule(ctx)
+    """Prompt lookup: draft the continuation of an earlier occurrence of the last n-gram (``match``:
+    the most recent occurrence, or the first)."""
+    return NgramProposer(gamma, max_ngram, min_ngram, match), default_rule(ctx)
 
 
 @register("sps")
