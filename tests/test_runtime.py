@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from specdecode import SpeculativeDecoder
 from specdecode.errors import InvalidSettingError
+from specdecode.models.int8 import pack_int8
 from specdecode.models.loading import LoadedModel, load_model
 from specdecode.models.runtime import (KERNELS, Fp16WeightLinear, Int8WeightLinear, KernelPlan, ScreenedHead, TunedLinear, prepare_runtime,
                                        runtime_of, tune_kernels)
@@ -204,6 +205,27 @@ def test_quantized_weights_are_close_but_a_different_target(quantize, cls, toler
         a, b = plain(ids).logits, quant(ids).logits
     assert 0 < (a - b).abs().max() < tolerance * a.abs().max()
     assert plain.state_dict().keys() == quant.state_dict().keys()
+
+
+def test_int8_target_quantises_each_row_on_its_own():
+    """The int8 target's inputs are quantised on a calibrated static grid: a row's product does not
+    depend on the other rows of the call (a k-token verification computes what 1-token steps do),
+    unlike per-call dynamic quantisation."""
+    quant = _tiny_fp32("llama", seed=6)
+    prepare_runtime(quant, quantize="int8")
+    linears = [m for m in quant.modules() if isinstance(m, Int8WeightLinear)]
+    assert linears and all(m.static is not None for m in linears)  # the calibration reached every layer
+    linear = linears[0]
+    rows = torch.randn(9, linear.in_features) * 3
+    rows[0, 0] = 40.0  # an outlier in one row must not change the others' quantisation
+    with torch.inference_mode():
+        together = linear(rows)
+        apart = torch.cat([linear(rows[i:i + 1]) for i in range(9)])
+        assert torch.equal(together, apart)
+        static, linear.static = linear.static, None
+        linear.packed = pack_int8(linear.weight, linear.bias)
+        dynamic_together, dynamic_apart = linear(rows), torch.cat([linear(rows[i:i + 1]) for i in range(9)])
+    assert not torch.equal(dynamic_together, dynamic_apart)  # what the static grid is for
 
 
 def test_runtime_refuses_what_it_cannot_do():

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from specdecode.errors import ModelLoadError, VocabularyMismatchError
+from specdecode.models.int8 import calibration_ids
 from specdecode.models.runtime import auto_dtype, prepare_runtime
 from specdecode.models.vocab_map import VocabMap, apply_vocab_map, pair_target_embedding, tokenizer_digest, vocab_map_of
 
@@ -171,7 +172,8 @@ def load_model(
             raise ModelLoadError(f"model path not found: {spec_str}")
     model, tokenizer, fingerprint = _load_transformers(directory, torch_dtype, torch_device)
     if fast or quantize is not None:
-        prepare_runtime(model, quantize, plan_cache=cache_dir() / "kernel-plans.json")
+        calibration = calibration_ids(tokenizer, model.config.get_text_config().vocab_size) if quantize == "int8" else None
+        prepare_runtime(model, quantize, plan_cache=cache_dir() / "kernel-plans.json", calibration_ids=calibration)
     return LoadedModel(model, tokenizer, name=name, fingerprint=fingerprint, quantize=quantize, source=spec_str)
 
 

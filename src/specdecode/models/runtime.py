@@ -20,8 +20,9 @@ embedded Gemma 3 270M, see docs/perf.md), and by one product above all: the 262k
 
 and two that do (explicit, reported as another target): ``quantize="fp16"`` runs every linear
 layer on float16 weights (fbgemm, float32 activations and accumulation); ``quantize="int8"`` on
-per-channel int8 weights with activations quantised per call (fbgemm: half fp16's bytes, ~2× its
-speed for one token here). The LM head stays screened-exact in both.
+per-channel int8 weights with smoothed activations on a calibrated static int8 grid (fbgemm: half
+fp16's bytes; each row quantised on its own, so speculation stays lossless on that target — see
+``models/int8.py``). The LM head stays screened-exact in both.
 
 Everything here is CPU-only; on CUDA the runtime stays off (cuBLAS serves these shapes well).
 """
@@ -45,7 +46,8 @@ from torch import nn
 from specdecode.errors import InvalidSettingError
 from specdecode.models.layer_skip import decoder_layers
 from specdecode.models.fused import concatenated, projection_groups, register_fused
-from specdecode.models.int8 import Int8Linear, int8_product, pack_int8
+from specdecode.models.int8 import InputStatistics, Int8Linear, StaticActivation, int8_product, pack_int8
+from specdecode.models.int8 import calibration_ids as calibration_token_ids
 from specdecode.models.native import supports_native
 
 QUANTIZE_CHOICES = ("fp16", "int8")
@@ -201,13 +203,14 @@ class Fp16WeightLinear(nn.Linear):
 
 
 class Int8WeightLinear(nn.Linear):
-    """``nn.Linear`` on a packed per-channel int8 copy of its weight; activations are quantised
-    per call (fbgemm dynamic int8, 7-bit activation range as `torch.ao` uses on x86)."""
+    """``nn.Linear`` on a packed per-channel int8 copy of its (smoothed) weight, its input quantised
+    on a calibrated static grid (``models/int8.py``), or per call where calibration never reached it."""
 
     packed: object
+    static: StaticActivation | None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_product(x, self.packed)
+        return int8_product(x, self.packed, self.static)
 
 
 class ScreenedHead:
@@ -333,13 +336,15 @@ def prepare_runtime(
     quantize: str | None = None,
     kernels: str = "auto",
     plan_cache: Path | None = None,
+    calibration_ids: Sequence[int] | None = None,
 ) -> Runtime | None:
     """Install the fast CPU runtime on ``model`` (in place): the kernels on float32 models, the
     native decoder (``models/native.py``) on supported architectures in any CPU dtype; None where
     nothing applies (CUDA, unsupported float64 architectures).
 
     ``kernels`` is ``"auto"`` (time the candidates, or reuse the plan stored in ``plan_cache``) or
-    one of :data:`KERNELS` for every row count.
+    one of :data:`KERNELS` for every row count. ``calibration_ids`` (``quantize="int8"``): the
+    tokens the static activation ranges are calibrated on (default: a fixed pseudo-random sequence).
     """
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise InvalidSettingError(f"unknown quantize choice {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}")
@@ -363,9 +368,7 @@ def prepare_runtime(
             linear.__class__ = Fp16WeightLinear
             linear.packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach(), None)
     elif quantize == "int8":
-        for linear in layers:
-            linear.__class__ = Int8WeightLinear
-            linear.packed = pack_int8(linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
+        _install_int8(model, layers, calibration_ids)
     elif layers:
         plan = _install_tuned(layers, kernels, plan_cache)
     if supports_native(model):
@@ -394,8 +397,8 @@ def _fuse_projections(model: nn.Module) -> None:
                     type(part) is not kind for part in parts):
                 continue
             weight, bias = concatenated(parts)
-            if kind is Int8WeightLinear:
-                register_fused(parts, Int8Linear(weight, bias))  # no float copy: int8 products only
+            if kind is Int8WeightLinear:  # the parts share their input's quantisation; no float copy
+                register_fused(parts, Int8Linear(weight, bias, parts[0].static))
                 continue
             fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
             fused.weight = nn.Parameter(weight, requires_grad=False)
@@ -408,6 +411,27 @@ def _fuse_projections(model: nn.Module) -> None:
                 fused.plan = parts[0].plan
                 fused.packed = None if parts[0].packed is None else torch.ops.mkldnn._reorder_linear_weight(weight, 8)
             register_fused(parts, fused)
+
+
+def _install_int8(model: nn.Module, layers: list[nn.Linear], calibration_ids: Sequence[int] | None) -> None:
+    """Per-channel int8 weights with smoothed, statically quantised inputs (``models/int8.py``),
+    calibrated by one float32 forward over ``calibration_ids`` before any layer is swapped."""
+    if calibration_ids is None:
+        calibration_ids = calibration_token_ids(None, model.config.get_text_config().vocab_size)
+    statistics_ = InputStatistics(layers)
+    try:
+        with torch.inference_mode():
+            model.base_model(input_ids=torch.tensor([list(calibration_ids)]), use_cache=False)
+    finally:
+        statistics_.remove()
+    groups = {part: parts for layer in decoder_layers(model) for parts in projection_groups(layer).values()
+              for part in parts}
+    for linear in layers:
+        static = statistics_.static_activation(groups.get(linear, (linear,))) if linear in statistics_.low else None
+        linear.__class__ = Int8WeightLinear
+        linear.static = static
+        linear.packed = pack_int8(linear.weight.detach(), None if linear.bias is None else linear.bias.detach(),
+                                  None if static is None else static.smooth)
 
 
 def _install_tuned(layers: list[nn.Linear], kernels: str, plan_cache: Path | None) -> KernelPlan:
