@@ -74,3 +74,18 @@ def test_demo_runs_every_method_with_the_shipped_draft_and_profile(real_model, c
     out = capsys.readouterr().out
     rows = [line.split()[0] for line in out.splitlines() if line.endswith(("yes", "NO (bug!)"))]
     assert rows == ["ar", "pld", "sps", "ssd", "knn-ssd", "eagle", "eagle-tree"] and "NO (bug!)" not in out
+
+
+def test_int8_target_and_draft_load_and_speculate(real_model):
+    """The int8 target calibrates at load; the shipped draft, which cannot run before it is paired
+    with its target, loads in int8 too (per-call quantisation) and drafts for the int8 target."""
+    from specdecode.models.loading import load_model
+    from specdecode.models.runtime import Int8WeightLinear
+
+    target = load_model("default", quantize="int8")
+    draft = load_model("default-draft", quantize="int8")
+    assert all(m.static is not None for m in target.model.modules() if isinstance(m, Int8WeightLinear))
+    assert all(m.static is None for m in draft.model.modules() if isinstance(m, Int8WeightLinear))
+    result = SpeculativeDecoder(target, "sps", draft=draft, gamma=3).generate(PROMPTS[0], max_new_tokens=8,
+                                                                               stop_at_eos=False)
+    assert len(result.token_ids) == 8 and result.stats.draft_forwards > 0

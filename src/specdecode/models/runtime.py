@@ -49,6 +49,7 @@ from specdecode.models.fused import concatenated, projection_groups, register_fu
 from specdecode.models.int8 import InputStatistics, Int8Linear, StaticActivation, int8_product, pack_int8
 from specdecode.models.int8 import calibration_ids as calibration_token_ids
 from specdecode.models.native import supports_native
+from specdecode.models.vocab_map import awaits_target_embedding
 
 QUANTIZE_CHOICES = ("fp16", "int8")
 KERNELS = ("mkl", "wxt", "onednn")  # x @ Wᵀ (MKL), W @ xᵀ, oneDNN on a prepacked weight
@@ -415,13 +416,16 @@ def _fuse_projections(model: nn.Module) -> None:
 
 def _install_int8(model: nn.Module, layers: list[nn.Linear], calibration_ids: Sequence[int] | None) -> None:
     """Per-channel int8 weights with smoothed, statically quantised inputs (``models/int8.py``),
-    calibrated by one float32 forward over ``calibration_ids`` before any layer is swapped."""
+    calibrated by one float32 forward over ``calibration_ids`` before any layer is swapped. A draft
+    that cannot run before it is paired with its target is quantised per call instead (dynamic:
+    a draft's numbers only have to be good guesses)."""
     if calibration_ids is None:
         calibration_ids = calibration_token_ids(None, model.config.get_text_config().vocab_size)
     statistics_ = InputStatistics(layers)
     try:
-        with torch.inference_mode():
-            model.base_model(input_ids=torch.tensor([list(calibration_ids)]), use_cache=False)
+        if not awaits_target_embedding(model):
+            with torch.inference_mode():
+                model.base_model(input_ids=torch.tensor([list(calibration_ids)]), use_cache=False)
     finally:
         statistics_.remove()
     groups = {part: parts for layer in decoder_layers(model) for parts in projection_groups(layer).values()

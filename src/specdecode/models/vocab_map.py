@@ -154,6 +154,13 @@ def apply_vocab_map(model: nn.Module, vocab_map: VocabMap) -> nn.Module:
     return model
 
 
+def awaits_target_embedding(model: nn.Module) -> bool:
+    """Whether ``model`` is a draft that cannot run until its target lends it an embedding table."""
+    embedding = model.get_input_embeddings()
+    return (isinstance(embedding, MappedEmbedding) and embedding.reads_target_embedding
+            and embedding.target_embedding is None)
+
+
 def pair_target_embedding(draft: nn.Module, target: nn.Module) -> None:
     """Lend ``target``'s input embedding table to a ``draft`` whose map says it reads it (else do nothing)."""
     embedding = draft.get_input_embeddings()
