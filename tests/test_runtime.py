@@ -87,7 +87,7 @@ def test_greedy_verification_skips_the_head_after_a_rejection_and_stays_exact():
     head = runtime_of(fast.model).head
     screened_rows = []
     screen = head._top
-    head._top = lambda hidden, k: (screened_rows.append(hidden.shape[0]), screen(hidden, k))[1]
+    head._top = lambda hidden, k, **options: (screened_rows.append(hidden.shape[0]), screen(hidden, k, **options))[1]
     prompt = [11, 12, 13, 14, 15, 16, 17, 18] * 3 + [11, 12, 13, 99, 15, 16]
     expected = SpeculativeDecoder(plain, "ar").generate(prompt, max_new_tokens=40).token_ids
     result = SpeculativeDecoder(fast, "pld", gamma=10).generate(prompt, max_new_tokens=40)

@@ -251,14 +251,14 @@ class ScreenedHead:
             return self._top(hidden, k)
         out = hidden.new_full((hidden.shape[0], self.weight.shape[0]), float("-inf"), dtype=torch.float32)
         for start in range(0, hidden.shape[0], HEAD_BLOCK_ROWS):
-            block = self._top(hidden[start:start + HEAD_BLOCK_ROWS], 1)
-            out[start:start + block.shape[0]] = block
+            block = self._top(hidden[start:start + HEAD_BLOCK_ROWS], 1, out=out[start:start + HEAD_BLOCK_ROWS])
             choices = block.argmax(dim=1).tolist()
             if any(choice != token for choice, token in zip(choices, until_mismatch[start:])):
                 break
         return out
 
-    def _top(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
+    def _top(self, hidden: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`top` of all rows at once, written into ``out`` (all ``-inf``) where given."""
         hidden = hidden.float()
         screen = torch.ops.quantized.linear_dynamic_fp16(hidden, self.packed)
         if self.bias is not None:
@@ -275,7 +275,8 @@ class ScreenedHead:
         exact = (hidden.double() @ rows.t())
         if self.bias is not None:
             exact = exact + self.bias.index_select(0, candidates).double()
-        out = torch.full_like(screen, float("-inf"))
+        if out is None:
+            out = torch.full_like(screen, float("-inf"))
         out.index_copy_(1, candidates, self._cap(exact.float()))
         return out
 
