@@ -125,6 +125,20 @@ def test_exact_top_says_what_processing_reads():
     assert SamplingSettings(temperature=1.0, top_p=0.9).exact_top is None
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_every_product_kernel_returns_rows_in_row_major_order(kernel):
+    """A plan may pick a different kernel for k rows than for 1, and what follows a product rounds
+    by memory layout (RMSNorm sums a strided row in another order): so every kernel's output must
+    be laid out alike. W @ xᵀ returned a column-major view until the native decoder normed q and k
+    as one view of the joined projection, and a tiny model's mixed plan changed the floats."""
+    model = _tiny_fp32("llama")
+    prepare_runtime(model, kernels=kernel)
+    linear = next(m for m in model.modules() if isinstance(m, TunedLinear))
+    for rows in (1, 3, 9):
+        x = torch.randn(1, rows, linear.in_features)
+        assert linear(x).is_contiguous(), (kernel, rows)
+
+
 @pytest.mark.parametrize("kernels", ["auto", *KERNELS])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_greedy_methods_with_the_runtime_equal_plain_ar(arch, kernels):

@@ -40,6 +40,14 @@ def project(x: torch.Tensor, *parts: nn.Module) -> Sequence[torch.Tensor]:
     return _FUSED[parts[0]][0](x).split([part.out_features for part in parts], dim=-1)
 
 
+def joined(x: torch.Tensor, *parts: nn.Module) -> torch.Tensor:
+    """The parts' outputs side by side in one tensor: the fused module's output where one is
+    registered (no copy), else the parts' outputs concatenated."""
+    if is_fused(parts):
+        return _FUSED[parts[0]][0](x)
+    return torch.cat([part(x) for part in parts], dim=-1)
+
+
 def concatenated(parts: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The parts' weights stacked by output row, and their biases (zeros where a part has none)."""
     weight = torch.cat([part.weight.detach() for part in parts])

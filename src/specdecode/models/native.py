@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from specdecode.models.fused import project
+from specdecode.models.fused import joined, project
 from specdecode.models.layer_skip import decoder_layers, is_skipped_attention, is_skipped_mlp
 
 NATIVE_MODEL_TYPES = ("llama", "qwen2", "gemma3_text")
@@ -47,8 +47,7 @@ def supports_native(model: nn.Module) -> bool:
             and hasattr(model, "base_model"))
 
 
-def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The module's RMSNorm with `transformers`' arithmetic: in float32, cast back afterwards."""
+def _norm_parameters(module: nn.Module) -> tuple[torch.Tensor, float, bool]:
     norm = _NORMS.get(module)
     if norm is None:
         gemma = "Gemma" in type(module).__name__
@@ -56,17 +55,74 @@ def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         norm = ((1.0 + weight) if gemma else weight, float(getattr(module, "eps", None) or module.variance_epsilon),
                 gemma)
         _NORMS[module] = norm
-    scale, eps, gemma = norm
+    return norm
+
+
+def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The module's RMSNorm with `transformers`' arithmetic: in float32, cast back afterwards."""
+    scale, eps, gemma = _norm_parameters(module)
     if x.dtype == torch.float32:  # the hot path: one fused op, the same floats as the four-op form
         return F.rms_norm(x, scale.shape, scale, eps)
+    return _scaled(_normalized(x, eps), scale, gemma, x.dtype)
+
+
+def _normalized(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x`` over its root mean square, in float32 (for float32 ``F.rms_norm`` without a weight: the
+    same floats as the four-op form, and multiplying by the weight afterwards equals passing it)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, x.shape[-1:], None, eps)
     wide = x.float()
-    normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
-    return (normed * scale).to(x.dtype) if gemma else module.weight * normed.to(x.dtype)
+    return wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def _scaled(normed: torch.Tensor, scale: torch.Tensor, gemma: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Gemma multiplies by its weight in float32, then casts; Llama casts, then multiplies."""
+    if gemma or dtype == torch.float32:
+        return (normed * scale).to(dtype)
+    return scale.to(dtype) * normed.to(dtype)
+
+
+def _head_norms(attention: nn.Module, heads: int, kv_heads: int) -> tuple[torch.Tensor, float, bool]:
+    """q_norm's scale on each query head's row and k_norm's on each key head's, stacked
+    ``[heads + kv_heads, head_dim]``: both norms as one op over the joined q/k heads."""
+    stacked = _NORMS.get(attention)
+    if stacked is None:
+        (q_scale, eps, gemma), (k_scale, k_eps, _) = (_norm_parameters(attention.q_norm),
+                                                      _norm_parameters(attention.k_norm))
+        if k_eps != eps:
+            raise ValueError("q_norm and k_norm with different eps")
+        stacked = (torch.cat([q_scale.expand(heads, -1), k_scale.expand(kv_heads, -1)]), eps, gemma)
+        _NORMS[attention] = stacked
+    return stacked
+
+
+def _attention_inputs(attention: nn.Module, x: torch.Tensor, cos: torch.Tensor,
+                      signed_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys (normed where the model norms them, rotated) and values, ``[1, heads, n, d]``.
+
+    q and k are normed and rotated as one ``[1, n, heads + kv_heads, d]`` view of the joined
+    projection: a third of the ops of doing them apart, the same floats. Rotation is
+    ``x·cos + roll(x, d/2)·signed_sin`` with ``signed_sin = (−sin₁, sin₂)``: ``rotate_half(x)·sin``
+    element for element, since negating a factor negates a product exactly.
+    """
+    n, head_dim = x.shape[1], attention.head_dim
+    parts = (attention.q_proj, attention.k_proj, attention.v_proj)
+    heads, kv_heads = (part.out_features // head_dim for part in parts[:2])
+    qkv = joined(x, *parts)
+    qk = qkv[..., :(heads + kv_heads) * head_dim].view(1, n, heads + kv_heads, head_dim)
+    v = qkv[..., (heads + kv_heads) * head_dim:].view(1, n, kv_heads, head_dim).transpose(1, 2)
+    if hasattr(attention, "q_norm"):
+        scale, eps, gemma = _head_norms(attention, heads, kv_heads)
+        qk = _scaled(_normalized(qk, eps), scale, gemma, qk.dtype)
+    qk = qk * cos + qk.roll(head_dim // 2, -1) * signed_sin
+    q, k = qk.transpose(1, 2).split([heads, kv_heads], dim=1)
+    return q, k, v
+
+
+def _rotary_factors(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[1, n, d]`` cos and sin as ``[1, n, 1, d]`` factors for :func:`_attention_inputs`."""
+    half = sin.shape[-1] // 2
+    return cos[:, :, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, :, None]
 
 
 def _window_start(past: int, window: int | None) -> int:
@@ -110,9 +166,9 @@ def native_forward(
     rotary = {}
     for layer_type in set(types):
         if "Gemma" in type(base.rotary_emb).__name__:
-            rotary[layer_type] = base.rotary_emb(hidden, position_ids, layer_type)
+            rotary[layer_type] = _rotary_factors(*base.rotary_emb(hidden, position_ids, layer_type))
         else:
-            rotary[layer_type] = base.rotary_emb(hidden, position_ids)
+            rotary[layer_type] = _rotary_factors(*base.rotary_emb(hidden, position_ids))
     masks: dict[str, torch.Tensor | None] = {}
     starts = dict.fromkeys(types, 0)
     for layer_type in set(types):
@@ -131,18 +187,12 @@ def native_forward(
             placeholder = hidden.new_zeros(1, attention.kv_heads, n, attention.head_dim)
             cache.update(placeholder, placeholder, index)
         else:
-            cos, sin = (t[:, None] for t in rotary[types[index]])
-            x = _norm(layer.input_layernorm, hidden)
-            head_dim = attention.head_dim
-            q, k, v = (p.view(1, n, -1, head_dim).transpose(1, 2)
-                       for p in project(x, attention.q_proj, attention.k_proj, attention.v_proj))
-            if hasattr(attention, "q_norm"):
-                q, k = _norm(attention.q_norm, q), _norm(attention.k_norm, k)
-            k, v = cache.update(_rotate(k, cos, sin), v, index)
+            q, k, v = _attention_inputs(attention, _norm(layer.input_layernorm, hidden), *rotary[types[index]])
+            k, v = cache.update(k, v, index)
             start = starts[types[index]]
             if start:
                 k, v = k[..., start:, :], v[..., start:, :]
-            out = F.scaled_dot_product_attention(_rotate(q, cos, sin), k, v, attn_mask=masks[types[index]],
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[types[index]],
                                                  scale=attention.scaling, enable_gqa=True)
             out = attention.o_proj(out.transpose(1, 2).reshape(1, n, -1))
             hidden = hidden + (_norm(layer.post_attention_layernorm, out) if sandwich else out)

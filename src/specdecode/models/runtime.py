@@ -118,7 +118,8 @@ class TunedLinear(nn.Linear):
         if kernel == "onednn":
             out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         elif kernel == "wxt":
-            out = torch.mm(self.weight, rows.t()).t()
+            # row-major like the other kernels': ops downstream (RMSNorm's sum) round by layout
+            out = torch.mm(self.weight, rows.t()).t().contiguous()
             if self.bias is not None:
                 out = out + self.bias
         else:
