@@ -195,3 +195,30 @@ def test_cli_search_writes_a_profile_that_generate_uses(tmp_path, capsys):
     assert main(["search", "--model", str(directory), "--data", str(data), "--category", "math", "--out",
                  str(tmp_path / "x.json")]) == 2
     assert "--prompts 8 with --prompt-offset 0 needs 8 prompts" in capsys.readouterr().err
+
+
+def test_cost_models_time_the_verification_greedy_ssd_runs(monkeypatch):
+    """Both cost models time verification as greedy ``ssd`` runs it — each row's top 1, which the
+    fast runtime's screened head serves — not the full float32 head: timing the full head made a
+    k-token verification 1.5–2× dearer than it is, and the searches picked short drafts."""
+    from specdecode.models.runtime import prepare_runtime
+    from specdecode.search import objective as objective_module
+    from specdecode.search.objective import CostTable
+
+    target = tiny_model("llama", seed=3, layers=LAYERS)
+    target.model.float()
+    prepare_runtime(target.model)
+    calls = []
+    real_forward = objective_module.forward
+
+    def recording(model, kv, new_ids, logits_to_keep, exact_top=None):
+        calls.append((len(new_ids), logits_to_keep, exact_top))
+        return real_forward(model, kv, new_ids, logits_to_keep, exact_top)
+
+    monkeypatch.setattr(objective_module, "forward", recording)
+    context = list(range(5, 25))
+    CostModel.measure(target, context, SelfDraftSettings(max_draft=3), repeats=1)
+    CostTable(target, context, max_draft=3, repeats=1)
+    verifications = [call for call in calls if call[1] > 0]
+    assert {tokens for tokens, _, _ in verifications} == {1, 2, 3, 4}
+    assert all(keep == tokens and exact_top == 1 for tokens, keep, exact_top in verifications)
