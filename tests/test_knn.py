@@ -523,6 +523,12 @@ def test_config_search_covers_the_space_resumes_and_stops_on_budget(tmp_path):
     first = search_config(objective, 4, space, iterations=2, init_points=3, seed=1, checkpoint=checkpoint,
                           progress=False)
     assert len(first.history) == len(calls) == 5
+    # two stages: the starts and half the iterations choose with nothing skipped, then the skip
+    # flags are searched with the best choices fixed
+    assert [e["stage"] for e in first.history] == ["choices"] * 4 + ["skips"]
+    assert all(calls[i].skip == SkipSet() for i in range(4))
+    best_choice = max(first.history[:4], key=lambda e: e["evaluation"]["score"])["point"][8:]
+    assert first.history[4]["point"][8:] == best_choice and calls[4].skip != SkipSet()
     assert calls[0] == SelfDraftSettings(SkipSet(), threshold=0.3, max_draft=6, vocab_ids=tuple(range(40)), int8=True)
     for settings in calls:
         assert settings.vocab_ids is None or len(settings.vocab_ids) in (10, 40)

@@ -19,12 +19,15 @@ VERSION = 1
 
 
 def save_search(path: Path, fmt: str, signature: dict[str, Any], history: list[dict[str, Any]],
-                optimizer: BayesianOptimization, **extra: Any) -> None:
-    """Write a checkpoint in format ``fmt`` (one name per kind of search); ``extra`` keys ride along."""
-    with tempfile.TemporaryDirectory() as scratch:
-        state_file = Path(scratch) / "optimizer.json"
-        optimizer.save_state(state_file)
-        state = json.loads(state_file.read_text())
+                optimizer: BayesianOptimization | None, **extra: Any) -> None:
+    """Write a checkpoint in format ``fmt`` (one name per kind of search); ``extra`` keys ride along.
+    Without an ``optimizer`` the history is the whole state (the search re-registers it)."""
+    state = None
+    if optimizer is not None:
+        with tempfile.TemporaryDirectory() as scratch:
+            state_file = Path(scratch) / "optimizer.json"
+            optimizer.save_state(state_file)
+            state = json.loads(state_file.read_text())
     data = {"format": fmt, "version": VERSION, "search": signature, **extra,
             "history": history, "optimizer": state}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,7 +37,7 @@ def save_search(path: Path, fmt: str, signature: dict[str, Any], history: list[d
 
 
 def load_search(path: Path, fmt: str, kind: str, signature: dict[str, Any],
-                optimizer: BayesianOptimization) -> dict[str, Any]:
+                optimizer: BayesianOptimization | None) -> dict[str, Any]:
     """Restore ``optimizer`` from a checkpoint of format ``fmt`` (a ``kind`` search, for messages)
     of the same search; return it (``history`` and any extra keys). Another file, version or search
     is refused with one line."""
@@ -49,6 +52,8 @@ def load_search(path: Path, fmt: str, kind: str, signature: dict[str, Any],
         raise InvalidSettingError(
             f"checkpoint {str(path)!r} belongs to a different search (model, data, objective or space, seed or "
             "starts differ); delete it or choose another checkpoint path")
+    if optimizer is None:
+        return data
     with tempfile.TemporaryDirectory() as scratch:
         state_file = Path(scratch) / "optimizer.json"
         state_file.write_text(json.dumps(data["optimizer"]))

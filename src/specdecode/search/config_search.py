@@ -11,14 +11,22 @@ what it can propose, so here they are searched together:
 * the confidence threshold (0.05 steps) and the maximum draft length.
 
 Every variable is an integer for the optimiser (`bayesian-optimization`, the skip search's
-library and settings). The first start is ``default_point`` (nothing skipped: on small models
-skipping is rarely what pays), the others are random, skip flags drawn with a density uniform in
-[0, ``max_density``]. A suggestion already evaluated is replaced by a random unseen point.
+library and settings). The search runs in two stages, because 2·L skip flags swamp five choices:
+one search over all of them at once spent its suggestions on drafts that skip 4–12 sub-layers
+(bad drafts on the embedded 18-layer model) and judged the choices on two points.
+
+1. **Choices** with nothing skipped: the first start is ``default_point``, the other starts are
+   random choices, then half the iterations are suggestions over the five choices.
+2. **Skips** with the best choices fixed: the other half of the iterations search the skip flags,
+   from that best point (registered, mask all zeros) and a random sparse mask (density uniform
+   in [0, ``max_density``]).
+
+A suggestion already evaluated is replaced by a random unseen point.
 
 A search stops after ``init_points + iterations`` evaluations or once ``budget_s`` seconds are
 spent (the seconds of an interrupted run count: the checkpoint keeps them), whichever comes
-first, but never before the random starts are done. It checkpoints after every evaluation and
-resumes from a checkpoint of the same search.
+first, but never before the starts are done. It checkpoints after every evaluation and resumes
+from a checkpoint of the same search (each stage's optimiser re-registers the evaluations so far).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from typing import Any
 
 import numpy as np
 from bayes_opt import BayesianOptimization
+from bayes_opt.exception import NotUniqueError
 from sklearn.exceptions import ConvergenceWarning
 from tqdm import tqdm
 
@@ -121,16 +130,45 @@ class ConfigSearchResult:
         return max(entry["evaluation"]["score"] for entry in self.history[: self.init_points])
 
 
-def _keys(layers: int) -> list[str]:
-    return [f"attn_{i:03d}" for i in range(layers)] + [f"mlp_{i:03d}" for i in range(layers)] + [
-        "vocab_size", "vocab_source", "int8", "threshold", "max_draft"]
+SKIP_STAGE, CHOICE_STAGE = "skips", "choices"
 
 
-def _random_point(rng: np.random.Generator, layers: int, space: DraftSpace, max_density: float) -> list[int]:
+def _skip_keys(layers: int) -> list[str]:
+    return [f"attn_{i:03d}" for i in range(layers)] + [f"mlp_{i:03d}" for i in range(layers)]
+
+
+CHOICE_KEYS = ["vocab_size", "vocab_source", "int8", "threshold", "max_draft"]
+
+
+def _random_mask(rng: np.random.Generator, layers: int, max_density: float) -> list[int]:
     density = rng.uniform(0.0, max_density)
-    mask = [int(v) for v in rng.random(2 * layers) < density]
-    extras = [int(rng.integers(low, high + 1)) for low, high in space.bounds().values()]
-    return mask + extras
+    return [int(v) for v in rng.random(2 * layers) < density]
+
+
+def _random_choices(rng: np.random.Generator, space: DraftSpace) -> list[int]:
+    return [int(rng.integers(low, high + 1)) for low, high in space.bounds().values()]
+
+
+def _optimizer(bounds: dict[str, tuple[int, int, type]], seed: int) -> BayesianOptimization:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Non-float parameters are experimental")
+        return BayesianOptimization(f=None, pbounds=bounds, random_state=seed, verbose=0)
+
+
+def _register(optimizer: BayesianOptimization, keys: list[str], values: Sequence[int], score: float) -> None:
+    with warnings.catch_warnings():  # GP length scales at their bounds: expected with few points
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        try:
+            optimizer.register(dict(zip(keys, values)), score)
+        except NotUniqueError:  # the same point twice (the stage-2 seed, on resume): known already
+            pass
+
+
+def _suggest(optimizer: BayesianOptimization, keys: list[str]) -> list[int]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        suggestion = optimizer.suggest()
+    return [int(round(float(suggestion[k]))) for k in keys]
 
 
 def search_config(
@@ -157,24 +195,36 @@ def search_config(
         raise InvalidSettingError(f"max_density must be in (0, 1], got {max_density}")
     if budget_s is not None and budget_s <= 0:
         raise InvalidSettingError(f"a search budget must be > 0 seconds, got {budget_s}")
-    keys = _keys(layers)
-    bounds = {**{k: (0, 1, int) for k in keys[: 2 * layers]},
-              **{k: (low, high, int) for k, (low, high) in space.bounds().items()}}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Non-float parameters are experimental")
-        optimizer = BayesianOptimization(f=None, pbounds=bounds, random_state=seed, verbose=0)
+    skip_keys = _skip_keys(layers)
+    choices = _optimizer({k: (low, high, int) for k, (low, high) in space.bounds().items()}, seed)
+    skips = _optimizer({k: (0, 1, int) for k in skip_keys}, seed)
     signature = {"identity": identity or {}, "objective": objective.name, "layers": layers, "seed": seed,
-                 "init_points": init_points, "max_density": max_density, "space": space.to_dict()}
+                 "init_points": init_points, "max_density": max_density, "space": space.to_dict(),
+                 "stages": [CHOICE_STAGE, SKIP_STAGE]}
     history: list[dict[str, Any]] = []
     spent = 0.0
     if checkpoint is not None and Path(checkpoint).exists():
-        resumed = load_search(Path(checkpoint), CHECKPOINT_FORMAT, "draft-config", signature, optimizer)
+        resumed = load_search(Path(checkpoint), CHECKPOINT_FORMAT, "draft-config", signature, None)
         history, spent = list(resumed["history"]), float(resumed.get("seconds", 0.0))
     known = {tuple(entry["point"]) for entry in history}
     rng = np.random.default_rng(seed)
-    starts = [space.default_point(layers)] + [_random_point(rng, layers, space, max_density)
-                                             for _ in range(init_points - 1)]
+    zeros = [0] * (2 * layers)
+    starts = [space.default_point(layers)] + [zeros + _random_choices(rng, space) for _ in range(init_points - 1)]
     total = init_points + iterations
+    choice_quota = init_points + (iterations + 1) // 2
+
+    def best_choices() -> list[int]:
+        """The best point of the choice stage (it skips nothing); the skip stage starts from it."""
+        best = max((e for e in history if e["stage"] == CHOICE_STAGE), key=lambda e: e["evaluation"]["score"])
+        _register(skips, skip_keys, zeros, best["evaluation"]["score"])
+        return best["point"]
+
+    for entry in history:  # a resumed search: each stage's optimiser learns what was evaluated
+        point, score = entry["point"], entry["evaluation"]["score"]
+        if entry["stage"] == CHOICE_STAGE:
+            _register(choices, CHOICE_KEYS, point[2 * layers:], score)
+        else:
+            _register(skips, skip_keys, point[: 2 * layers], score)
     started = time.perf_counter() - spent
     stopped_by = "iterations"
     bar = tqdm(total=total, initial=min(len(history), total), desc=description, unit="eval", disable=not progress,
@@ -184,29 +234,37 @@ def search_config(
             if budget_s is not None and len(history) >= init_points and time.perf_counter() - started >= budget_s:
                 stopped_by = "budget"
                 break
+            in_skip_stage = any(e["stage"] == SKIP_STAGE for e in history)
             if len(history) < init_points:
-                point, origin = starts[len(history)], "start" if len(history) else "default"
+                stage, point, origin = CHOICE_STAGE, starts[len(history)], "start" if len(history) else "default"
+            elif len(history) < choice_quota and not in_skip_stage:
+                stage, point, origin = CHOICE_STAGE, zeros + _suggest(choices, CHOICE_KEYS), "suggested"
             else:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", ConvergenceWarning)
-                    suggestion = optimizer.suggest()
-                point, origin = [int(round(float(suggestion[k]))) for k in keys], "suggested"
+                stage, fixed = SKIP_STAGE, best_choices()
+                if not in_skip_stage:
+                    point, origin = _random_mask(rng, layers, max_density) + fixed[2 * layers:], "start"
+                else:
+                    point, origin = _suggest(skips, skip_keys) + fixed[2 * layers:], "suggested"
             if tuple(point) in known:
                 retry = np.random.default_rng([seed, len(history)])
                 for _ in range(1000):
-                    point = _random_point(retry, layers, space, max_density)
+                    if stage == CHOICE_STAGE:
+                        point = zeros + _random_choices(retry, space)
+                    else:
+                        point = _random_mask(retry, layers, max_density) + point[2 * layers:]
                     if tuple(point) not in known:
                         break
                 origin = "random (repeat)"
             settings = space.settings(point, layers)
             evaluation = objective(settings)
-            with warnings.catch_warnings():  # GP length scales at their bounds: expected with few points
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                optimizer.register(dict(zip(keys, point)), evaluation.score)
-            history.append({"point": point, "origin": origin, "evaluation": evaluation.to_dict()})
+            if stage == CHOICE_STAGE:
+                _register(choices, CHOICE_KEYS, point[2 * layers:], evaluation.score)
+            else:
+                _register(skips, skip_keys, point[: 2 * layers], evaluation.score)
+            history.append({"point": point, "stage": stage, "origin": origin, "evaluation": evaluation.to_dict()})
             known.add(tuple(point))
             if checkpoint is not None:
-                save_search(Path(checkpoint), CHECKPOINT_FORMAT, signature, history, optimizer,
+                save_search(Path(checkpoint), CHECKPOINT_FORMAT, signature, history, None,
                             seconds=time.perf_counter() - started)
             if on_evaluation is not None:
                 on_evaluation(len(history), settings, evaluation)

@@ -247,8 +247,10 @@ class CostTable:
         return self.formats
 
     def to_dict(self) -> dict[str, Any]:
-        return {"verify_s": self.verify_s, "verify_timed": {str(k): v for k, v in self.verify_points.items()},
-                "draft": self.formats, "attention_share": self.attention_share, "mlp_share": self.mlp_share,
+        # copies: the table keeps growing (formats timed by later searches) after a profile took this
+        return {"verify_s": list(self.verify_s), "verify_timed": {str(k): v for k, v in self.verify_points.items()},
+                "draft": {name: dict(entry) for name, entry in self.formats.items()},
+                "attention_share": list(self.attention_share), "mlp_share": list(self.mlp_share),
                 "timing": f"minimum of {self.repeats} runs after one warm-up"}
 
 
