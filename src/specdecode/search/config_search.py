@@ -41,7 +41,6 @@ from typing import Any
 
 import numpy as np
 from bayes_opt import BayesianOptimization
-from bayes_opt.exception import NotUniqueError
 from sklearn.exceptions import ConvergenceWarning
 from tqdm import tqdm
 
@@ -158,10 +157,7 @@ def _optimizer(bounds: dict[str, tuple[int, int, type]], seed: int) -> BayesianO
 def _register(optimizer: BayesianOptimization, keys: list[str], values: Sequence[int], score: float) -> None:
     with warnings.catch_warnings():  # GP length scales at their bounds: expected with few points
         warnings.simplefilter("ignore", ConvergenceWarning)
-        try:
-            optimizer.register(dict(zip(keys, values)), score)
-        except NotUniqueError:  # the same point twice (the stage-2 seed, on resume): known already
-            pass
+        optimizer.register(dict(zip(keys, values)), score)
 
 
 def _suggest(optimizer: BayesianOptimization, keys: list[str]) -> list[int]:
@@ -213,18 +209,23 @@ def search_config(
     total = init_points + iterations
     choice_quota = init_points + (iterations + 1) // 2
 
-    def best_choices() -> list[int]:
-        """The best point of the choice stage (it skips nothing); the skip stage starts from it."""
-        best = max((e for e in history if e["stage"] == CHOICE_STAGE), key=lambda e: e["evaluation"]["score"])
-        _register(skips, skip_keys, zeros, best["evaluation"]["score"])
-        return best["point"]
+    fixed: list[int] | None = None  # the skip stage's choices, once it has begun
+
+    def record(stage: str, point: list[int], score: float) -> None:
+        """Tell the stage's optimiser; the skip stage first learns its start, the best choice
+        point, which skips nothing."""
+        nonlocal fixed
+        if stage == CHOICE_STAGE:
+            _register(choices, CHOICE_KEYS, point[2 * layers:], score)
+            return
+        if fixed is None:
+            best = max((e for e in history if e["stage"] == CHOICE_STAGE), key=lambda e: e["evaluation"]["score"])
+            fixed = best["point"][2 * layers:]
+            _register(skips, skip_keys, zeros, best["evaluation"]["score"])
+        _register(skips, skip_keys, point[: 2 * layers], score)
 
     for entry in history:  # a resumed search: each stage's optimiser learns what was evaluated
-        point, score = entry["point"], entry["evaluation"]["score"]
-        if entry["stage"] == CHOICE_STAGE:
-            _register(choices, CHOICE_KEYS, point[2 * layers:], score)
-        else:
-            _register(skips, skip_keys, point[: 2 * layers], score)
+        record(entry["stage"], entry["point"], entry["evaluation"]["score"])
     started = time.perf_counter() - spent
     stopped_by = "iterations"
     bar = tqdm(total=total, initial=min(len(history), total), desc=description, unit="eval", disable=not progress,
@@ -234,17 +235,15 @@ def search_config(
             if budget_s is not None and len(history) >= init_points and time.perf_counter() - started >= budget_s:
                 stopped_by = "budget"
                 break
-            in_skip_stage = any(e["stage"] == SKIP_STAGE for e in history)
             if len(history) < init_points:
                 stage, point, origin = CHOICE_STAGE, starts[len(history)], "start" if len(history) else "default"
-            elif len(history) < choice_quota and not in_skip_stage:
+            elif len(history) < choice_quota and fixed is None:
                 stage, point, origin = CHOICE_STAGE, zeros + _suggest(choices, CHOICE_KEYS), "suggested"
+            elif fixed is None:  # the skip stage begins: a random sparse mask on the best choices yet
+                best = max(history, key=lambda e: e["evaluation"]["score"])["point"][2 * layers:]
+                stage, point, origin = SKIP_STAGE, _random_mask(rng, layers, max_density) + best, "start"
             else:
-                stage, fixed = SKIP_STAGE, best_choices()
-                if not in_skip_stage:
-                    point, origin = _random_mask(rng, layers, max_density) + fixed[2 * layers:], "start"
-                else:
-                    point, origin = _suggest(skips, skip_keys) + fixed[2 * layers:], "suggested"
+                stage, point, origin = SKIP_STAGE, _suggest(skips, skip_keys) + fixed, "suggested"
             if tuple(point) in known:
                 retry = np.random.default_rng([seed, len(history)])
                 for _ in range(1000):
@@ -257,10 +256,7 @@ def search_config(
                 origin = "random (repeat)"
             settings = space.settings(point, layers)
             evaluation = objective(settings)
-            if stage == CHOICE_STAGE:
-                _register(choices, CHOICE_KEYS, point[2 * layers:], evaluation.score)
-            else:
-                _register(skips, skip_keys, point[: 2 * layers], evaluation.score)
+            record(stage, point, evaluation.score)
             history.append({"point": point, "stage": stage, "origin": origin, "evaluation": evaluation.to_dict()})
             known.add(tuple(point))
             if checkpoint is not None:
