@@ -252,6 +252,26 @@ def test_training_lowers_the_loss_and_resumes(tmp_path):
         train_head(head, sequences, settings, checkpoint=tmp_path / "ckpt.pt", progress=False)
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_unrolled_training_backpropagates_through_the_heads_cache(arch):
+    """Training-time test appends each unroll step to the head's cache. The cache's in-place
+    buffer (``GrowingLayer``) once overwrote keys autograd had saved from the step before: every
+    unroll of 2 or more failed on Gemma 3 270M (one key head)."""
+    from specdecode.distill.head_data import FeatureSequence
+    from specdecode.distill.train_head import HeadTrainSettings, head_loss
+
+    target = tiny_model(arch, seed=2)
+    head = _head(target, noise=0.05)
+    ids = [(11 * i + 3) % VOCAB for i in range(40)]
+    with torch.inference_mode():
+        hidden = target.model.base_model(input_ids=torch.tensor([ids])).last_hidden_state[0, :-1].clone()
+    sequences = [FeatureSequence(torch.tensor(ids), hidden, 4)]
+    head.train()
+    loss, kls = head_loss(head, sequences, [(0, 0, 20), (0, 12, 24)], HeadTrainSettings(unroll=3))
+    loss.backward()
+    assert len(kls) == 3 and all(p.grad is not None for p in head.fc.parameters())
+
+
 def _fp32_with_runtime(arch: str, seed: int):
     from specdecode.models.loading import LoadedModel
     from specdecode.models.runtime import prepare_runtime

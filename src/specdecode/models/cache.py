@@ -40,6 +40,11 @@ class GrowingLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
                **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        if key_states.requires_grad or value_states.requires_grad:
+            # training through the cache (a draft head's unrolled steps): writing in place would
+            # change keys that autograd saved for the backward pass, so concatenate instead
+            self._key_buffer = self._value_buffer = None
+            return super().update(key_states, value_states, *args, **kwargs)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         length = self.get_seq_length()
