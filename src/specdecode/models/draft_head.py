@@ -26,7 +26,6 @@ from specdecode.errors import ModelLoadError, VocabularyMismatchError
 from specdecode.models.cache import KVCache
 from specdecode.models.frequent_vocab import validate_token_ids
 from specdecode.models.loading import LoadedModel
-from specdecode.models.native import native_forward, supports_native
 
 FORMAT = "specdecode-draft-head/1"
 DEFAULT_HEAD = "default-head"  # the head shipped for the embedded default target (see drafts/)
@@ -70,7 +69,6 @@ class DraftHead(nn.Module):
         from transformers import AutoModel
 
         self.layers = AutoModel.from_config(text)
-        self.native = supports_native(self.layers)
         self.fc = nn.Linear(2 * hidden, hidden, bias=False)
         self.depth, self.hidden_size = depth, hidden
         self.target_config = target_config
@@ -125,17 +123,11 @@ class DraftHead(nn.Module):
         With ``kv`` (batch 1) the entries are appended to it (the caller keeps ``kv.token_ids``).
         """
         fused = self.fc(torch.cat([hidden.to(self.fc.weight.dtype), self.embed(token_ids)], dim=-1))
-        if kv is not None and self.native and not torch.is_grad_enabled():
-            # drafting: the lean decoder forward (models/native.py), a fraction of the per-call
-            # overhead of `transformers`' for one layer, and the same floats
-            out = native_forward(self.layers, kv.cache, None, position_ids, attention_mask, inputs_embeds=fused)
-        else:
-            out = self.layers(inputs_embeds=fused, past_key_values=None if kv is None else kv.cache,
-                              use_cache=kv is not None, position_ids=position_ids,
-                              attention_mask=attention_mask).last_hidden_state
+        out = self.layers(inputs_embeds=fused, past_key_values=None if kv is None else kv.cache,
+                          use_cache=kv is not None, position_ids=position_ids, attention_mask=attention_mask)
         if kv is not None:
             kv.token_ids.extend(token_ids[0].tolist())
-        return out
+        return out.last_hidden_state
 
     # -- files ----------------------------------------------------------------------------------
 

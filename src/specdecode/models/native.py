@@ -35,17 +35,8 @@ from specdecode.models.layer_skip import decoder_layers, is_skipped_attention, i
 NATIVE_MODEL_TYPES = ("llama", "qwen2", "gemma3_text")
 
 # per RMSNorm: the float32 weight it multiplies by ((1 + w) for Gemma's norms, w for Llama's), eps,
-# and whether it is Gemma's (which multiplies before casting back to the model's dtype); per
-# attention with q/k norms, both scales stacked. Each entry keeps the version of the weights it was
-# computed from: a draft head is measured, trained in place, and measured again.
-_NORMS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], tuple[torch.Tensor, float, bool]]] = \
-    weakref.WeakKeyDictionary()
-
-
-def _version(weight: torch.Tensor) -> int:
-    """In-place updates (an optimiser step) bump a tensor's version; inference tensors have none
-    and cannot be updated outside inference mode."""
-    return 0 if weight.is_inference() else weight._version
+# and whether it is Gemma's (which multiplies before casting back to the model's dtype)
+_NORMS: weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, float, bool]] = weakref.WeakKeyDictionary()
 
 
 def supports_native(model: nn.Module) -> bool:
@@ -57,16 +48,14 @@ def supports_native(model: nn.Module) -> bool:
 
 
 def _norm_parameters(module: nn.Module) -> tuple[torch.Tensor, float, bool]:
-    version = (_version(module.weight),)
-    entry = _NORMS.get(module)
-    if entry is None or entry[0] != version:
+    norm = _NORMS.get(module)
+    if norm is None:
         gemma = "Gemma" in type(module).__name__
-        weight = module.weight.detach()  # Gemma's norms multiply in float32, Llama's in the weight's dtype
-        weight = weight.float() if gemma else weight.to(torch.promote_types(weight.dtype, torch.float32))
-        entry = version, ((1.0 + weight) if gemma else weight,
-                          float(getattr(module, "eps", None) or module.variance_epsilon), gemma)
-        _NORMS[module] = entry
-    return entry[1]
+        weight = module.weight.detach().float()
+        norm = ((1.0 + weight) if gemma else weight, float(getattr(module, "eps", None) or module.variance_epsilon),
+                gemma)
+        _NORMS[module] = norm
+    return norm
 
 
 def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -96,16 +85,15 @@ def _scaled(normed: torch.Tensor, scale: torch.Tensor, gemma: bool, dtype: torch
 def _head_norms(attention: nn.Module, heads: int, kv_heads: int) -> tuple[torch.Tensor, float, bool]:
     """q_norm's scale on each query head's row and k_norm's on each key head's, stacked
     ``[heads + kv_heads, head_dim]``: both norms as one op over the joined q/k heads."""
-    version = (_version(attention.q_norm.weight), _version(attention.k_norm.weight))
-    entry = _NORMS.get(attention)
-    if entry is None or entry[0] != version:
+    stacked = _NORMS.get(attention)
+    if stacked is None:
         (q_scale, eps, gemma), (k_scale, k_eps, _) = (_norm_parameters(attention.q_norm),
                                                       _norm_parameters(attention.k_norm))
         if k_eps != eps:
             raise ValueError("q_norm and k_norm with different eps")
-        entry = version, (torch.cat([q_scale.expand(heads, -1), k_scale.expand(kv_heads, -1)]), eps, gemma)
-        _NORMS[attention] = entry
-    return entry[1]
+        stacked = (torch.cat([q_scale.expand(heads, -1), k_scale.expand(kv_heads, -1)]), eps, gemma)
+        _NORMS[attention] = stacked
+    return stacked
 
 
 def _attention_inputs(attention: nn.Module, x: torch.Tensor, cos: torch.Tensor,
@@ -159,24 +147,21 @@ def _chain_mask(past: int, n: int, window: int | None, device: torch.device) -> 
 def native_forward(
     model: nn.Module,
     cache: DynamicCache,
-    input_ids: torch.Tensor | None,
+    input_ids: torch.Tensor,
     position_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | dict[str, torch.Tensor] | None = None,
-    inputs_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Final (post-norm) hidden states ``[1, n, H]`` of ``input_ids`` (or of ``inputs_embeds``,
-    as a draft head feeds its fused features) on top of ``cache``, which it extends — what
-    ``model.base_model(...)`` returns as ``last_hidden_state``. ``model`` is a causal LM or a bare
-    decoder stack."""
+    """Final (post-norm) hidden states ``[1, n, H]`` of ``input_ids`` on top of ``cache``, which it
+    extends — what ``model.base_model(...)`` returns as ``last_hidden_state``."""
     base = model.base_model
     config = model.config.get_text_config()
-    hidden = base.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-    n = hidden.shape[1]
+    hidden = base.embed_tokens(input_ids)
+    n = input_ids.shape[1]
     past = cache.get_seq_length()
     chain = position_ids is None
     if chain:
-        position_ids = torch.arange(past, past + n, device=hidden.device)[None]
-    layers = decoder_layers(model) if base is not model else base.layers
+        position_ids = torch.arange(past, past + n, device=input_ids.device)[None]
+    layers = decoder_layers(model)
     types = list(getattr(config, "layer_types", None) or ["full_attention"] * len(layers))
     rotary = {}
     for layer_type in set(types):
@@ -193,7 +178,7 @@ def native_forward(
             masks[layer_type] = attention_mask
         else:
             window = getattr(config, "sliding_window", None) if layer_type == "sliding_attention" else None
-            masks[layer_type] = _chain_mask(past, n, window, hidden.device)
+            masks[layer_type] = _chain_mask(past, n, window, input_ids.device)
             starts[layer_type] = _window_start(past, window)
     sandwich = hasattr(layers[0], "pre_feedforward_layernorm")  # Gemma: norms after each sub-layer too
     for index, layer in enumerate(layers):
