@@ -22,7 +22,7 @@ echo "python scripts/forward_cost.py --threads $THREADS --repeats 9 --json resul
   > results/forward-cost/COMMAND.txt
 
 $SD bench "${common[@]}" --method ar --method ar@eager --method pld --method pld:gamma=7 --method "$SSD" \
-  --method knn-ssd --method sps:gamma=4 --method eagle:gamma=3 --method eagle-tree:nodes=10 \
+  --method knn-ssd --method sps:gamma=4 --method eagle --method eagle-tree:nodes=10 \
   "${PEERS[@]}" --peer hf-pld --temperature 0 --out results/bench-fast-greedy
 $SD bench "${common[@]}" --method ar --method ar@eager --method sps:gamma=4 \
   --method mtad:beams=4,gamma=4,threshold=0.5 --method eagle:gamma=3 --method eagle-mtad "${PEERS[@]}" \

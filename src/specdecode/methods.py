@@ -203,10 +203,12 @@ def require_head(ctx: MethodContext, head: HeadSpec) -> DraftHead:
 
 @register("eagle")
 def build_eagle(
-    ctx: MethodContext, head: HeadSpec = DEFAULT_HEAD, gamma: int = 5, min_confidence: float = 0.0
+    ctx: MethodContext, head: HeadSpec = DEFAULT_HEAD, gamma: int = 5, min_confidence: float = 0.5
 ) -> tuple[Proposer, AcceptanceRule]:
     """EAGLE: a feature-level draft head drafts a chain from the target's hidden states (greedy
-    match, or speculative sampling with the head as the draft: exact)."""
+    match, or speculative sampling with the head as the draft: exact). Drafting stops after a
+    token the head gives less than ``min_confidence``: with a head that agrees ~40 % of the time,
+    every further head step and verified token would cost more than it returns (docs/eagle.md)."""
     proposer = EagleProposer(require_head(ctx, head), ctx.sampling, ctx.generator, gamma, min_confidence)
     return proposer, default_rule(ctx)
 
