@@ -211,6 +211,10 @@ def search_config(
 
     fixed: list[int] | None = None  # the skip stage's choices, once it has begun
 
+    def best_choice() -> dict[str, Any]:
+        """The best point of the choice stage (it skips nothing): where the skip stage starts."""
+        return max((e for e in history if e["stage"] == CHOICE_STAGE), key=lambda e: e["evaluation"]["score"])
+
     def record(stage: str, point: list[int], score: float) -> None:
         """Tell the stage's optimiser; the skip stage first learns its start, the best choice
         point, which skips nothing."""
@@ -219,7 +223,7 @@ def search_config(
             _register(choices, CHOICE_KEYS, point[2 * layers:], score)
             return
         if fixed is None:
-            best = max((e for e in history if e["stage"] == CHOICE_STAGE), key=lambda e: e["evaluation"]["score"])
+            best = best_choice()
             fixed = best["point"][2 * layers:]
             _register(skips, skip_keys, zeros, best["evaluation"]["score"])
         _register(skips, skip_keys, point[: 2 * layers], score)
@@ -240,8 +244,8 @@ def search_config(
             elif len(history) < choice_quota and fixed is None:
                 stage, point, origin = CHOICE_STAGE, zeros + _suggest(choices, CHOICE_KEYS), "suggested"
             elif fixed is None:  # the skip stage begins: a random sparse mask on the best choices yet
-                best = max(history, key=lambda e: e["evaluation"]["score"])["point"][2 * layers:]
-                stage, point, origin = SKIP_STAGE, _random_mask(rng, layers, max_density) + best, "start"
+                stage, origin = SKIP_STAGE, "start"
+                point = _random_mask(rng, layers, max_density) + best_choice()["point"][2 * layers:]
             else:
                 stage, point, origin = SKIP_STAGE, _suggest(skips, skip_keys) + fixed, "suggested"
             if tuple(point) in known:
