@@ -138,6 +138,14 @@ def test_eagle_mtad_keeps_its_properties():
     assert never.tokens_per_target_forward == 1.0
 
 
+@pytest.mark.parametrize("options, error", [(dict(min_confidence=1.5), r"min_confidence must be in \[0, 1\]"),
+                                             (dict(min_confidence="abc"), "takes a number")])
+def test_eagle_refuses_a_confidence_that_is_not_a_probability(options, error):
+    target = tiny_model("llama")
+    with pytest.raises(InvalidSettingError, match=error):
+        SpeculativeDecoder(target, "eagle", head=_head(target), **options)
+
+
 def test_tree_needs_greedy():
     target = tiny_model("llama")
     with pytest.raises(InvalidSettingError):

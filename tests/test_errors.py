@@ -45,6 +45,10 @@ def test_invalid_generation_settings(target, settings, error):
         ("pld", dict(max_ngram=0), "ngram"),
         ("pld", dict(beam_width=4), "beam_width"),
         ("nosuch", {}, "unknown method 'nosuch'"),
+        ("pld", dict(gamma="abc"), "gamma of method 'pld' takes an integer, got 'abc'"),
+        ("pld", dict(gamma=2.5), "takes an integer"),
+        ("mtad", dict(threshold="high"), "threshold .* takes a number"),
+        ("mtad", dict(with_replacement=1), "with_replacement .* takes true or false"),
     ],
 )
 def test_invalid_method_options(target, method, options, error):

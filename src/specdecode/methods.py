@@ -70,10 +70,25 @@ def _builder(name: str) -> Builder:
 
 
 def validate_options(name: str, options: dict[str, object]) -> None:
+    """Refuse unknown options, and values of another kind than the option's default (a word where
+    a number belongs would otherwise fail deep inside a proposer)."""
     unknown = sorted(set(options) - set(method_options(name)))
     if unknown:
         valid = ", ".join(method_options(name)) or "none"
         raise InvalidSettingError(f"unknown option(s) {', '.join(unknown)} for method {name!r} (valid: {valid})")
+    parameters = inspect.signature(_builder(name)).parameters
+    for key, value in options.items():
+        default = parameters[key].default
+        if isinstance(default, bool):
+            fits, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            fits, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(default, float):
+            fits, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        else:
+            continue  # paths, loaded objects, optional settings: their builders check them
+        if not fits:
+            raise InvalidSettingError(f"option {key} of method {name!r} takes {kind}, got {value!r}")
 
 
 def build(name: str, ctx: MethodContext, options: dict[str, object]) -> tuple[Proposer, AcceptanceRule]:

@@ -98,6 +98,8 @@ class EagleProposer(Proposer):
         super().__init__()
         if gamma < 1:
             raise InvalidSettingError(f"gamma (draft length) must be >= 1, got {gamma}")
+        if not 0 <= min_confidence <= 1:
+            raise InvalidSettingError(f"min_confidence must be in [0, 1], got {min_confidence}")
         self.drafter = HeadDrafter(head)
         self.sampling, self.generator = sampling, generator
         self.gamma, self.min_confidence = gamma, min_confidence
