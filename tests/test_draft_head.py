@@ -336,3 +336,25 @@ def test_head_drafts_on_its_own_vocabulary_and_widens_q_exactly():
     assert draft.tokens[0] in SUBSET
     torch.testing.assert_close(draft.log_q, wide[draft.tokens], rtol=1e-12, atol=1e-12)
 
+
+
+def test_argmax_weight_adds_the_cross_entropy_on_the_targets_top_token():
+    from specdecode.distill.head_data import FeatureSequence
+    from specdecode.distill.train_head import HeadTrainSettings, head_loss
+
+    target = tiny_model("llama", seed=2)
+    head = _head(target, noise=0.05)
+    ids = [(11 * i + 3) % VOCAB for i in range(30)]
+    with torch.inference_mode():
+        hidden = target.model.base_model(input_ids=torch.tensor([ids])).last_hidden_state[0, :-1].clone()
+    sequences = [FeatureSequence(torch.tensor(ids), hidden, 4)]
+    picks = [(0, 0, 20)]
+    with torch.no_grad():
+        kl, _ = head_loss(head, sequences, picks, HeadTrainSettings(unroll=1))
+        both, _ = head_loss(head, sequences, picks, HeadTrainSettings(unroll=1, argmax_weight=0.5))
+        log_q = torch.log_softmax(head.logits(head(hidden[None, :20], torch.tensor([ids[1:21]]))[0]), -1)
+        top = head.logits(hidden[1:21]).argmax(-1)
+        nll = -log_q[torch.arange(20), top].mean()
+    torch.testing.assert_close(both - kl, 0.5 * nll, rtol=1e-4, atol=1e-6)
+    with pytest.raises(InvalidSettingError):
+        HeadTrainSettings(argmax_weight=-1.0).validate()

@@ -25,6 +25,7 @@ from specdecode.propose.draft_model import DraftModelProposer
 from specdecode.propose.eagle import EagleProposer, EagleTreeProposer, HeadDrafter
 from specdecode.propose.exact_joint import ExactJointProposer, exact_joint_feasible
 from specdecode.propose.knn_self_draft import KnnSelfDraftProposer
+from specdecode.propose.lookup_first import LookupFirstProposer
 from specdecode.propose.ngram import NgramProposer
 from specdecode.propose.self_draft import SelfDraftProposer
 from specdecode.routing.bundle import ProfileBundle, load_bundle_cached
@@ -248,3 +249,25 @@ def build_eagle_mtad(
     proposer = BeamSampleProposer(HeadDrafter(require_head(ctx, head)), ctx.sampling, ctx.generator, beams, gamma,
                                   with_replacement)
     return proposer, JointRatioAcceptance(ctx.sampling, ctx.generator, threshold)
+
+
+@register("pld-ssd")
+def build_lookup_then_self_draft(
+    ctx: MethodContext, gamma: int = 10, min_ngram: int = 2, max_ngram: int = 3,
+    profile: str | os.PathLike[str] | SkipProfile | None = None,
+) -> tuple[Proposer, AcceptanceRule]:
+    """Prompt lookup where the last ``min_ngram``..``max_ngram`` tokens occurred before; elsewhere
+    ``ssd`` with ``profile`` drafts (``propose/lookup_first.py``)."""
+    fallback = SelfDraftProposer(ctx.target, self_draft_settings(ctx.target, profile), ctx.sampling, ctx.generator)
+    return LookupFirstProposer(NgramProposer(gamma, max_ngram, min_ngram), fallback), default_rule(ctx)
+
+
+@register("pld-eagle")
+def build_lookup_then_eagle(
+    ctx: MethodContext, gamma: int = 10, min_ngram: int = 2, max_ngram: int = 3, head: HeadSpec = DEFAULT_HEAD,
+    head_gamma: int = 5, min_confidence: float = 0.5,
+) -> tuple[Proposer, AcceptanceRule]:
+    """Prompt lookup where the last ``min_ngram``..``max_ngram`` tokens occurred before; elsewhere
+    the draft head drafts a chain as ``eagle`` does (``propose/lookup_first.py``)."""
+    fallback = EagleProposer(require_head(ctx, head), ctx.sampling, ctx.generator, head_gamma, min_confidence)
+    return LookupFirstProposer(NgramProposer(gamma, max_ngram, min_ngram), fallback), default_rule(ctx)

@@ -52,6 +52,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--train-minutes", type=float, default=35.0, help="time budget of training")
     parser.add_argument("--unroll", type=int, default=HeadTrainSettings.unroll)
     parser.add_argument("--feature-weight", type=float, default=HeadTrainSettings.feature_weight)
+    parser.add_argument("--argmax-weight", type=float, default=HeadTrainSettings.argmax_weight,
+                        help="weight of a cross-entropy on the target's top token, added to the KL (default 0)")
+    parser.add_argument("--init", default=None, metavar="HEAD_DIR",
+                        help="continue training this saved head (default-head: the shipped one); its vocabulary "
+                             "replaces --draft-vocab")
     parser.add_argument("--lr", type=float, default=HeadTrainSettings.lr)
     parser.add_argument("--windows", type=int, default=HeadTrainSettings.windows)
     parser.add_argument("--window", type=int, default=HeadTrainSettings.window)
@@ -88,13 +93,19 @@ def run(args: argparse.Namespace) -> int:
     evaluation = held_out_per_category(held_out, args.eval_per_category)
     eval_sequences = collect_head_data(target, encode(evaluation), work / "eval", rows=args.rows, samples_per_prompt=0,
                                        unconditional=0, max_new_tokens=64, seed=args.seed, progress=progress)
-    vocab = frequent_token_ids([s.ids.tolist() for s in sequences], min(args.draft_vocab, target.vocab_size),
-                               always_include=sorted(target.eos_token_ids)).tolist()
     torch.manual_seed(args.seed)
-    head = DraftHead.from_target(target, vocab, depth=args.depth, tokenizer_sha=tokenizer_digest(target.tokenizer))
+    if args.init:
+        head = load_head(args.init).to(next(target.model.parameters()).dtype)
+        pair_head(target, head)
+        vocab = head.vocab_ids.tolist()
+    else:
+        vocab = frequent_token_ids([s.ids.tolist() for s in sequences], min(args.draft_vocab, target.vocab_size),
+                                   always_include=sorted(target.eos_token_ids)).tolist()
+        head = DraftHead.from_target(target, vocab, depth=args.depth, tokenizer_sha=tokenizer_digest(target.tokenizer))
     before = evaluate_head(head, eval_sequences)
     settings = HeadTrainSettings(budget_s=args.train_minutes * 60, unroll=args.unroll, lr=args.lr,
-                                 feature_weight=args.feature_weight, windows=args.windows, window=args.window,
+                                 feature_weight=args.feature_weight, argmax_weight=args.argmax_weight,
+                                 windows=args.windows, window=args.window,
                                  seed=args.seed)
     log = train_head(head, sequences, settings, checkpoint=work / "checkpoint.pt", progress=progress)
     after = evaluate_head(head, eval_sequences)

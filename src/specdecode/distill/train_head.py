@@ -3,7 +3,8 @@
 Loss: forward KL from the target's distribution over the draft vocabulary (recomputed from the
 stored hidden states with the target's own head rows: exact, not a top-k sketch) to the head's,
 optionally plus a smooth-L1 regression of the predicted feature onto the target's (EAGLE-1's
-recipe). Training-time test (EAGLE-3): the head is unrolled for ``unroll`` steps; step s at
+recipe) and a cross-entropy on the target's top token (greedy drafting is judged on that token
+alone; the KL also spends a small head's capacity on the tail). Training-time test (EAGLE-3): the head is unrolled for ``unroll`` steps; step s at
 position t reads the feature the head predicted at step s-1 for position t, and sees the real
 entries up to position t-s+1 plus its own chain — exactly what draft step s sees at decoding
 time. Windows of several sequences are packed into one row with a block-diagonal mask.
@@ -42,6 +43,7 @@ class HeadTrainSettings:
     lr: float = 1e-3
     warmup: int = 20
     feature_weight: float = 0.0  # weight of the feature regression term (0: KL only)
+    argmax_weight: float = 0.0  # weight of the cross-entropy on the target's top token (0: KL only)
     answer_bias: float = 0.7    # share of windows that start near the answer (where drafting happens)
     seed: int = 0
     checkpoint_every_s: float = 120.0
@@ -50,8 +52,8 @@ class HeadTrainSettings:
         for name in ("windows", "window", "unroll", "max_steps"):
             if getattr(self, name) < 1:
                 raise InvalidSettingError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.budget_s <= 0 or self.lr <= 0 or self.feature_weight < 0:
-            raise InvalidSettingError("budget, learning rate and feature weight must be positive")
+        if self.budget_s <= 0 or self.lr <= 0 or self.feature_weight < 0 or self.argmax_weight < 0:
+            raise InvalidSettingError("budget and learning rate must be positive, loss weights not negative")
 
 
 @dataclass
@@ -95,7 +97,8 @@ def _unroll_mask(head: DraftHead, layout: list[tuple[int, int]], positions: torc
 
 def head_loss(head: DraftHead, sequences: list[FeatureSequence], picks: list[tuple[int, int, int]],
               settings: HeadTrainSettings) -> tuple[torch.Tensor, list[float]]:
-    """Mean over unroll steps of the KL (+ weighted feature regression) on packed windows."""
+    """Mean over unroll steps of the KL (+ weighted feature regression and top-token cross-entropy)
+    on packed windows."""
     dtype = head.fc.weight.dtype
     h_in = torch.cat([sequences[i].hidden[t: t + n] for i, t, n in picks]).to(dtype)
     h_out = torch.cat([sequences[i].hidden[t + 1: t + 1 + n] for i, t, n in picks]).to(dtype)
@@ -122,6 +125,8 @@ def head_loss(head: DraftHead, sequences: list[FeatureSequence], picks: list[tup
         loss = kl
         if settings.feature_weight:
             loss = loss + settings.feature_weight * F.smooth_l1_loss(predicted[valid], h_out[valid])
+        if settings.argmax_weight:
+            loss = loss + settings.argmax_weight * F.nll_loss(log_q, log_p[valid].argmax(-1))
         total = total + loss / settings.unroll
         kls.append(float(kl.detach()))
         features = predicted
