@@ -58,12 +58,10 @@ def test_lookup_first_methods_equal_ar_greedy(arch):
         max_new = rng.choice([2, 17, 40])  # 40 tokens cross Gemma's window of 8 many times
         expected = ar.generate(prompt, max_new_tokens=max_new).token_ids
         for method, options in (("pld-ssd", dict(gamma=rng.randint(1, 8))),
-                                ("pld-eagle", dict(gamma=rng.randint(1, 8), head_gamma=rng.randint(1, 5),
+                                ("pld-eagle", dict(head=head, gamma=rng.randint(1, 8), head_gamma=rng.randint(1, 5),
                                                    min_ngram=1)),
-                                ("pld-eagle", dict(min_confidence=0.0))):
-            result = SpeculativeDecoder(target, method, head=head, **options).generate(
-                prompt, max_new_tokens=max_new) if method == "pld-eagle" else SpeculativeDecoder(
-                target, method, **options).generate(prompt, max_new_tokens=max_new)
+                                ("pld-eagle", dict(head=head, min_confidence=0.0))):
+            result = SpeculativeDecoder(target, method, **options).generate(prompt, max_new_tokens=max_new)
             assert result.token_ids == expected, (method, options)
             if method == "pld-eagle" and len(prompt) > 1:  # the head drafts at every step lookup leaves
                 drafted = result.stats.extra["lookup_drafts"] + result.stats.extra["fallback_drafts"]
