@@ -124,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
         "data_seconds_this_run": round(data_seconds, 1), "train_steps": log.steps,
         "train_seconds": round(log.seconds, 1), "train_positions_seen": log.positions,
         "loss_first_last": [log.losses[0], sum(log.losses[-20:]) / len(log.losses[-20:])] if log.losses else None,
-        "kl_by_unroll_step_last": log.kl_by_step[-1] if log.kl_by_step else None,
+        # one batch's KL swings by ±0.7: the mean of the last ten logged batches (every 10th step)
+        "kl_by_unroll_step_last_10": [round(sum(k) / len(k), 4) for k in zip(*log.kl_by_step[-10:])] or None,
         "eval_prompts": len(eval_sequences), "untrained": before, "held_out": after, "compared": compared,
         "head_forward_ms": round(head_forward_ms(head, eval_sequences[0].hidden, eval_sequences[0].ids.tolist()), 2),
         "target_forward_ms": round(forward_ms(target, eval_sequences[0].ids.tolist()), 2),
