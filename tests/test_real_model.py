@@ -73,7 +73,7 @@ def test_demo_runs_every_method_with_the_shipped_draft_and_profile(real_model, c
     assert main(["demo", "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
     rows = [line.split()[0] for line in out.splitlines() if line.endswith(("yes", "NO (bug!)"))]
-    assert rows == ["ar", "pld", "sps", "ssd", "knn-ssd", "eagle", "eagle-tree"] and "NO (bug!)" not in out
+    assert rows == ["ar", "pld", "sps", "ssd", "knn-ssd", "eagle", "eagle-tree", "pld-eagle"] and "NO (bug!)" not in out
 
 
 def test_int8_target_and_draft_load_and_speculate(real_model):

@@ -26,8 +26,8 @@ DEMO_PROMPT = (
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "demo", help="compare ar, pld, sps (shipped draft), ssd (shipped profile), knn-ssd (shipped bundle) "
-                     "and eagle (shipped head) on the default model")
+        "demo", help="compare ar, pld, sps (shipped draft), ssd (shipped profile), knn-ssd (shipped bundle), "
+                     "eagle, eagle-tree and pld-eagle (shipped head) on the default model")
     parser.add_argument("--prompt", default=DEMO_PROMPT)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     add_model_args(parser)
@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model == DEFAULT_MODEL and (shipped_head_dir() / "config.json").is_file():
         decoders["eagle"] = SpeculativeDecoder(target, "eagle", head=DEFAULT_HEAD)
         decoders["eagle-tree"] = SpeculativeDecoder(target, "eagle-tree", head=DEFAULT_HEAD)
+        decoders["pld-eagle"] = SpeculativeDecoder(target, "pld-eagle", head=DEFAULT_HEAD)
     runtime = runtime_of(target.model)
     print(f"sps draft: {draft_label} · runtime: {runtime.describe() if runtime else 'eager'}", file=sys.stderr)
     decoders["ar"].generate(args.prompt, max_new_tokens=4)  # warm-up
