@@ -89,3 +89,16 @@ def test_int8_target_and_draft_load_and_speculate(real_model):
     result = SpeculativeDecoder(target, "sps", draft=draft, gamma=3).generate(PROMPTS[0], max_new_tokens=8,
                                                                                stop_at_eos=False)
     assert len(result.token_ids) == 8 and result.stats.draft_forwards > 0
+
+
+def test_train_head_refuses_a_bad_init_before_generating_data(tmp_path, capsys):
+    import json
+
+    from specdecode.cli.main import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"question_id": i, "category": "qa", "turns": [f"q{i}"]}) for i in range(3)))
+    assert main(["train-head", "--init", str(tmp_path / "nope"), "--out", str(tmp_path / "out"), "--data", str(data),
+                 "--holdout", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "draft head" in err and not (tmp_path / "out").exists()

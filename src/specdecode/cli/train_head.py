@@ -80,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
     target = load_model(args.target, threads=args.threads)
     if target.tokenizer is None:
         raise InvalidSettingError(f"target {args.target!r} has no tokenizer")
+    init = None
+    if args.init:  # refused before the data stage, not after it
+        init = load_head(args.init).to(next(target.model.parameters()).dtype)
+        pair_head(target, init)
     encode = lambda prompts: [list(target.tokenizer(format_prompt(p))["input_ids"]) for p in prompts]  # noqa: E731
     out, work = Path(args.out), Path(args.out) / "work"
     progress = not args.no_progress
@@ -94,10 +98,8 @@ def run(args: argparse.Namespace) -> int:
     eval_sequences = collect_head_data(target, encode(evaluation), work / "eval", rows=args.rows, samples_per_prompt=0,
                                        unconditional=0, max_new_tokens=64, seed=args.seed, progress=progress)
     torch.manual_seed(args.seed)
-    if args.init:
-        head = load_head(args.init).to(next(target.model.parameters()).dtype)
-        pair_head(target, head)
-        vocab = head.vocab_ids.tolist()
+    if init is not None:
+        head, vocab = init, init.vocab_ids.tolist()
     else:
         vocab = frequent_token_ids([s.ids.tolist() for s in sequences], min(args.draft_vocab, target.vocab_size),
                                    always_include=sorted(target.eos_token_ids)).tolist()
