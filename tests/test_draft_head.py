@@ -204,6 +204,20 @@ def test_feature_data_are_the_targets_hidden_states(tmp_path):
     assert [s.ids.tolist() for s in again] == [s.ids.tolist() for s in sequences]  # resumed from the chunks
 
 
+def test_an_earlier_runs_chunks_load_and_a_foreign_width_is_refused(tmp_path):
+    from specdecode.distill.head_data import collect_head_data, load_feature_chunks
+
+    target = tiny_model("llama", seed=3)
+    made = collect_head_data(target, [[1, 2, 3], [4, 5]], tmp_path, rows=2, samples_per_prompt=1, unconditional=0,
+                             max_new_tokens=6, progress=False, teacher_forced=[[7, 8, 9, 10, 11]])
+    loaded = load_feature_chunks(tmp_path, target.model.config.hidden_size)
+    assert sorted(s.ids.tolist() for s in loaded) == sorted(s.ids.tolist() for s in made)
+    with pytest.raises(InvalidSettingError, match="hidden size"):
+        load_feature_chunks(tmp_path, target.model.config.hidden_size + 1)
+    with pytest.raises(InvalidSettingError, match="no feature chunks"):
+        load_feature_chunks(tmp_path / "empty", target.model.config.hidden_size)
+
+
 def test_training_lowers_the_loss_and_resumes(tmp_path):
     from specdecode.distill.head_data import collect_head_data
     from specdecode.distill.train_head import HeadTrainSettings, evaluate_head, train_head

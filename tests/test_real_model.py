@@ -91,14 +91,15 @@ def test_int8_target_and_draft_load_and_speculate(real_model):
     assert len(result.token_ids) == 8 and result.stats.draft_forwards > 0
 
 
-def test_train_head_refuses_a_bad_init_before_generating_data(tmp_path, capsys):
+@pytest.mark.parametrize("option, message", [("--init", "draft head"), ("--extra-data", "feature chunks")])
+def test_train_head_refuses_bad_inputs_before_generating_data(tmp_path, capsys, option, message):
     import json
 
     from specdecode.cli.main import main
 
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"question_id": i, "category": "qa", "turns": [f"q{i}"]}) for i in range(3)))
-    assert main(["train-head", "--init", str(tmp_path / "nope"), "--out", str(tmp_path / "out"), "--data", str(data),
+    assert main(["train-head", option, str(tmp_path / "nope"), "--out", str(tmp_path / "out"), "--data", str(data),
                  "--holdout", "1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "draft head" in err and not (tmp_path / "out").exists()
+    assert len(err.splitlines()) == 1 and message in err and not (tmp_path / "out").exists()

@@ -14,7 +14,7 @@ import torch
 from specdecode.bench.dataset import format_prompt, read_prompts
 from specdecode.cli.distill import held_out_per_category, split_holdout
 from specdecode.distill.evaluate import forward_ms
-from specdecode.distill.head_data import collect_head_data
+from specdecode.distill.head_data import collect_head_data, load_feature_chunks
 from specdecode.distill.train_head import HeadTrainSettings, evaluate_head, train_head
 from specdecode.errors import InvalidSettingError
 from specdecode.models.cache import KVCache
@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--teacher-forced", action=argparse.BooleanOptionalAction, default=True,
                         help="also take features from one teacher-forced forward over each training prompt's full "
                              "text (off-policy rows, EAGLE-1 style; default on)")
+    parser.add_argument("--extra-data", action="append", default=[], metavar="DIR",
+                        help="also train on the feature chunks of an earlier run (its OUT/work/data, e.g. made "
+                             "with another --seed); repeatable")
     parser.add_argument("--eval-per-category", type=int, default=1, help="held-out prompts per category to measure on")
     parser.add_argument("--depth", type=int, default=1, help="decoder layers in the head (default 1)")
     parser.add_argument("--draft-vocab", type=int, default=16384, help="reduced output vocabulary (default 16384)")
@@ -84,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if args.init:  # refused before the data stage, not after it
         init = load_head(args.init).to(next(target.model.parameters()).dtype)
         pair_head(target, init)
+    extra = [s for d in args.extra_data for s in load_feature_chunks(d, target.model.config.hidden_size)]
     encode = lambda prompts: [list(target.tokenizer(format_prompt(p))["input_ids"]) for p in prompts]  # noqa: E731
     out, work = Path(args.out), Path(args.out) / "work"
     progress = not args.no_progress
@@ -93,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
                                   max_new_tokens=args.max_new_tokens, budget_s=args.data_minutes * 60,
                                   seed=args.seed, progress=progress,
                                   teacher_forced=encode(train_prompts) if args.teacher_forced else None)
+    sequences += extra
     data_seconds = time.perf_counter() - data_started
     evaluation = held_out_per_category(held_out, args.eval_per_category)
     eval_sequences = collect_head_data(target, encode(evaluation), work / "eval", rows=args.rows, samples_per_prompt=0,
@@ -118,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         compared[str(path)] = evaluate_head(other, eval_sequences)
     report = {
         "target": target.name, "target_fingerprint": target.fingerprint, "train_prompts": len(train_prompts),
-        "excluded_prompts": sorted(excluded, key=str),
+        "excluded_prompts": sorted(excluded, key=str), "extra_data": args.extra_data,
         "sequences": len(sequences), "positions": sum(len(s.hidden) for s in sequences),
         "teacher_forced_sequences": sum(s.prompt_len == 0 for s in sequences),
         "teacher_forced_positions": sum(len(s.hidden) for s in sequences if s.prompt_len == 0),

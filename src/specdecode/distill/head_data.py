@@ -139,6 +139,20 @@ def collect_head_data(
     return sequences
 
 
+def load_feature_chunks(directory: str | Path, hidden_size: int) -> list[FeatureSequence]:
+    """Every finished chunk an earlier ``collect_head_data`` wrote to ``directory`` (e.g. a run with
+    another seed), refused unless its hidden states have the target's width."""
+    chunks = sorted(Path(directory).glob("*.pt"))
+    if not chunks:
+        raise InvalidSettingError(f"no feature chunks (*.pt) in {directory}")
+    sequences = [FeatureSequence(**row) for chunk in chunks for row in torch.load(chunk)]
+    widths = {s.hidden.shape[-1] for s in sequences}
+    if widths != {hidden_size}:
+        raise InvalidSettingError(f"feature chunks in {directory} have hidden size {sorted(widths)}, "
+                                  f"the target has {hidden_size}")
+    return sequences
+
+
 @torch.inference_mode()
 def _generate(target: LoadedModel, jobs: list[_Job], max_new_tokens: int, seed: int) -> list[FeatureSequence]:
     """One left-padded batched ``generate``; the hidden states come back with the tokens."""
