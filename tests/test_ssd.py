@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from specdecode import SpeculativeDecoder
+
 from specdecode.errors import InvalidSettingError
 from specdecode.models.cache import KVCache, forward
 from specdecode.models.layer_skip import SkipSet, decoder_layers, layer_skip_view
 from specdecode.propose.self_draft import SelfDraftProposer, SelfDraftSettings
-from specdecode.sampling import SamplingSettings
+from specdecode.sampling import GenerationSettings, SamplingSettings
 from test_sampling import SMALL_VOCAB, _first_tokens, _pooled_chisquare, _target_pair_distribution
 from tiny_models import ARCHITECTURES, VOCAB, tiny_model
 
@@ -221,3 +222,19 @@ def test_real_model_greedy_ssd_equals_ar(real_model):
         result = SpeculativeDecoder(real_model, "ssd", **options).generate(prompt, max_new_tokens=24)
         assert result.token_ids == expected.token_ids, options
         assert result.stats.accepted_tokens > 0
+
+
+@pytest.mark.real_model
+def test_ssd_on_the_embedded_default_drafts_with_the_shipped_profile(real_model):
+    """A bare self-draft of the embedded model (full depth, 262k-wide head) is slower than ``ar``:
+    without ``profile`` the shipped one applies, ``profile=none`` asks for the bare draft."""
+    from specdecode.models.loading import shipped_ssd_profile
+    from specdecode.search.profile import load_profile
+
+    shipped = load_profile(shipped_ssd_profile()).settings
+    for method in ("ssd", "pld-ssd"):
+        proposer, _ = SpeculativeDecoder(real_model, method)._start(GenerationSettings())
+        settings = (proposer.fallback if method == "pld-ssd" else proposer).settings
+        assert settings == shipped
+    bare, _ = SpeculativeDecoder(real_model, "ssd", profile="none")._start(GenerationSettings())
+    assert bare.settings.vocab_ids is None and bare.settings != shipped

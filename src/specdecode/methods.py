@@ -18,7 +18,7 @@ from specdecode.accept.joint_ratio import AcceptAll, JointRatioAcceptance
 from specdecode.accept.rules import AcceptanceRule, GreedyMatch, GreedyTreeMatch, SpeculativeSampling
 from specdecode.errors import InvalidSettingError
 from specdecode.models.draft_head import DEFAULT_HEAD, DraftHead, load_head, pair_head
-from specdecode.models.loading import LoadedModel, pair_draft, shipped_bundle_dir
+from specdecode.models.loading import LoadedModel, pair_draft, shipped_bundle_dir, shipped_ssd_profile
 from specdecode.propose.base import Proposer
 from specdecode.propose.beam_sampler import BeamSampleProposer, ModelDrafter
 from specdecode.propose.draft_model import DraftModelProposer
@@ -30,7 +30,7 @@ from specdecode.propose.ngram import NgramProposer
 from specdecode.propose.self_draft import SelfDraftProposer
 from specdecode.routing.bundle import ProfileBundle, load_bundle_cached
 from specdecode.sampling import SamplingSettings
-from specdecode.search.profile import SkipProfile, self_draft_settings
+from specdecode.search.profile import SkipProfile, load_profile, self_draft_settings
 
 
 @dataclass
@@ -160,10 +160,27 @@ def build_mtjd(
     return proposer, AcceptAll(ctx.sampling, ctx.generator)
 
 
+ProfileSpec = str | os.PathLike[str] | SkipProfile | None
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_ssd_profile_fingerprint() -> str | None:
+    path = shipped_ssd_profile()
+    return load_profile(path).fingerprint if path.is_file() else None
+
+
+def resolve_profile(ctx: MethodContext, profile: ProfileSpec) -> ProfileSpec:
+    """No ``profile``: the shipped one where the target is the embedded default (a bare full-depth,
+    full-vocabulary self-draft is slower than ``ar``); ``"none"``: the bare draft, explicitly."""
+    if profile is None and ctx.target.fingerprint == _shipped_ssd_profile_fingerprint():
+        return shipped_ssd_profile()
+    return None if profile == "none" else profile
+
+
 @register("ssd")
 def build_self_speculative(
     ctx: MethodContext,
-    profile: str | os.PathLike[str] | SkipProfile | None = None,
+    profile: ProfileSpec = None,
     skip_attention: list[int] | None = None,
     skip_mlp: list[int] | None = None,
     threshold: float | None = None,
@@ -174,11 +191,12 @@ def build_self_speculative(
     """Self-speculative decoding: the target itself, with sub-layers skipped, drafts.
 
     Skip sets and draft settings come from a searched ``profile`` (see ``specdecode search``) or
-    the explicit options, which override the profile's; defaults: nothing skipped, threshold
-    0.8, max_draft 12, full-vocabulary float head.
+    the explicit options, which override the profile's. Without ``profile``, the embedded default
+    model drafts with its shipped profile; ``profile=none`` (and any other model) starts from the
+    bare draft: nothing skipped, threshold 0.8, max_draft 12, full-vocabulary float head.
     """
-    settings = self_draft_settings(ctx.target, profile, skip_attention, skip_mlp, threshold, max_draft,
-                                   draft_vocab, int8)
+    settings = self_draft_settings(ctx.target, resolve_profile(ctx, profile), skip_attention, skip_mlp, threshold,
+                                   max_draft, draft_vocab, int8)
     return SelfDraftProposer(ctx.target, settings, ctx.sampling, ctx.generator), default_rule(ctx)
 
 
@@ -254,11 +272,12 @@ def build_eagle_mtad(
 @register("pld-ssd")
 def build_lookup_then_self_draft(
     ctx: MethodContext, gamma: int = 10, min_ngram: int = 2, max_ngram: int = 3,
-    profile: str | os.PathLike[str] | SkipProfile | None = None,
+    profile: ProfileSpec = None,
 ) -> tuple[Proposer, AcceptanceRule]:
     """Prompt lookup where the last ``min_ngram``..``max_ngram`` tokens occurred before; elsewhere
-    ``ssd`` with ``profile`` drafts (``propose/lookup_first.py``)."""
-    fallback = SelfDraftProposer(ctx.target, self_draft_settings(ctx.target, profile), ctx.sampling, ctx.generator)
+    ``ssd`` with ``profile`` (as ``ssd`` resolves it) drafts (``propose/lookup_first.py``)."""
+    settings = self_draft_settings(ctx.target, resolve_profile(ctx, profile))
+    fallback = SelfDraftProposer(ctx.target, settings, ctx.sampling, ctx.generator)
     return LookupFirstProposer(NgramProposer(gamma, max_ngram, min_ngram), fallback), default_rule(ctx)
 
 

@@ -9,13 +9,9 @@ import sys
 from specdecode.api import SpeculativeDecoder
 from specdecode.cli.common import add_model_args, model_kwargs
 from specdecode.models.draft_head import DEFAULT_HEAD, shipped_head_dir
-from specdecode.models.loading import DEFAULT_DRAFT, DEFAULT_MODEL, load_model, shipped_draft_dir
+from specdecode.models.loading import DEFAULT_DRAFT, DEFAULT_MODEL, load_model, shipped_draft_dir, shipped_ssd_profile
 from specdecode.models.runtime import runtime_of
 
-# searched by `specdecode build-knn` (results/knn-default/bundle, profile "mixed"): nothing skipped,
-# a 16k-token draft head; int8 draft layers since every per-domain search of results/knn-fast chose
-# them (1.17× `ar` against 1.00× in float, results/bench-fast-greedy)
-SHIPPED_SSD_PROFILE = shipped_draft_dir().parent / "gemma-3-270m-ssd-profile.json"
 
 DEMO_PROMPT = (
     "Summarize the following text in two sentences.\n\nThe city council met on Tuesday to discuss the new "
@@ -48,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
         "pld": SpeculativeDecoder(target, "pld"),
         "sps": SpeculativeDecoder(target, "sps", draft=draft, gamma=4),
     }
-    if args.model == DEFAULT_MODEL and SHIPPED_SSD_PROFILE.is_file():
-        decoders["ssd"] = SpeculativeDecoder(target, "ssd", profile=SHIPPED_SSD_PROFILE)
+    if args.model == DEFAULT_MODEL and shipped_ssd_profile().is_file():
+        decoders["ssd"] = SpeculativeDecoder(target, "ssd")  # the shipped profile
         decoders["knn-ssd"] = SpeculativeDecoder(target, "knn-ssd")  # the shipped bundle
     if args.model == DEFAULT_MODEL and (shipped_head_dir() / "config.json").is_file():
         decoders["eagle"] = SpeculativeDecoder(target, "eagle", head=DEFAULT_HEAD)
