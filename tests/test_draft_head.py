@@ -372,3 +372,11 @@ def test_argmax_weight_adds_the_cross_entropy_on_the_targets_top_token():
     torch.testing.assert_close(both - kl, 0.5 * nll, rtol=1e-4, atol=1e-6)
     with pytest.raises(InvalidSettingError):
         HeadTrainSettings(argmax_weight=-1.0).validate()
+
+
+def test_train_head_refuses_bad_training_settings_before_loading_anything(tmp_path, capsys):
+    from specdecode.cli.main import main
+
+    assert main(["train-head", "--max-steps", "0", "--out", str(tmp_path / "out"), "--data", str(tmp_path / "none.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "max_steps" in err and not (tmp_path / "out").exists()

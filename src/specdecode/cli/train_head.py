@@ -53,6 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--data-minutes", type=float, default=25.0, help="time budget of data generation")
     parser.add_argument("--train-minutes", type=float, default=35.0, help="time budget of training")
+    parser.add_argument("--max-steps", type=int, default=HeadTrainSettings.max_steps,
+                        help="stop training after this many optimiser steps, if the budget lasts")
     parser.add_argument("--unroll", type=int, default=HeadTrainSettings.unroll)
     parser.add_argument("--feature-weight", type=float, default=HeadTrainSettings.feature_weight)
     parser.add_argument("--argmax-weight", type=float, default=HeadTrainSettings.argmax_weight,
@@ -74,6 +76,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.depth < 1 or args.draft_vocab < 2 or args.holdout < 1:
         raise InvalidSettingError("--depth, --draft-vocab and --holdout must be positive")
+    settings = HeadTrainSettings(budget_s=args.train_minutes * 60, max_steps=args.max_steps, unroll=args.unroll,
+                                 lr=args.lr, feature_weight=args.feature_weight, argmax_weight=args.argmax_weight,
+                                 windows=args.windows, window=args.window, seed=args.seed)
+    settings.validate()  # before minutes of data generation, not after
     started = time.perf_counter()
     train_prompts, held_out = split_holdout(read_prompts(args.data), args.holdout)
     excluded = {p.question_id for path in args.exclude for p in read_prompts(path)}
@@ -110,10 +116,6 @@ def run(args: argparse.Namespace) -> int:
                                    always_include=sorted(target.eos_token_ids)).tolist()
         head = DraftHead.from_target(target, vocab, depth=args.depth, tokenizer_sha=tokenizer_digest(target.tokenizer))
     before = evaluate_head(head, eval_sequences)
-    settings = HeadTrainSettings(budget_s=args.train_minutes * 60, unroll=args.unroll, lr=args.lr,
-                                 feature_weight=args.feature_weight, argmax_weight=args.argmax_weight,
-                                 windows=args.windows, window=args.window,
-                                 seed=args.seed)
     log = train_head(head, sequences, settings, checkpoint=work / "checkpoint.pt", progress=progress)
     after = evaluate_head(head, eval_sequences)
     compared = {}
