@@ -218,6 +218,29 @@ def test_an_earlier_runs_chunks_load_and_a_foreign_width_is_refused(tmp_path):
         load_feature_chunks(tmp_path / "empty", target.model.config.hidden_size)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_replayed_chain_drafting_is_what_the_engine_does(arch):
+    """evaluate_head's τ and eagle_sweep's predictions replay greedy drafting on recorded features
+    instead of running the target: the replay must draft and accept exactly what ``eagle`` does."""
+    from specdecode.distill.head_data import FeatureSequence
+    from specdecode.distill.train_head import replay_chain
+
+    target = tiny_model(arch, seed=0)
+    head = _head(target, vocab_ids=list(range(VOCAB)))
+    prompt = [1, 2, 3] * 5
+    for gamma, confidence in ((4, 0.0), (3, 0.2)):
+        result = SpeculativeDecoder(target, "eagle", head=head, gamma=gamma, min_confidence=confidence).generate(
+            prompt, max_new_tokens=40)
+        ids = torch.tensor(prompt + result.token_ids)
+        with torch.inference_mode():
+            hidden = target.model.base_model(input_ids=ids[None]).last_hidden_state[0, :-1]
+        chain = replay_chain(head, [FeatureSequence(ids, hidden, len(prompt))], gamma, confidence)
+        assert chain.accepted == result.stats.accepted_lengths
+        assert sum(chain.drafted) == result.stats.proposed_tokens and chain.head_steps == result.stats.draft_forwards
+        assert chain.tokens == len(result.token_ids)
+        assert 0 < result.stats.accepted_tokens < result.stats.proposed_tokens  # the test sees both outcomes
+
+
 def test_training_lowers_the_loss_and_resumes(tmp_path):
     from specdecode.distill.head_data import collect_head_data
     from specdecode.distill.train_head import HeadTrainSettings, evaluate_head, train_head

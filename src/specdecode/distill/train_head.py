@@ -30,7 +30,8 @@ from specdecode.errors import InvalidSettingError
 from specdecode.models.cache import KVCache
 from specdecode.models.draft_head import DraftHead
 from specdecode.models.tree import tree_attention_mask
-from specdecode.propose.eagle import HeadDrafter
+from specdecode.propose.eagle import EagleProposer
+from specdecode.sampling import SamplingSettings
 
 
 @dataclass
@@ -197,14 +198,63 @@ def _save_checkpoint(path: Path, head: DraftHead, optimizer, settings: HeadTrain
     path.with_suffix(".tmp").rename(path)
 
 
+@dataclass
+class ChainReplay:
+    """Greedy chain decoding replayed on recorded answers: per target verification, how many
+    tokens were drafted and how many of them the target kept; and the head steps spent."""
+    drafted: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    tokens: int = 0
+    head_steps: int = 0
+
+    @property
+    def tau(self) -> float:
+        """Tokens per target forward."""
+        return self.tokens / max(1, len(self.drafted))
+
+    def acceptance_by_position(self, gamma: int) -> list[float]:
+        """Share of drafts reaching draft position k whose token there was kept."""
+        reached, kept = [0] * gamma, [0] * gamma
+        for drafted, accepted in zip(self.drafted, self.accepted):
+            for k in range(min(accepted + 1, drafted)):
+                reached[k] += 1
+                kept[k] += k < accepted
+        return [round(a / max(1, r), 3) for a, r in zip(kept, reached)]
+
+
+@torch.inference_mode()
+def replay_chain(head: DraftHead, sequences: list[FeatureSequence], gamma: int,
+                 min_confidence: float = 0.0) -> ChainReplay:
+    """Greedy chain drafting by the runtime's own ``EagleProposer`` on greedy answers with their
+    target features. No target forward runs: greedy decoding emits the recorded answer whatever
+    is drafted, so the features each verification would return are the recorded ones."""
+    replay = ChainReplay()
+    for seq in sequences:
+        ids, hidden = seq.ids.long().tolist(), seq.hidden.to(head.fc.weight.dtype)
+        if len(ids) - seq.prompt_len < 2:
+            continue
+        proposer = EagleProposer(head, SamplingSettings(), None, gamma, min_confidence)
+        proposer.on_prefill(hidden[: seq.prompt_len - 1])
+        n = seq.prompt_len
+        while n < len(ids):
+            draft = proposer.propose(ids[:n], len(ids) - n - 1).tokens  # as the engine: room for the bonus token
+            accepted = 0
+            while accepted < len(draft) and draft[accepted] == ids[n + accepted]:
+                accepted += 1
+            proposer.observe_hidden(hidden[n - 1: n + accepted])
+            n += accepted + 1
+            replay.drafted.append(len(draft))
+            replay.accepted.append(accepted)
+            replay.tokens += accepted + 1
+        replay.head_steps += proposer.stats.forwards
+    return replay
+
+
 @torch.inference_mode()
 def evaluate_head(head: DraftHead, sequences: list[FeatureSequence], gamma: int = 5) -> dict[str, float]:
     """On greedy answers with their target features: first-draft-token agreement, and greedy chain
-    decoding simulated step by step (τ = tokens per target forward, acceptance by draft position)."""
+    decoding replayed step by step (τ = tokens per target forward, acceptance by draft position)."""
     hits = total = 0
-    reached = [0] * gamma
-    accepted_at = [0] * gamma
-    steps = tokens = 0
     head.eval()
     for seq in sequences:
         ids, hidden = seq.ids.long().tolist(), seq.hidden.to(head.fc.weight.dtype)
@@ -215,28 +265,6 @@ def evaluate_head(head: DraftHead, sequences: list[FeatureSequence], gamma: int 
         for t in range(max(0, seq.prompt_len - 2), len(ids) - 2):
             hits += guess[t] == ids[t + 2]
             total += 1
-        drafter = HeadDrafter(head)
-        drafter.on_prefill(hidden[: seq.prompt_len - 1])
-        n = seq.prompt_len
-        while n < len(ids):
-            logits = drafter.root(ids[:n])
-            draft = []
-            for k in range(min(gamma, len(ids) - n)):
-                draft.append(int(drafter.vocab_ids[logits.argmax()]))
-                if k + 1 < min(gamma, len(ids) - n):
-                    logits = drafter.extend([0], [draft[-1]], torch.ones(1, len(draft), dtype=torch.bool))[0]
-            drafter.reset()
-            a = 0
-            while a < len(draft) and draft[a] == ids[n + a]:
-                a += 1
-            for k in range(min(a + 1, len(draft))):
-                reached[k] += 1
-                accepted_at[k] += k < a
-            advance = min(a + 1, len(ids) - n)
-            drafter.observe_hidden(hidden[n - 1: n - 1 + advance])
-            n += advance
-            steps += 1
-            tokens += advance
-    return {"first_token_agreement": round(hits / max(1, total), 4), "tau": round(tokens / max(1, steps), 3),
-            "acceptance_by_position": [round(a / max(1, r), 3) for a, r in zip(accepted_at, reached)],
-            "answer_positions": total}
+    chain = replay_chain(head, sequences, gamma)
+    return {"first_token_agreement": round(hits / max(1, total), 4), "tau": round(chain.tau, 3),
+            "acceptance_by_position": chain.acceptance_by_position(gamma), "answer_positions": total}

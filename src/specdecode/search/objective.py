@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -97,6 +98,27 @@ def greedy_verification(model: torch.nn.Module, kv: KVCache, tokens: list[int]) 
     return forward(model, kv, tokens, logits_to_keep=len(tokens), exact_top=1)
 
 
+def time_on_cache(step: Callable[[], Any], kv: KVCache, repeats: int,
+                  statistic: Callable[[list[float]], float] = statistics.median) -> float:
+    """Seconds ``step`` takes on what ``kv`` holds now: one warm-up run (dropped, it warms caches),
+    then ``repeats`` runs, the cache cut back after each so every run sees the same context."""
+    keep = len(kv)
+    samples = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        step()
+        samples.append(time.perf_counter() - start)
+        kv.crop(keep)
+    return statistic(samples[1:])
+
+
+def time_verification(model: torch.nn.Module, kv: KVCache, token: int, counts: list[int], repeats: int,
+                      statistic: Callable[[list[float]], float] = statistics.median) -> list[float]:
+    """Seconds of a greedy verification of k tokens after what ``kv`` holds, for each k in ``counts``."""
+    return [time_on_cache(lambda k=k: greedy_verification(model, kv, [token] * k), kv, repeats, statistic)
+            for k in counts]
+
+
 @dataclass
 class CostModel:
     """Seconds per forward, timed once: verification by number of tokens, draft by what it keeps."""
@@ -125,27 +147,16 @@ class CostModel:
         count = len(pairs)
         kv = KVCache()
 
-        def timed(step: Any) -> float:
-            samples = []
-            for _ in range(repeats + 1):  # the first run warms caches and is dropped
-                start = time.perf_counter()
-                step()
-                samples.append(time.perf_counter() - start)
-                kv.crop(len(context) - 1)
-            return statistics.median(samples[1:])
-
         def draft_time(skip: SkipSet) -> float:
             proposer = SelfDraftProposer(target, SelfDraftSettings(skip, threshold=1.0, max_draft=1,
                                                                    vocab_ids=draft.vocab_ids, int8=draft.int8),
                                          SamplingSettings(), None)
             proposer.bind_target_cache(kv)
-            return timed(lambda: proposer.propose(context, max_tokens=1))
+            return time_on_cache(lambda: proposer.propose(context, max_tokens=1), kv, repeats)
 
         with torch.inference_mode():
             forward(model, kv, context[:-1], logits_to_keep=0)
-            probe = context[-1:] * (draft.max_draft + 1)
-            verify_s = [timed(lambda k=k: greedy_verification(model, kv, probe[:k]))
-                        for k in range(1, draft.max_draft + 2)]
+            verify_s = time_verification(model, kv, context[-1], list(range(1, draft.max_draft + 2)), repeats)
             everything = SkipSet(tuple(range(count)), tuple(range(count)))
             fixed = draft_time(everything)
             full = draft_time(SkipSet())
@@ -185,22 +196,11 @@ class CostTable:
         self.started = time.perf_counter()
         with torch.inference_mode():
             forward(target.model, self.kv, self.context[:-1], logits_to_keep=0)
-            probe = self.context[-1:] * (max_draft + 1)
             points = sorted({1, 2, 3, 5, 8, 12, max_draft + 1} & set(range(1, max_draft + 2)))
-            timed = [self._timed(lambda k=k: greedy_verification(target.model, self.kv, probe[:k]))
-                     for k in points]
+            timed = time_verification(target.model, self.kv, self.context[-1], points, repeats, min)
         timed = list(np.maximum.accumulate(timed))
         self.verify_points = dict(zip(points, timed))
         self.verify_s = [float(np.interp(k, points, timed)) for k in range(1, max_draft + 2)]
-
-    def _timed(self, step: Any) -> float:
-        samples = []
-        for _ in range(self.repeats + 1):  # the first run warms caches and is dropped
-            start = time.perf_counter()
-            step()
-            samples.append(time.perf_counter() - start)
-            self.kv.crop(len(self.context) - 1)
-        return min(samples[1:])
 
     @staticmethod
     def head_key(settings: SelfDraftSettings) -> str:
@@ -211,7 +211,7 @@ class CostTable:
         proposer = SelfDraftProposer(self.target, probe, SamplingSettings(), None)
         proposer.bind_target_cache(self.kv)
         with torch.inference_mode():
-            return self._timed(lambda: proposer.propose(self.context, max_tokens=1))
+            return time_on_cache(lambda: proposer.propose(self.context, max_tokens=1), self.kv, self.repeats, min)
 
     def _format(self, int8: bool, full_head: bool) -> dict[str, float]:
         name = "int8" if int8 else "float"
