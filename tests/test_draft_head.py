@@ -39,7 +39,8 @@ def test_eagle_chain_tree_and_mtad_equal_ar_greedy(arch):
         for method, options in (("eagle", dict(gamma=rng.randint(1, 6))),
                                 ("eagle", dict(gamma=4, min_confidence=0.3)),
                                 ("eagle-tree", dict(gamma=rng.randint(1, 5), top_k=3, nodes=rng.randint(1, 10))),
-                                ("eagle-mtad", dict(beams=3, gamma=3))):
+                                ("eagle-mtad", dict(beams=3, gamma=3)),
+                                ("eagle-mtad", dict(beams=3, gamma=rng.randint(1, 4), tree=True))):
             result = SpeculativeDecoder(target, method, head=head, **options).generate(prompt, max_new_tokens=max_new)
             assert result.token_ids == expected, (method, options)
 

@@ -29,12 +29,13 @@ def _joint_log_prob(model, prompt, block):
     return float(torch.log_softmax(logits, -1)[torch.arange(len(block)), torch.tensor(block)].sum())
 
 
-def test_self_draft_accepts_every_token():
+@pytest.mark.parametrize("tree", [False, True])
+def test_self_draft_accepts_every_token(tree):
     target = tiny_model("llama", seed=1)
-    decoder = SpeculativeDecoder(target, "mtad", draft=target, beams=4, gamma=4, threshold=0.5)
+    decoder = SpeculativeDecoder(target, "mtad", draft=target, beams=4, gamma=4, threshold=0.5, tree=tree)
     stats = decoder.generate([1, 2, 3], max_new_tokens=25, seed=0, **PAPER_SAMPLING).stats
-    assert stats.acceptance_rate == 1.0
     assert stats.tokens_per_target_forward == 5.0
+    assert stats.acceptance_rate == (0.25 if tree else 1.0)  # a tree offers 4 beams a level, one path is kept
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -42,10 +43,34 @@ def test_greedy_mtad_equals_ar(arch):
     target = tiny_model(arch, seed=2)
     ar = SpeculativeDecoder(target, "ar")
     for draft in (target, tiny_model(arch, seed=9)):
-        decoder = SpeculativeDecoder(target, "mtad", draft=draft, beams=3, gamma=3)
-        for prompt in ([1, 2, 3], [5] * 9 + [6]):
-            assert decoder.generate(prompt, max_new_tokens=30).token_ids == ar.generate(
-                prompt, max_new_tokens=30).token_ids
+        for tree in (False, True):
+            decoder = SpeculativeDecoder(target, "mtad", draft=draft, beams=3, gamma=3, tree=tree)
+            for prompt in ([1, 2, 3], [5] * 9 + [6]):
+                assert decoder.generate(prompt, max_new_tokens=30).token_ids == ar.generate(
+                    prompt, max_new_tokens=30).token_ids, tree
+
+
+@pytest.mark.parametrize("case", [
+    # row 0 → p(token 0), p(token 1); row 1 → p(token 2 | node 1); row 2 → p(token 3 | node 2); kept path
+    ((0.2, 0.7), 0.95, 0.3, (0, 2, 4)),  # both depth-2 nodes pass: the one of higher target joint
+    ((0.2, 0.7), 0.8, 0.1, (0, 2)),      # node 3 passes against its own draft joint, not the depth's best
+    ((0.2, 0.1), 0.99, 0.1, (0, 1, 3)),   # the deepest passing node, though its parent failed
+])
+def test_multi_candidate_verification_follows_the_reference_rule(case):
+    """Beams: nodes 1, 2 (tokens 0, 1) at depth 1 with q .6 / .4; node 3 (token 2) under node 1 with
+    q .5, node 4 (token 3) under node 2 with q .9: joint q .6, .4, .3, .36. τ = 0.5."""
+    from specdecode.accept.joint_ratio import JointRatioAcceptance
+    from specdecode.propose.base import Draft
+
+    (p0, p1), p2, p3, path = case
+    rows = torch.full((5, 5), 1e-9, dtype=torch.float64)
+    rows[0, :2] = torch.tensor([p0, p1])
+    rows[1, 2], rows[2, 3] = p2, p3
+    rows[:, 4] += 1 - rows.sum(dim=1)  # token 4, never drafted, takes the rest
+    draft = Draft(tokens=[0, 1, 2, 3], parents=[0, 0, 1, 2], log_q=torch.tensor([0.6, 0.4, 0.5, 0.9]).log())
+    verdict = JointRatioAcceptance(SamplingSettings(temperature=1.0), torch.Generator().manual_seed(0))(
+        draft, rows.log())
+    assert verdict.path == path and verdict.accepted == len(path) - 1
 
 
 def test_unreachable_threshold_gives_single_token_sampling():

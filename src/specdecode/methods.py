@@ -137,11 +137,14 @@ def build_speculative_sampling(
 
 @register("mtad")
 def build_mtad(
-    ctx: MethodContext, beams: int = 4, gamma: int = 4, threshold: float = 0.5, with_replacement: bool = False
+    ctx: MethodContext, beams: int = 4, gamma: int = 4, threshold: float = 0.5, with_replacement: bool = False,
+    tree: bool = False,
 ) -> tuple[Proposer, AcceptanceRule]:
-    """Multi-token assisted decoding: beam-sampled joint drafts, joint-ratio verification."""
+    """Multi-token assisted decoding: beam-sampled joint drafts, joint-ratio verification. ``tree``:
+    the multi-candidate variant, every level's beams verified together in one tree forward."""
     draft = require_draft(ctx, "mtad")
-    proposer = BeamSampleProposer(ModelDrafter(draft.model), ctx.sampling, ctx.generator, beams, gamma, with_replacement)
+    proposer = BeamSampleProposer(ModelDrafter(draft.model), ctx.sampling, ctx.generator, beams, gamma,
+                                  with_replacement, tree)
     return proposer, JointRatioAcceptance(ctx.sampling, ctx.generator, threshold)
 
 
@@ -261,11 +264,12 @@ def build_eagle_tree(
 @register("eagle-mtad")
 def build_eagle_mtad(
     ctx: MethodContext, head: HeadSpec = DEFAULT_HEAD, beams: int = 4, gamma: int = 4, threshold: float = 0.5,
-    with_replacement: bool = False,
+    with_replacement: bool = False, tree: bool = False,
 ) -> tuple[Proposer, AcceptanceRule]:
-    """MTAD with the draft head as its auxiliary model: beam sampling over the head, joint-ratio verification."""
+    """MTAD with the draft head as its auxiliary model: beam sampling over the head, joint-ratio
+    verification (``tree``: multi-candidate, as ``mtad``)."""
     proposer = BeamSampleProposer(HeadDrafter(require_head(ctx, head)), ctx.sampling, ctx.generator, beams, gamma,
-                                  with_replacement)
+                                  with_replacement, tree)
     return proposer, JointRatioAcceptance(ctx.sampling, ctx.generator, threshold)
 
 

@@ -5,6 +5,13 @@ sample one token from the target at position a + 1. Note "longest", not "until t
 failure": the cumulative ratio can recover after a dip. With a greedy (one-hot) target, a
 mismatch makes r = −∞ from there on, so greedy MTAD keeps exactly the prefix greedy decoding
 would produce.
+
+Over a tree (``draft.parents``) it verifies multi-candidate MTAD's tree of beams as the reference
+code does: a node at depth d passes where its path's joint target probability is at least τ
+times the *largest* joint draft probability among the depth-d beams (the best draft the tree
+offers at that length, not the node's own); the deepest depth with a passing node is accepted,
+along the passing node of highest joint target probability. Greedy stays exact for the same
+reason as the chain rule: only the greedy path has a finite target probability.
 """
 
 from __future__ import annotations
@@ -29,17 +36,42 @@ class JointRatioAcceptance:
 
     def __call__(self, draft: Draft, target_logits: torch.Tensor) -> Verdict:
         p = process_logits(target_logits, self.sampling)
+        if len(draft) and draft.log_q is None:
+            raise InvalidSettingError("joint-ratio acceptance needs the draft's log-probabilities")
+        if draft.parents is not None:
+            return self._tree(draft, p)
         accepted = 0
         if len(draft):
-            if draft.log_q is None:
-                raise InvalidSettingError("joint-ratio acceptance needs the draft's log-probabilities")
             k = len(draft)
             log_p = torch.log(p[torch.arange(k), torch.tensor(draft.tokens)])
             ratio = torch.cumsum(log_p - draft.log_q.to(log_p), dim=0)
             passing = (ratio > self.log_threshold).nonzero()
             accepted = int(passing[-1]) + 1 if len(passing) else 0
-        next_token = int(p[accepted].argmax()) if self.sampling.greedy else sample(p[accepted], self.generator)
-        return Verdict(accepted, next_token)
+        return Verdict(accepted, self._next_token(p[accepted]))
+
+    def _tree(self, draft: Draft, p: torch.Tensor) -> Verdict:
+        """Multi-candidate MTAD: rows of ``p`` follow nodes (0: the last token), see the module docstring."""
+        step_log_p = torch.log(p[torch.tensor(draft.parents), torch.tensor(draft.tokens)]).tolist()
+        depth, log_p, log_q = [0], [0.0], [0.0]                 # per node, node 0 first
+        for parent, lp, lq in zip(draft.parents, step_log_p, draft.log_q.tolist()):
+            depth.append(depth[parent] + 1)
+            log_p.append(log_p[parent] + lp)
+            log_q.append(log_q[parent] + lq)
+        best_draft: dict[int, float] = {}
+        for node in range(1, len(depth)):
+            best_draft[depth[node]] = max(best_draft.get(depth[node], -math.inf), log_q[node])
+        chosen = 0
+        for node in range(1, len(depth)):
+            if log_p[node] - best_draft[depth[node]] > self.log_threshold and (
+                    depth[node] > depth[chosen] or (depth[node] == depth[chosen] and log_p[node] > log_p[chosen])):
+                chosen = node
+        path = [chosen]
+        while path[-1]:
+            path.append(draft.parents[path[-1] - 1])
+        return Verdict(depth[chosen], self._next_token(p[chosen]), tuple(reversed(path)))
+
+    def _next_token(self, p: torch.Tensor) -> int:
+        return int(p.argmax()) if self.sampling.greedy else sample(p, self.generator)
 
 
 class AcceptAll:

@@ -10,6 +10,11 @@ tokens are cropped away afterwards, so the draft cache only ever holds the real 
 Unlike the reference code, kept beams are renormalised in log space (log P − logsumexp), which
 keeps their relative probabilities exact.
 
+Multi-candidate MTAD (``tree=True``, the reference code's ``TreeMTADStrategy``): instead of the
+best final beam, every beam of every level is handed over as one draft tree (B nodes a level,
+each continuing the beam it was drawn from), which the target verifies in one forward with tree
+attention; ``accept/joint_ratio.py`` picks the path.
+
 The auxiliary model is a :class:`TreeDrafter`: a causal LM (:class:`ModelDrafter`) or a
 feature-level draft head (``propose/eagle.py``), which needs to know which earlier output each
 new tree token continues (it reads that output's predicted feature).
@@ -95,6 +100,7 @@ class BeamSampleProposer(Proposer):
         beams: int = 4,
         depth: int = 4,
         with_replacement: bool = False,
+        tree: bool = False,
     ) -> None:
         super().__init__()
         if beams < 1:
@@ -102,7 +108,7 @@ class BeamSampleProposer(Proposer):
         if depth < 1:
             raise InvalidSettingError(f"gamma (draft depth) must be >= 1, got {depth}")
         self.drafter, self.sampling, self.generator = drafter, sampling, generator
-        self.beams, self.depth, self.with_replacement = beams, depth, with_replacement
+        self.beams, self.depth, self.with_replacement, self.tree = beams, depth, with_replacement, tree
 
     def on_prefill(self, prompt_hidden: torch.Tensor) -> None:
         self.drafter.on_prefill(prompt_hidden)
@@ -149,6 +155,9 @@ class BeamSampleProposer(Proposer):
         beam_slots: list[list[int]] = [[] for _ in range(len(local))]  # tree slots of fed ancestors
         rows = [0] * len(local)                        # logits row each beam's last token was drawn from
         fed = 0
+        # the tree of every level's beams: nodes numbered from 1 in level order (0 = the last token)
+        node_tokens, node_parents, node_log_q = beam_tokens[:, 0].tolist(), [0] * len(local), [beam_log_q[:, 0]]
+        beam_nodes = list(range(1, len(local) + 1))
         for _ in range(1, depth):
             # feed every beam's last token as a new tree slot
             width = len(beam_tokens)
@@ -168,7 +177,14 @@ class BeamSampleProposer(Proposer):
             fed += width
             score = score[parents] + step_log_q
             score = score - torch.logsumexp(score, dim=0)
+            node_parents += [beam_nodes[p] for p in parents.tolist()]
+            beam_nodes = list(range(len(node_tokens) + 1, len(node_tokens) + 1 + len(parents)))
+            node_tokens += beam_tokens[:, -1].tolist()
+            node_log_q.append(step_log_q)
         self.drafter.reset()
+        if self.tree:
+            self.stats.proposed += len(node_tokens)
+            return Draft(tokens=node_tokens, log_q=torch.cat(node_log_q), parents=node_parents)
         best = int(score.argmax())
         self.stats.proposed += depth
         return Draft(tokens=beam_tokens[best].tolist(), log_q=beam_log_q[best])
