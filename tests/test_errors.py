@@ -1,9 +1,12 @@
 """Bad input gets one clear error, and the decoder stays usable afterwards."""
 
+import argparse
+
 import pytest
 
 from specdecode import SpeculativeDecoder, load_model
 from specdecode.cli.main import main
+from specdecode.methods import validate_options
 from specdecode.errors import (
     InvalidSettingError,
     ModelLoadError,
@@ -106,3 +109,16 @@ def test_cli_bad_input_exits_2_with_one_line(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+
+
+def test_cli_and_bench_read_method_options_alike():
+    """``--option tree=true`` once failed as "takes true or false, got 'true'": the generate CLI
+    read values with literal_eval while ``bench`` also knew the words true / false / none."""
+    from specdecode.bench.contenders import parse_spec
+    from specdecode.cli.common import method_kwargs
+
+    args = argparse.Namespace(option=["tree=true", "with_replacement=False", "threshold=0.3", "head=runs/x"])
+    expected = {"tree": True, "with_replacement": False, "threshold": 0.3, "head": "runs/x"}
+    assert method_kwargs(args) == expected
+    assert parse_spec("eagle-mtad:" + ",".join(args.option)).options == expected
+    validate_options("eagle-mtad", expected)

@@ -6,6 +6,8 @@ keyword arguments; unknown options and out-of-range values are refused with a cl
 
 from __future__ import annotations
 
+import ast
+
 import functools
 import inspect
 import os
@@ -68,6 +70,20 @@ def _builder(name: str) -> Builder:
         return _REGISTRY[name]
     except KeyError:
         raise InvalidSettingError(f"unknown method {name!r}; choose one of {', '.join(method_names())}") from None
+
+
+def parse_option_value(raw: str) -> object:
+    """A method option's value as written on a command line: ``true`` / ``false`` / ``none`` in any
+    case, a Python literal (number, quoted string), or else the text itself (a path, a name)."""
+    lowered = raw.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
 
 
 def validate_options(name: str, options: dict[str, object]) -> None:

@@ -7,7 +7,6 @@ method registered later (mtad, ssd, knn-ssd, ...) is benchmarked with no change 
 
 from __future__ import annotations
 
-import ast
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -61,20 +60,8 @@ def parse_spec(text: str) -> ContenderSpec:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise InvalidSettingError(f"option {item!r} in {text!r} is not key=value")
-        options[key.strip().replace("-", "_")] = _parse_value(raw.strip())
+        options[key.strip().replace("-", "_")] = methods.parse_option_value(raw.strip())
     return ContenderSpec(name, options, eager)
-
-
-def _parse_value(raw: str) -> Any:
-    lowered = raw.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw
 
 
 @dataclass

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import ast
 from typing import Any
 
 from specdecode.errors import InvalidSettingError
+from specdecode.methods import parse_option_value
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -66,10 +66,7 @@ def method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise InvalidSettingError(f"--option expects KEY=VALUE, got {item!r}")
-        try:
-            options[key.replace("-", "_")] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            options[key.replace("-", "_")] = raw
+        options[key.replace("-", "_")] = parse_option_value(raw)
     return options
 
 
