@@ -362,6 +362,18 @@ def test_quality_interval_separates_a_real_difference_from_noise():
     assert real.significant and real.interval[1] < 0
     assert abs(real.change_vs_ar - (math.exp(0.7 * sum(r.nll for r in base) / 6400
                                             - sum(r.nll for r in base) / 6400) - 1)) < 1e-9
-    assert repeated_ngram_share([_scored(1.0, [1, 2, 3, 4] * 4)]) == 9 / 13
-    assert repeated_ngram_share([_scored(1.0, list(range(16)))]) == 0.0
+    assert repeated_ngram_share([[1, 2, 3, 4] * 4]) == 9 / 13
+    assert repeated_ngram_share([list(range(16))]) == 0.0
     assert compare_quality([_scored(1.0, [1])], [Record(base[0].prompt, "ar", 3, [1], [1.0], GenerationStats())]) is None
+
+
+def test_several_seeds_of_a_prompt_are_one_bootstrap_unit():
+    """Seeds are pooled per prompt: the same outputs twice must not look like 200 independent prompts."""
+    from specdecode.bench.quality import Sample, compare_samples
+
+    rng = __import__("random").Random(1)
+    base = [Sample(i, rng.uniform(50, 150), 64, tuple(range(64))) for i in range(100)]
+    ours = [Sample(s.prompt, s.nll * rng.uniform(0.7, 1.2), 64, s.token_ids) for s in base]
+    once, twice = compare_samples(ours, base), compare_samples(ours * 2, base * 2)
+    assert twice.interval == pytest.approx(once.interval) and twice.change_vs_ar == pytest.approx(once.change_vs_ar)
+    assert compare_samples(ours[:50], base) is None  # not the same prompts

@@ -69,11 +69,7 @@ def quality_lines(result: BenchResult) -> list[str]:
         quality = compare_quality(result.of(contender.label), baseline)
         if quality is None:
             continue
-        low, high = quality.interval
-        change = "—" if contender.label == BASELINE else (
-            f"{quality.change_vs_ar:+.1%} [{low:+.1%}, {high:+.1%}]{' *' if quality.significant else ''}")
-        rows.append(f"| {_name(result, contender.label)} | {quality.perplexity:.2f} | {change} | "
-                    f"{quality.repeated_ngram_share:.1%} |")
+        rows.append(quality.table_row(_name(result, contender.label), contender.label == BASELINE))
     if not rows:
         return []
     return ["## Quality (sampling)", "",

@@ -1,0 +1,47 @@
+"""Pool the sampling quality of several benchmark runs (the same prompts, other seeds) into one table.
+
+Each run's ``records.jsonl`` holds one sample per prompt and method; a prompt's samples over the
+runs are summed before the paired bootstrap (``bench/quality.py: compare_samples``), so more
+seeds narrow the interval only as far as they really do.
+
+    python scripts/pool_quality.py results/quality-100-head/seed0 results/quality-100-head/seed1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from specdecode.bench.quality import Sample, compare_samples
+from specdecode.bench.runner import BASELINE
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="benchmark output folders (records.jsonl)")
+    args = parser.parse_args()
+    samples: dict[str, list[Sample]] = defaultdict(list)
+    for run in args.runs:
+        for line in (run / "records.jsonl").read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if record["nll"] is not None:
+                samples[record["method"]].append(Sample(record["question_id"], record["nll"],
+                                                        record["stats"]["new_tokens"], tuple(record["token_ids"])))
+    if BASELINE not in samples:
+        parser.error(f"no sampled {BASELINE!r} records with NLLs in {', '.join(map(str, args.runs))}")
+    baseline = samples[BASELINE]
+    prompts = len({s.prompt for s in baseline})
+    print(f"{len(args.runs)} runs · {prompts} prompts · {len(baseline)} `{BASELINE}` samples\n")
+    print("| method | perplexity | vs ar [95 % CI] | repeated 4-grams |\n|---|---:|---:|---:|")
+    for method, of in samples.items():
+        quality = compare_samples(of, baseline)
+        if quality is None:
+            print(f"| `{method}` | not on the same prompts as `{BASELINE}` | | |")
+            continue
+        print(quality.table_row(f"`{method}`", method == BASELINE))
+
+
+if __name__ == "__main__":
+    main()
