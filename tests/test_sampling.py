@@ -143,3 +143,18 @@ def test_top_k_processing_equals_masking_the_whole_row_ties_included():
         settings = SamplingSettings(temperature=0.5 + trial / 200, top_k=1 + trial % 10, top_p=top_p)
         torch.testing.assert_close(process_logits(logits, settings), _masked_reference(logits, settings),
                                    rtol=0, atol=1e-12)
+
+
+def test_sample_draws_from_the_distribution_on_its_support():
+    """``sample`` draws among the nonzero entries only (a random number per entry of a 262k row is
+    dear): it must still follow the distribution, and never pick a zero-probability id."""
+    from specdecode.sampling import sample
+
+    probs = torch.zeros(50_000, dtype=torch.float64)
+    support = torch.tensor([3, 17, 4_000, 49_999])
+    probs[support] = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    draws = [sample(probs, generator) for _ in range(4000)]
+    assert set(draws) <= set(support.tolist())
+    counts = [draws.count(int(i)) for i in support]
+    assert chisquare(counts, [400, 800, 1200, 1600]).pvalue > 1e-3

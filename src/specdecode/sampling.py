@@ -101,8 +101,11 @@ def _beyond_top_p(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """Draw one token id from a 1-D distribution."""
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    """Draw one token id from a 1-D distribution, among its nonzero entries: ``multinomial``
+    spends a random number on every entry (~11 ms for 262k ids on this CPU), and a top-k
+    distribution has k."""
+    support = probs.nonzero().squeeze(-1)
+    return int(support[torch.multinomial(probs[support], 1, generator=generator)])
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
