@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from specdecode import SpeculativeDecoder
+from specdecode.artifacts.profile import load_profile
 from specdecode.errors import InvalidSettingError
 from specdecode.models.layer_skip import SkipSet
 from specdecode.propose.self_draft import SelfDraftSettings
 from specdecode.search.calibration import calibrate, load_prompts
-from specdecode.search.profile import load_profile
 from specdecode.search.objective import CostModel, SimulatedObjective
 from specdecode.search.skip_search import search_skip_set
 from tiny_models import VOCAB, tiny_model

@@ -5,10 +5,10 @@ import json
 import pytest
 
 from specdecode import SpeculativeDecoder
+from specdecode.artifacts.profile import PROFILE_VERSION, SkipProfile, load_profile, self_draft_settings
 from specdecode.errors import InvalidSettingError
 from specdecode.models.layer_skip import SkipSet
 from specdecode.propose.self_draft import SelfDraftSettings
-from specdecode.search.profile import PROFILE_VERSION, SkipProfile, load_profile, self_draft_settings
 from tiny_models import tiny_model
 
 

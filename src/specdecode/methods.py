@@ -18,6 +18,8 @@ import torch
 
 from specdecode.accept.joint_ratio import AcceptAll, JointRatioAcceptance
 from specdecode.accept.rules import AcceptanceRule, GreedyMatch, GreedyTreeMatch, SpeculativeSampling
+from specdecode.artifacts.bundle import ProfileBundle, load_bundle_cached
+from specdecode.artifacts.profile import SkipProfile, load_profile, self_draft_settings
 from specdecode.errors import InvalidSettingError
 from specdecode.models.draft_head import DEFAULT_HEAD, DraftHead, load_head, pair_head
 from specdecode.models.loading import LoadedModel, pair_draft, shipped_bundle_dir, shipped_ssd_profile
@@ -30,9 +32,7 @@ from specdecode.propose.knn_self_draft import KnnSelfDraftProposer
 from specdecode.propose.lookup_first import LookupFirstProposer
 from specdecode.propose.ngram import NgramProposer
 from specdecode.propose.self_draft import SelfDraftProposer
-from specdecode.routing.bundle import ProfileBundle, load_bundle_cached
 from specdecode.sampling import SamplingSettings
-from specdecode.search.profile import SkipProfile, load_profile, self_draft_settings
 
 
 @dataclass
@@ -147,7 +147,7 @@ def build_speculative_sampling(
 ) -> tuple[Proposer, AcceptanceRule]:
     """Speculative decoding / sampling with a separate draft model."""
     draft = require_draft(ctx, "sps")
-    proposer = DraftModelProposer(draft.model, ctx.sampling, ctx.generator, gamma, adaptive_gamma)
+    proposer = DraftModelProposer(draft.runner, ctx.sampling, ctx.generator, gamma, adaptive_gamma)
     return proposer, default_rule(ctx)
 
 
@@ -159,7 +159,7 @@ def build_mtad(
     """Multi-token assisted decoding: beam-sampled joint drafts, joint-ratio verification. ``tree``:
     the multi-candidate variant, every level's beams verified together in one tree forward."""
     draft = require_draft(ctx, "mtad")
-    proposer = BeamSampleProposer(ModelDrafter(draft.model), ctx.sampling, ctx.generator, beams, gamma,
+    proposer = BeamSampleProposer(ModelDrafter(draft.runner), ctx.sampling, ctx.generator, beams, gamma,
                                   with_replacement, tree)
     return proposer, JointRatioAcceptance(ctx.sampling, ctx.generator, threshold)
 
@@ -175,7 +175,7 @@ def build_mtjd(
     if exact:
         proposer: Proposer = ExactJointProposer(ctx.target.model, ctx.sampling, ctx.generator, gamma)
     else:
-        proposer = BeamSampleProposer(ModelDrafter(ctx.target.model), ctx.sampling, ctx.generator, beams, gamma)
+        proposer = BeamSampleProposer(ModelDrafter(ctx.target.runner), ctx.sampling, ctx.generator, beams, gamma)
     return proposer, AcceptAll(ctx.sampling, ctx.generator)
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from specdecode.artifacts.bundle import MIXED, load_bundle
+from specdecode.artifacts.profile import load_profile
 from specdecode.bench.dataset import DEFAULT_TEMPLATE, check_template, format_prompt
 from specdecode.bench.runner import BenchConfig
 from specdecode.cli.bench import IDENTITY_FAILURE
@@ -21,11 +23,9 @@ from specdecode.errors import InvalidSettingError
 from specdecode.models.loading import load_model
 from specdecode.routing.build import (VOCAB_SOURCES, BuildOptions, BuiltBundle, SearchSpace, _describe, add_domain,
                                       build_bundle, check_categories, embed_prompts, plot_tsne)
-from specdecode.routing.bundle import MIXED, load_bundle
 from specdecode.routing.evaluate import category_prompts, contenders, evaluate, mixed_stream, render, write
 from specdecode.search.calibration import load_labelled_prompts
 from specdecode.search.config_search import DraftSpace
-from specdecode.search.profile import load_profile
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -12,11 +12,11 @@ import time
 
 import torch
 
+from specdecode.artifacts.bundle import ProfileBundle, pool
 from specdecode.models.cache import KVCache
 from specdecode.models.loading import LoadedModel
 from specdecode.propose.base import Draft, Proposer
 from specdecode.propose.self_draft import SelfDraftProposer
-from specdecode.routing.bundle import ProfileBundle, pool
 from specdecode.sampling import SamplingSettings
 
 

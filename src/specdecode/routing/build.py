@@ -45,18 +45,17 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.neighbors import NearestNeighbors
 
+from specdecode.artifacts.bundle import MIXED, ProfileBundle, nearest, pool
+from specdecode.artifacts.profile import SkipProfile
 from specdecode.errors import InvalidSettingError, PromptError
-from specdecode.models.cache import KVCache, forward
-from specdecode.models.layer_skip import num_layers
+from specdecode.models.runner import Readout
+from specdecode.models.families import num_layers
 from specdecode.models.loading import LoadedModel
 from specdecode.propose.self_draft import SelfDraftSettings
-from specdecode.routing.bundle import MIXED, ProfileBundle, pool
 from specdecode.search.calibration import CalibrationSet, calibrate
 from specdecode.search.config_search import DraftSpace, search_config
 from specdecode.search.objective import CostTable, MeasuredObjective, SimulatedObjective
-from specdecode.search.profile import SkipProfile
 
 VOCAB_SOURCES = ("answers", "answers+prompts")
 EMBEDDING = "mean of the target's final hidden states over the prompt minus its last token, L2-normalised"
@@ -70,7 +69,7 @@ def embed_prompts(target: LoadedModel, prompts: list[list[int]]) -> np.ndarray:
         for ids in prompts:
             if len(ids) < 2:
                 raise PromptError(f"a prompt of {len(ids)} token(s) cannot be embedded (needs at least 2)")
-            rows.append(pool(forward(target.model, KVCache(), ids[:-1], logits_to_keep=0)))
+            rows.append(pool(target.runner.forward(target.runner.new_cache(), ids[:-1], Readout.hidden_only()).hidden))
     return np.stack(rows)
 
 
@@ -118,7 +117,7 @@ def fallback_radius(anchors: np.ndarray, vectors: np.ndarray, percentile: float 
         raise InvalidSettingError(f"radius percentile must be in (0, 100], got {percentile}")
     if margin <= 0:
         raise InvalidSettingError(f"radius margin must be > 0, got {margin}")
-    distances = NearestNeighbors(n_neighbors=1).fit(anchors).kneighbors(vectors)[0][:, 0]
+    distances = nearest(anchors, vectors)[0]
     return max(float(np.percentile(distances, percentile)) * margin, float(np.finfo(np.float32).eps))
 
 

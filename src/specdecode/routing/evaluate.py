@@ -24,6 +24,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from specdecode.artifacts.bundle import MIXED, ProfileBundle
 from specdecode.bench.contenders import ContenderSpec
 from specdecode.bench.dataset import BenchPrompt
 from specdecode.bench.metrics import Aggregate, aggregate
@@ -31,7 +32,6 @@ from specdecode.bench.report import write_report
 from specdecode.bench.runner import BASELINE, BenchConfig, BenchResult, run_bench
 from specdecode.errors import InvalidSettingError
 from specdecode.models.loading import LoadedModel
-from specdecode.routing.bundle import MIXED, ProfileBundle
 from specdecode.search.calibration import load_labelled_prompts
 
 KNN = "knn-ssd"

@@ -29,17 +29,15 @@ import json
 import os
 import zipfile
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.neighbors import NearestNeighbors
 
+from specdecode.artifacts.profile import SkipProfile, load_profile
 from specdecode.errors import InvalidSettingError
 from specdecode.models.loading import LoadedModel
-from specdecode.search.profile import SkipProfile, load_profile
 
 BUNDLE_FORMAT = "specdecode-knn-bundle"
 BUNDLE_VERSION = 2
@@ -53,6 +51,19 @@ def pool(hidden: torch.Tensor) -> np.ndarray:
     vector = hidden.detach().to("cpu", torch.float64).mean(dim=0).numpy()
     norm = np.linalg.norm(vector)
     return vector / norm if norm > 0 else vector
+
+
+def nearest(anchors: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each vector's nearest anchor by Euclidean distance: ``(distances [vectors], indices [vectors])``.
+
+    ``anchors`` is ``[anchors, hidden]``, ``vectors`` ``[vectors, hidden]``; ties go to the first
+    anchor. Both routing and the builder's fallback radius measure with this one function.
+    """
+    anchors = np.asarray(anchors)
+    vectors = np.asarray(vectors, dtype=anchors.dtype).reshape(-1, anchors.shape[1])
+    distances = np.array([np.linalg.norm(anchors - row, axis=1) for row in vectors]).reshape(len(vectors), -1)
+    indices = distances.argmin(axis=1)  # [vectors, anchors] -> [vectors]
+    return distances[np.arange(len(vectors)), indices], indices
 
 
 @dataclass(frozen=True)
@@ -135,16 +146,12 @@ class ProfileBundle:
                 f"not on {target.name!r} (fingerprint {target.fingerprint})"
             )
 
-    @cached_property
-    def index(self) -> NearestNeighbors:
-        return NearestNeighbors(n_neighbors=1).fit(self.anchors)
-
     def route(self, vector: np.ndarray | None) -> Route:
         """The configuration for an embedded prompt (``None``: a one-token prompt, nothing to embed)."""
         if vector is None:
             return Route(MIXED, None, True, MIXED)
-        distances, indices = self.index.kneighbors(np.asarray(vector, dtype=self.anchors.dtype).reshape(1, -1))
-        distance, category = float(distances[0, 0]), self.labels[int(indices[0, 0])]
+        distances, indices = nearest(self.anchors, vector)
+        distance, category = float(distances[0]), self.labels[int(indices[0])]
         fallback = distance > self.radii[category]
         return Route(category, distance, fallback, MIXED if fallback else category)
 
@@ -325,7 +332,7 @@ _LOADED: dict[tuple[str, int, int], ProfileBundle] = {}
 
 
 def load_bundle_cached(path: str | os.PathLike[str]) -> ProfileBundle:
-    """Bundles are read (and indexed) once per manifest version: a method is built for every request."""
+    """Bundles are read once per manifest version: a method is built for every request."""
     resolved = Path(path).expanduser().resolve()
     manifest = resolved if resolved.name == MANIFEST else resolved / MANIFEST
     try:
