@@ -49,8 +49,8 @@ from sklearn.exceptions import ConvergenceWarning
 from specdecode.artifacts.bundle import MIXED, ProfileBundle, nearest, pool
 from specdecode.artifacts.profile import SkipProfile
 from specdecode.errors import InvalidSettingError, PromptError
-from specdecode.models.runner import Readout
-from specdecode.models.families import num_layers
+from specdecode.models.cache import KVCache, forward
+from specdecode.models.layer_skip import num_layers
 from specdecode.models.loading import LoadedModel
 from specdecode.propose.self_draft import SelfDraftSettings
 from specdecode.search.calibration import CalibrationSet, calibrate
@@ -69,7 +69,7 @@ def embed_prompts(target: LoadedModel, prompts: list[list[int]]) -> np.ndarray:
         for ids in prompts:
             if len(ids) < 2:
                 raise PromptError(f"a prompt of {len(ids)} token(s) cannot be embedded (needs at least 2)")
-            rows.append(pool(target.runner.forward(target.runner.new_cache(), ids[:-1], Readout.hidden_only()).hidden))
+            rows.append(pool(forward(target.model, KVCache(), ids[:-1], logits_to_keep=0)))
     return np.stack(rows)
 
 
