@@ -1,4 +1,6 @@
-"""``specdecode`` entry point. Each subcommand lives in its own module exposing ``register``.
+"""``specdecode`` entry point. Each subcommand lives in its own module exposing ``register``; only
+the module of the command being run is imported (``specdecode generate`` loads neither the bench
+nor the offline builders and their scikit-learn), all of them for ``specdecode --help``.
 
 Errors a user can cause (:class:`SpecDecodeError`) print one line and exit with status 2;
 anything else is a bug and keeps its traceback.
@@ -7,28 +9,34 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
-from specdecode.cli import bench, demo, distill, generate, knn, search, serve, train_head
 from specdecode.errors import SpecDecodeError
 
-# each module: register(subparsers) -> sets args.run
-SUBCOMMANDS = [demo, generate, bench, search, distill, train_head, knn, serve]
+# command -> the module under specdecode.cli that registers it: register(subparsers) sets args.run
+SUBCOMMANDS = {
+    "demo": "demo", "generate": "generate", "bench": "bench", "search": "search", "distill-draft": "distill",
+    "train-head": "train_head", "build-knn": "knn", "knn-eval": "knn", "serve": "serve",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser for ``command`` alone, or for every command when it is not one of them."""
     parser = argparse.ArgumentParser(
         prog="specdecode", description="Speculative decoding for Hugging Face causal LMs."
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in SUBCOMMANDS:
-        module.register(subparsers)
+    modules = [SUBCOMMANDS[command]] if command in SUBCOMMANDS else dict.fromkeys(SUBCOMMANDS.values())
+    for module in modules:
+        importlib.import_module(f"specdecode.cli.{module}").register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(next((arg for arg in argv if not arg.startswith("-")), None))
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
