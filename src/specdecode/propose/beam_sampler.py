@@ -22,13 +22,16 @@ new tree token continues (it reads that output's predicted feature).
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from specdecode.errors import InvalidSettingError
 from specdecode.models.cache import KVCache, forward
 from specdecode.models.tree import forward_tree
+from specdecode.models.vocab_map import MappedHead
 from specdecode.propose.base import Draft, Proposer
-from specdecode.sampling import SamplingSettings, process_logits
+from specdecode.sampling import SamplingSettings, _beyond_top_p, process_logits
 
 
 class TreeDrafter:
@@ -67,31 +70,70 @@ class TreeDrafter:
         raise NotImplementedError
 
 
+def _reduced_vocabulary(model: torch.nn.Module) -> torch.Tensor | None:
+    """Target ids of a reduced-vocabulary draft's rows (``models/vocab_map.py``), None for a full one."""
+    head = model.get_output_embeddings()
+    return head.target_ids.long() if isinstance(head, MappedHead) else None
+
+
 class ModelDrafter(TreeDrafter):
-    """A causal LM with its own KV cache; tree levels share the cached sequence through tree attention."""
+    """A causal LM with its own KV cache; tree levels share the cached sequence through tree attention.
+
+    A reduced-vocabulary draft (the shipped one: 8,192 ids) drafts over its own ids: its logits are
+    narrowed back to ``vocab_ids`` (its head widens them to the target's 262k with ``-inf``
+    elsewhere; the sampler never touches a 262k-wide row)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.kv = KVCache()
+        self.vocab_ids = _reduced_vocabulary(model)
         self.context_len = 0
+        self.level = 0                            # tree levels fed since the last root
         self.tree_positions: list[int] = []
 
+    def _narrow(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.vocab_ids is None else logits.index_select(-1, self.vocab_ids.to(logits.device))
+
     def root(self, sequence: list[int]) -> torch.Tensor:
-        self.context_len, self.tree_positions = len(sequence), []
-        return forward(self.model, self.kv, self.kv.sync(sequence), logits_to_keep=1)[-1]
+        self.context_len, self.tree_positions, self.level = len(sequence), [], 0
+        return self._narrow(forward(self.model, self.kv, self.kv.sync(sequence), logits_to_keep=1)[-1])
 
     def extend(self, rows: list[int], tokens: list[int], visible: torch.Tensor) -> torch.Tensor:
-        level = len(set(self.tree_positions))
+        level, self.level = self.level, self.level + 1
         positions = [self.context_len + level] * len(tokens)
         logits = forward_tree(self.model, self.kv, tokens, positions, visible, self.context_len, self.tree_positions)
         self.tree_positions += positions
-        return logits
+        return self._narrow(logits)
 
     def reset(self) -> None:
         self.kv.crop(self.context_len)
 
 
 class BeamSampleProposer(Proposer):
+    """MTAD's beam sampler (see the module docstring); per level a handful of tensor ops.
+
+    Per level: each fed beam's candidate tokens (its row's top-k for top-k sampling, its top B for
+    greedy: the only entries that can be drawn) with their draft log-probs, scored by
+    ``score[beam] + log q``; all B picks in one ``multinomial`` (``topk`` for greedy) over those
+    candidates; the picks, their parents and log q written into ``[γ, B]`` tables; the tree slots'
+    ancestry kept in one preallocated ``[(γ−1)B, (γ−1)B]`` matrix (a new slot's row is its parent's
+    row plus itself). The draft (best beam's path, or every node for ``tree``) is read out of the
+    tables once at the end.
+
+    Random numbers: the candidates of a level, sorted by score as before, are exactly the entries
+    the previous implementation drew from (it sorted the finite entries of the whole
+    ``[beams, V]`` score block), so a seed draws the same beams. The one change: with no top-k
+    (``top_k == 0``, ``top_p == 1``) on a reduced-vocabulary draft, the whole reduced row is finite
+    and is drawn from in vocabulary order instead of score order: the same distribution and the
+    same number of random numbers, but other beams for a given seed.
+
+    ``self.stats.extra`` accumulates, per generation, ``draft_forward_s`` (the drafter's root and
+    extend calls: its forwards, including the 4-D tree masks it builds from ``visible``),
+    ``draft_tree_s`` (the sampler's tree bookkeeping: ancestry rows, node tables) and
+    ``draft_bookkeeping_s`` (everything else in :meth:`propose`: candidates, picks, scores, the
+    draft), and ``draft_rounds``.
+    """
+
     def __init__(
         self,
         drafter: TreeDrafter,
@@ -109,6 +151,11 @@ class BeamSampleProposer(Proposer):
             raise InvalidSettingError(f"gamma (draft depth) must be >= 1, got {depth}")
         self.drafter, self.sampling, self.generator = drafter, sampling, generator
         self.beams, self.depth, self.with_replacement, self.tree = beams, depth, with_replacement, tree
+        slots = (depth - 1) * beams
+        self._ancestry = torch.zeros(slots, slots, dtype=torch.bool)  # [slot, slot]: sees (ancestor or itself)
+        for key in ("draft_forward_s", "draft_bookkeeping_s", "draft_tree_s"):
+            self.stats.extra[key] = 0.0
+        self.stats.extra["draft_rounds"] = 0
 
     def on_prefill(self, prompt_hidden: torch.Tensor) -> None:
         self.drafter.on_prefill(prompt_hidden)
@@ -116,75 +163,138 @@ class BeamSampleProposer(Proposer):
     def observe_hidden(self, hidden: torch.Tensor) -> None:
         self.drafter.observe_hidden(hidden)
 
-    def _log_q(self, logits: torch.Tensor) -> torch.Tensor:
-        """Draft log-probs: processed for sampling; raw for greedy (one-hot would give log 0 = -inf)."""
-        if self.sampling.greedy:
-            return torch.log_softmax(logits, dim=-1)
-        return torch.log(process_logits(logits, self.sampling))
+    def _candidates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Every row's drawable tokens: ``(log_q [rows, c], local [rows, c], subset)``.
 
-    def _choose(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pick up to B (row, token) pairs from ``scores [rows, V]``: sampled ∝ exp(score), or top-B."""
-        flat = scores.reshape(-1)
+        Sampling: exactly the nonzero entries of ``process_logits`` (the same values, bit for bit:
+        its top-k path computed here without the scatter into a dense row), its log; greedy: each
+        row's top B of the raw log-softmax (one-hot would give log 0 = −inf). ``subset``: ``c`` is
+        less than the row (else ``local`` is ``arange(V)``)."""
+        settings = self.sampling
+        vocab = logits.shape[-1]
+        if settings.greedy:
+            log_q = torch.log_softmax(logits, dim=-1)
+            if self.beams < vocab:
+                values, local = torch.topk(log_q, self.beams, dim=-1)
+                return values, local, True
+            return log_q, torch.arange(vocab, device=logits.device).expand_as(log_q), False
+        if 0 < settings.top_k < vocab:
+            values, local = torch.topk(logits, settings.top_k + 1, dim=-1)
+            values = values / settings.temperature
+            if not bool((values[..., -1] == values[..., -2]).any()):  # a tie at the k-th: the dense path keeps all
+                values, local = values[..., :-1], local[..., :-1]
+                if settings.top_p < 1.0:
+                    values = values.masked_fill(_beyond_top_p(values, settings.top_p), float("-inf"))
+                return torch.log(torch.softmax(values, dim=-1)), local, True
+        log_q = torch.log(process_logits(logits, settings))
+        return log_q, torch.arange(vocab, device=logits.device).expand_as(log_q), False
+
+    def _pick(self, flat: torch.Tensor, subset: bool) -> torch.Tensor:
+        """Up to B indices into ``flat`` (scores of candidates): sampled ∝ exp(score) in one call, or top B."""
         finite = int(torch.isfinite(flat).sum())
-        count = self.beams if self.with_replacement and not self.sampling.greedy else min(self.beams, finite)
         if self.sampling.greedy:
-            picks = torch.topk(flat, count).indices
-        else:
-            # restrict to the support first: a top-k filtered row has at most top_k finite entries
-            support = torch.topk(flat, min(finite, flat.numel())).indices if finite < flat.numel() else None
-            probs = torch.softmax(flat if support is None else flat[support], dim=-1)
-            picks = torch.multinomial(probs, count, replacement=self.with_replacement, generator=self.generator)
-            if support is not None:
-                picks = support[picks]
-        vocab = scores.shape[-1]
-        return picks // vocab, picks % vocab
+            return torch.topk(flat, min(self.beams, finite)).indices
+        count = self.beams if self.with_replacement else min(self.beams, finite)
+        if subset or finite < flat.numel():
+            support = torch.topk(flat, finite).indices  # sorted by score: the order the draws follow
+            probs = torch.softmax(flat[support], dim=-1)
+            return support[torch.multinomial(probs, count, replacement=self.with_replacement,
+                                             generator=self.generator)]
+        return torch.multinomial(torch.softmax(flat, dim=-1), count, replacement=self.with_replacement,
+                                 generator=self.generator)
 
     def propose(self, sequence: list[int], max_tokens: int) -> Draft:
+        clock = time.perf_counter
+        started = clock()
+        timing = [0.0, 0.0]  # drafter calls, tree bookkeeping
+        try:
+            return self._propose(sequence, max_tokens, clock, timing)
+        finally:
+            extra = self.stats.extra
+            extra["draft_forward_s"] += timing[0]
+            extra["draft_tree_s"] += timing[1]
+            extra["draft_bookkeeping_s"] += clock() - started - timing[0] - timing[1]
+            extra["draft_rounds"] += 1
+
+    def _propose(self, sequence: list[int], max_tokens: int, clock, timing: list[float]) -> Draft:
         depth = min(self.depth, max_tokens)
         if depth < 1:
             return Draft()
+        t = clock()
         root = self.drafter.root(sequence)
+        timing[0] += clock() - t
         if root is None:
             return Draft()
-        log_q = self._log_q(root)
         self.stats.forwards += 1
-        _, local = self._choose(log_q[None])            # rows of the drafter's (maybe reduced) vocabulary
-        beam_tokens = self.drafter.to_target(local)[:, None]  # [B, t] target token ids of each beam
-        beam_log_q = log_q[local][:, None]              # [B, t] per-step draft log-probs
-        score = beam_log_q[:, 0] - torch.logsumexp(beam_log_q[:, 0], dim=0)
-        beam_slots: list[list[int]] = [[] for _ in range(len(local))]  # tree slots of fed ancestors
-        rows = [0] * len(local)                        # logits row each beam's last token was drawn from
-        fed = 0
-        # the tree of every level's beams: nodes numbered from 1 in level order (0 = the last token)
-        node_tokens, node_parents, node_log_q = beam_tokens[:, 0].tolist(), [0] * len(local), [beam_log_q[:, 0]]
-        beam_nodes = list(range(1, len(local) + 1))
-        for _ in range(1, depth):
-            # feed every beam's last token as a new tree slot
-            width = len(beam_tokens)
-            visible = torch.zeros(width, fed + width, dtype=torch.bool)
-            for i, slots in enumerate(beam_slots):
-                visible[i, slots] = True
-                visible[i, fed + i] = True
-            logits = self.drafter.extend(rows, beam_tokens[:, -1].tolist(), visible)
+        log_q, local, subset = self._candidates(root[None])
+        flat = log_q.reshape(-1)
+        picks = self._pick(flat, subset)
+        width = picks.numel()
+        step, chosen = flat[picks], local.reshape(-1)[picks]
+        # per level l and beam b: its token (a row of the drafter's vocabulary), parent beam at l − 1, log q
+        local_ids = chosen.new_zeros(depth, self.beams)
+        parent = torch.zeros(depth, self.beams, dtype=torch.long, device=chosen.device)
+        step_log_q = step.new_zeros(depth, self.beams)
+        local_ids[0, :width], step_log_q[0, :width] = chosen, step
+        widths = [width]
+        score = step - torch.logsumexp(step, dim=0)
+        tokens = self.drafter.to_target(chosen)
+        ancestry = self._ancestry
+        if depth > 1:
+            ancestry.zero_()
+        fed = previous = 0  # tree slots: the beams fed at the last level start at ``previous``
+        for level in range(1, depth):
+            # feed the beams of level − 1 as tree slots fed .. fed + width, each seeing its parent's
+            # ancestry and itself
+            t = clock()
+            if level > 1:
+                ancestry[fed:fed + width, :fed] = ancestry[previous + parent[level - 1, :width], :fed]
+            ancestry.diagonal()[fed:fed + width] = True
+            visible = ancestry[fed:fed + width, :fed + width]
+            rows = parent[level - 1, :width].tolist()
+            timing[1] += clock() - t
+            t = clock()
+            logits = self.drafter.extend(rows, tokens.tolist(), visible)
+            timing[0] += clock() - t
             self.stats.forwards += 1
-            log_q = self._log_q(logits)                 # [width, V]
-            parents, local = self._choose(score[:, None] + log_q)
-            step_log_q = log_q[parents, local]
-            beam_tokens = torch.cat([beam_tokens[parents], self.drafter.to_target(local)[:, None]], dim=1)
-            beam_log_q = torch.cat([beam_log_q[parents], step_log_q[:, None]], dim=1)
-            beam_slots = [beam_slots[p] + [fed + p] for p in parents.tolist()]
-            rows = parents.tolist()
-            fed += width
-            score = score[parents] + step_log_q
+            log_q, local, subset = self._candidates(logits)
+            per_row = log_q.shape[-1]
+            picks = self._pick((score[:, None] + log_q).reshape(-1), subset)
+            parents = picks // per_row
+            step, chosen = log_q.reshape(-1)[picks], local.reshape(-1)[picks]
+            previous, fed, width = fed, fed + width, picks.numel()
+            parent[level, :width], local_ids[level, :width], step_log_q[level, :width] = parents, chosen, step
+            widths.append(width)
+            score = score[parents] + step
             score = score - torch.logsumexp(score, dim=0)
-            node_parents += [beam_nodes[p] for p in parents.tolist()]
-            beam_nodes = list(range(len(node_tokens) + 1, len(node_tokens) + 1 + len(parents)))
-            node_tokens += beam_tokens[:, -1].tolist()
-            node_log_q.append(step_log_q)
+            tokens = self.drafter.to_target(chosen)
         self.drafter.reset()
         if self.tree:
-            self.stats.proposed += len(node_tokens)
-            return Draft(tokens=node_tokens, log_q=torch.cat(node_log_q), parents=node_parents)
+            t = clock()
+            draft = self._tree_draft(local_ids, parent, step_log_q, widths)
+            timing[1] += clock() - t
+            return draft
         best = int(score.argmax())
+        path = [0] * depth
+        parents_of = parent.tolist()
+        for level in range(depth - 1, -1, -1):
+            path[level], best = best, parents_of[level][best]
+        levels, beams = torch.arange(depth), torch.tensor(path)
         self.stats.proposed += depth
-        return Draft(tokens=beam_tokens[best].tolist(), log_q=beam_log_q[best])
+        return Draft(tokens=self.drafter.to_target(local_ids[levels, beams]).tolist(),
+                     log_q=step_log_q[levels, beams])
+
+    def _tree_draft(self, local_ids: torch.Tensor, parent: torch.Tensor, step_log_q: torch.Tensor,
+                    widths: list[int]) -> Draft:
+        """Every level's beams as one tree: nodes numbered from 1 in level order (0 = the last token),
+        each under the node of the beam it was drawn from."""
+        firsts = [1]  # node number of each level's first beam
+        for width in widths[:-1]:
+            firsts.append(firsts[-1] + width)
+        nodes = [local_ids[level, :width] for level, width in enumerate(widths)]
+        parents = [torch.zeros(widths[0], dtype=torch.long)] + [
+            parent[level, :width] + firsts[level - 1] for level, width in enumerate(widths) if level]
+        log_q = torch.cat([step_log_q[level, :width] for level, width in enumerate(widths)])
+        self.stats.proposed += len(log_q)
+        return Draft(tokens=self.drafter.to_target(torch.cat(nodes)).tolist(), log_q=log_q,
+                     parents=torch.cat(parents).tolist())
