@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 import torch
 
-from specdecode.cli.train_head import head_forward_ms
+from specdecode.distill.evaluate import head_forward_ms
 from specdecode.distill.head_data import load_feature_chunks
 from specdecode.distill.train_head import replay_chain
-from specdecode.models.cache import KVCache, forward
+from specdecode.models.runner import Readout
 from specdecode.models.draft_head import load_head, pair_head
 from specdecode.models.loading import load_model
 from specdecode.search.objective import time_verification
@@ -49,10 +49,10 @@ def main() -> None:
     pair_head(target, head)
     sequences = [s for s in load_feature_chunks(args.eval, target.model.config.hidden_size) if s.prompt_len > 1]
     gammas = args.gammas
-    context, kv = sequences[0].ids.long().tolist()[:300], KVCache()
+    context, kv = sequences[0].ids.long().tolist()[:300], target.runner.new_cache()
     with torch.inference_mode():
-        forward(target.model, kv, context[:-1], logits_to_keep=0)
-        verify = [s * 1000 for s in time_verification(target.model, kv, context[-1], list(range(1, max(gammas) + 2)), 7)]
+        target.runner.forward(kv, context[:-1], Readout.hidden_only())
+        verify = [s * 1000 for s in time_verification(target.runner, kv, context[-1], list(range(1, max(gammas) + 2)), 7)]
     step = head_forward_ms(head, sequences[0].hidden, sequences[0].ids.tolist())
     print(f"verify 1..{len(verify)} tokens (ms): {[round(v, 1) for v in verify]}; head step {step:.2f} ms")
     rows = []

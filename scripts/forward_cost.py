@@ -18,8 +18,8 @@ import time
 import torch
 
 from specdecode import load_model
-from specdecode.models.cache import KVCache, forward
-from specdecode.models.runtime import cpu_description, runtime_of
+from specdecode.models.runner import Readout
+from specdecode.models.runtime import cpu_description
 
 TOKENS = (1, 2, 4, 5, 8, 9, 16)  # 5 and 9: a 4- and an 8-token draft plus the last token
 MODES = {  # label: load_model arguments
@@ -72,24 +72,22 @@ def main() -> None:
     # hits the modes alike
     loaded = {mode: load_model(args.model, **kwargs) for mode, kwargs in MODES.items()}
     for mode, target in loaded.items():
-        runtime = runtime_of(target.model)
-        report["modes"][mode] = {"runtime": runtime.describe() if runtime else "eager"}
+        report["modes"][mode] = {"runtime": target.runner.describe()}
         print(f"{mode}: {report['modes'][mode]['runtime']}")
     print()
     caches = {}
     with torch.inference_mode():
         for mode, target in loaded.items():
-            caches[mode] = KVCache()
-            forward(target.model, caches[mode], [2] * args.context, logits_to_keep=0)
+            caches[mode] = target.runner.new_cache()
+            target.runner.forward(caches[mode], [2] * args.context, Readout.hidden_only())
         times: dict[tuple[str, int, str], list[float]] = {}
         for _ in range(args.repeats + 1):  # the first round warms up and is dropped below
             for n in TOKENS:
                 for mode, target in loaded.items():
                     kv, ids = caches[mode], [2] * n
-                    exact_top = 1 if runtime_of(target.model) is not None else None  # greedy, as the loop asks
-                    for part, keep in (("step", n), ("layers", 0)):
-                        start = time.perf_counter()
-                        forward(target.model, kv, ids, logits_to_keep=keep, exact_top=exact_top)
+                    for part, readout in (("step", Readout(top_k=1)), ("layers", Readout.hidden_only())):
+                        start = time.perf_counter()  # greedy reads the top 1, as the loop asks
+                        target.runner.forward(kv, ids, readout)
                         times.setdefault((mode, n, part), []).append(time.perf_counter() - start)
                         kv.crop(args.context)
     print("| mode | tokens | layers ms | head ms | step ms | × 1-token step | floor ms | × floor |")

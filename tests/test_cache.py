@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from specdecode.models.cache import KVCache, forward
+from specdecode.models.cache import KVCache
+from specdecode.models.runner import Readout
 from tiny_models import ARCHITECTURES, VOCAB, tiny_model
 
 
@@ -16,11 +17,11 @@ def test_logits_after_random_crops_match_fresh_forward(arch):
     kv = KVCache()
     sequence = [rng.randrange(VOCAB) for _ in range(5)]
     with torch.inference_mode():
-        forward(loaded.model, kv, sequence[:-1], logits_to_keep=1)
+        loaded.runner.forward(kv, sequence[:-1], Readout(rows=1)).logits
         # grow well past Gemma's sliding window (8), rejecting random "drafts" along the way
         while len(sequence) < 60:
             draft = [rng.randrange(VOCAB) for _ in range(rng.randint(0, 6))]
-            logits = forward(loaded.model, kv, [sequence[-1], *draft], logits_to_keep=len(draft) + 1)
+            logits = loaded.runner.forward(kv, [sequence[-1], *draft], Readout(rows=len(draft) + 1)).logits
             full = loaded.model(torch.tensor([sequence + draft])).logits[0, -(len(draft) + 1):]
             torch.testing.assert_close(logits, full, rtol=1e-9, atol=1e-9)
             keep = rng.randint(0, len(draft))
@@ -32,7 +33,7 @@ def test_sync_keeps_common_prefix():
     loaded = tiny_model("llama")
     kv = KVCache()
     with torch.inference_mode():
-        forward(loaded.model, kv, [1, 2, 3, 4, 5], logits_to_keep=1)
+        loaded.runner.forward(kv, [1, 2, 3, 4, 5], Readout(rows=1)).logits
         assert kv.sync([1, 2, 9, 9]) == [9, 9]
         assert kv.token_ids == [1, 2]
         assert kv.cache.get_seq_length() == 2

@@ -7,9 +7,10 @@ import torch
 
 from specdecode import SpeculativeDecoder
 from specdecode.errors import InvalidSettingError, VocabularyMismatchError
-from specdecode.models.cache import KVCache, forward, forward_with_hidden
+from specdecode.models.cache import KVCache
+from specdecode.models.runner import Readout
 from specdecode.models.draft_head import DraftHead, load_head, pair_head
-from specdecode.models.tree import forward_candidates, keep_path
+from specdecode.models.tree import keep_path
 from specdecode.propose.eagle import HeadDrafter
 from specdecode.sampling import SamplingSettings
 from test_sampling import SMALL_VOCAB, _first_tokens, _pooled_chisquare, _target_pair_distribution
@@ -101,15 +102,17 @@ def test_tree_compaction_keeps_exactly_the_accepted_path(arch):
     with torch.inference_mode():
         for path in ([0], [0, 2, 4, 6], [0, 1, 3]):
             kv = KVCache()
-            forward(target.model, kv, context[:-1], logits_to_keep=1)
-            logits, hidden = forward_candidates(target.model, kv, tree, parents)
+            target.runner.forward(kv, context[:-1], Readout(rows=1)).logits
+            out = target.runner.verify(kv, tree, parents)
+            logits, hidden = out.logits, out.hidden
             branch = [tree[i] for i in path]
-            ref_logits, ref_hidden = forward_with_hidden(target.model, KVCache(), context[:-1] + branch, len(branch))
+            ref = target.runner.forward(KVCache(), context[:-1] + branch, Readout(rows=len(branch)))
+            ref_logits, ref_hidden = ref.logits, ref.hidden
             torch.testing.assert_close(logits[path], ref_logits, rtol=1e-9, atol=1e-9)
             torch.testing.assert_close(hidden[path], ref_hidden, rtol=1e-9, atol=1e-9)
             keep_path(kv, len(context) - 1, path)
             assert kv.token_ids == context[:-1] + branch
-            after = forward(target.model, kv, [7, 8, 9] * 4, logits_to_keep=12)  # walks past the window
+            after = target.runner.forward(kv, [7, 8, 9] * 4, Readout(rows=12)).logits  # walks past the window
             fresh = target.model(torch.tensor([context[:-1] + branch + [7, 8, 9] * 4])).logits[0, -12:]
             torch.testing.assert_close(after, fresh, rtol=1e-9, atol=1e-9)
 
@@ -287,12 +290,13 @@ def test_unrolled_training_backpropagates_through_the_heads_cache(arch):
 
 def _fp32_with_runtime(arch: str, seed: int):
     from specdecode.models.loading import LoadedModel
-    from specdecode.models.runtime import prepare_runtime
+    from specdecode.models.runtime import build_runtime
 
     model = tiny_model(arch, seed=seed).model.float().eval()
-    if prepare_runtime(model) is None:
+    runtime = build_runtime(model)
+    if runtime is None:
         pytest.skip("the fast runtime needs fbgemm on a CPU")
-    return LoadedModel(model=model, tokenizer=None, name=f"tiny-{arch}-{seed}-fp32")
+    return LoadedModel(model=model, tokenizer=None, name=f"tiny-{arch}-{seed}-fp32", runtime=runtime)
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "llama"])

@@ -11,8 +11,9 @@ from specdecode import SpeculativeDecoder
 from specdecode.errors import InvalidSettingError
 from specdecode.models.int8 import pack_int8
 from specdecode.models.loading import LoadedModel, load_model
-from specdecode.models.runtime import (KERNELS, Fp16WeightLinear, Int8WeightLinear, KernelPlan, ScreenedHead, TunedLinear, prepare_runtime,
-                                       runtime_of, tune_kernels)
+from specdecode.models.runner import TargetRunner
+from specdecode.models.runtime import (KERNELS, Fp16WeightLinear, Int8WeightLinear, KernelPlan, ScreenedHead, TunedLinear,
+                                       build_runtime, tune_kernels)
 from specdecode.sampling import SamplingSettings, process_logits
 from tiny_models import ARCHITECTURES, VOCAB, tiny_config
 
@@ -32,8 +33,9 @@ def _pair(arch: str, seed: int = 0, vocab: int = VOCAB, kernels: str = "auto") -
     """The same float32 weights twice: plain, and with the runtime installed."""
     plain = _tiny_fp32(arch, seed, vocab)
     fast = _tiny_fp32(arch, seed, vocab)
-    assert prepare_runtime(fast.eval(), kernels=kernels) is not None
-    return LoadedModel(plain, None, f"plain-{arch}"), LoadedModel(fast, None, f"fast-{arch}")
+    runtime = build_runtime(fast.eval(), kernels=kernels)
+    assert runtime is not None
+    return LoadedModel(plain, None, f"plain-{arch}"), LoadedModel(fast, None, f"fast-{arch}", runtime=runtime)
 
 
 def _exact_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -84,7 +86,7 @@ def test_greedy_verification_skips_the_head_after_a_rejection_and_stays_exact():
     """Long prompt-lookup drafts on a repetitive prompt: some verifications stop the head early,
     and the tokens still equal plain `ar`'s."""
     plain, fast = _pair("llama", seed=5, vocab=3001)
-    head = runtime_of(fast.model).head
+    head = fast.runtime.head
     screened_rows = []
     screen = head._top
     head._top = lambda hidden, k, **options: (screened_rows.append(hidden.shape[0]), screen(hidden, k, **options))[1]
@@ -131,8 +133,7 @@ def test_every_product_kernel_returns_rows_in_row_major_order(kernel):
     by memory layout (RMSNorm sums a strided row in another order): so every kernel's output must
     be laid out alike. W @ xᵀ returned a column-major view until the native decoder normed q and k
     as one view of the joined projection, and a tiny model's mixed plan changed the floats."""
-    model = _tiny_fp32("llama")
-    prepare_runtime(model, kernels=kernel)
+    model = build_runtime(_tiny_fp32("llama"), kernels=kernel).model
     linear = next(m for m in model.modules() if isinstance(m, TunedLinear))
     for rows in (1, 3, 9):
         x = torch.randn(1, rows, linear.in_features)
@@ -143,9 +144,10 @@ def test_every_product_kernel_returns_rows_in_row_major_order(kernel):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_greedy_methods_with_the_runtime_equal_plain_ar(arch, kernels):
     plain, fast = _pair(arch, seed=3, vocab=3001, kernels=kernels)
-    assert runtime_of(fast.model).head is not None
-    # GPT-2 projects with Conv1D modules, which keep their kernel; the others' linears are swapped
-    assert any(isinstance(m, TunedLinear) for m in fast.model.modules()) == (arch != "gpt2")
+    assert fast.runtime.head is not None
+    # GPT-2 projects with Conv1D modules, which keep their kernel; the others' linears get tuned ones
+    assert any(isinstance(m, TunedLinear) for m in fast.runtime.model.modules()) == (arch != "gpt2")
+    assert not any(isinstance(m, TunedLinear) for m in fast.model.modules())  # the loaded model is left alone
     rng = random.Random(arch)
     ar = SpeculativeDecoder(plain, "ar")
     for _ in range(3):
@@ -168,12 +170,10 @@ def test_top_k_sampling_with_the_runtime_reproduces_plain_sampling():
 
 def test_every_kernel_computes_the_float32_product():
     torch.manual_seed(0)
-    linear = torch.nn.Linear(48, 40)
     reference = torch.nn.Linear(48, 40)
-    reference.load_state_dict(linear.state_dict())
+    linear = TunedLinear(reference.weight, reference.bias, KernelPlan(("mkl",) * 5),
+                         torch.ops.mkldnn._reorder_linear_weight(reference.weight.detach(), 8))
     model = torch.nn.Sequential(linear)
-    linear.__class__ = TunedLinear
-    linear.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 8)
     with torch.inference_mode():
         for kernel in KERNELS:
             linear.plan = KernelPlan(tuple(kernel for _ in range(5)))
@@ -186,20 +186,18 @@ def test_every_kernel_computes_the_float32_product():
 
 def test_kernel_plan_is_cached_per_machine_and_shape(tmp_path):
     cache = tmp_path / "plans.json"
-    first = runtime_of(_prepared(cache)).plan
+    first = _prepared(cache).kernels
     stored = json.loads(cache.read_text())
     assert list(stored.values()) == [list(first.kernels)]
     key = next(iter(stored))
     cache.write_text(json.dumps({key: ["wxt", "mkl", "wxt", "mkl", "wxt"]}))  # a plan from an earlier run
-    assert runtime_of(_prepared(cache)).plan.kernels == ("wxt", "mkl", "wxt", "mkl", "wxt")
+    assert _prepared(cache).kernels.kernels == ("wxt", "mkl", "wxt", "mkl", "wxt")
     with pytest.raises(InvalidSettingError, match="unknown kernel"):
-        prepare_runtime(_tiny_fp32("llama"), kernels="blas")
+        build_runtime(_tiny_fp32("llama"), kernels="blas")
 
 
-def _prepared(cache) -> torch.nn.Module:
-    model = _tiny_fp32("qwen2", seed=1)
-    prepare_runtime(model, plan_cache=cache)
-    return model
+def _prepared(cache):
+    return build_runtime(_tiny_fp32("qwen2", seed=1), plan_cache=cache)
 
 
 def test_runtime_leaves_parameters_and_state_dict_alone():
@@ -211,22 +209,22 @@ def test_runtime_leaves_parameters_and_state_dict_alone():
 @pytest.mark.parametrize("quantize, cls, tolerance", [("fp16", Fp16WeightLinear, 1e-2), ("int8", Int8WeightLinear, 0.25)])
 def test_quantized_weights_are_close_but_a_different_target(quantize, cls, tolerance):
     plain = _tiny_fp32("qwen2", seed=5)
-    quant = _tiny_fp32("qwen2", seed=5)
-    prepare_runtime(quant, quantize=quantize)
+    model = _tiny_fp32("qwen2", seed=5)
+    quant = build_runtime(model, quantize=quantize).model
     assert any(isinstance(m, cls) for m in quant.modules())
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.inference_mode():
         a, b = plain(ids).logits, quant(ids).logits
+        assert torch.equal(model(ids).logits, a)  # the loaded model keeps its float32 products
     assert 0 < (a - b).abs().max() < tolerance * a.abs().max()
-    assert plain.state_dict().keys() == quant.state_dict().keys()
+    assert plain.state_dict().keys() == model.state_dict().keys()
 
 
 def test_int8_target_quantises_each_row_on_its_own():
     """The int8 target's inputs are quantised on a calibrated static grid: a row's product does not
     depend on the other rows of the call (a k-token verification computes what 1-token steps do),
     unlike per-call dynamic quantisation."""
-    quant = _tiny_fp32("llama", seed=6)
-    prepare_runtime(quant, quantize="int8")
+    quant = build_runtime(_tiny_fp32("llama", seed=6), quantize="int8").model
     linears = [m for m in quant.modules() if isinstance(m, Int8WeightLinear)]
     assert linears and all(m.static is not None for m in linears)  # the calibration reached every layer
     linear = linears[0]
@@ -244,12 +242,12 @@ def test_int8_target_quantises_each_row_on_its_own():
 
 def test_runtime_refuses_what_it_cannot_do():
     with pytest.raises(InvalidSettingError, match="unknown quantize"):
-        prepare_runtime(_tiny_fp32("llama"), quantize="int3")
+        build_runtime(_tiny_fp32("llama"), quantize="int3")
     with pytest.raises(InvalidSettingError, match="float32 model"):
-        prepare_runtime(_tiny_fp32("llama").double(), quantize="fp16")
-    float64 = prepare_runtime(_tiny_fp32("llama").double())  # no kernels, only the native decoder
-    assert float64.head is None and float64.plan is None and float64.native
-    assert prepare_runtime(_tiny_fp32("gpt2").double()) is None
+        build_runtime(_tiny_fp32("llama").double(), quantize="fp16")
+    float64 = build_runtime(_tiny_fp32("llama").double())  # no kernels, only the native decoder
+    assert float64.head is None and float64.kernels is None and float64.decoder is not None
+    assert build_runtime(_tiny_fp32("gpt2").double()) is None
 
 
 def test_fingerprint_follows_the_weights_not_the_dtype(tmp_path):
@@ -262,20 +260,19 @@ def test_fingerprint_follows_the_weights_not_the_dtype(tmp_path):
     assert load_model(str(tmp_path), dtype="auto").fingerprint == fp32.fingerprint
 
 
-def test_eager_kernels_switch_the_runtime_off_and_back_on():
-    from specdecode.models.runtime import eager_kernels
-
+def test_the_eager_runner_runs_the_model_as_loaded_beside_the_fast_one():
     plain = _tiny_fp32("llama", seed=7, vocab=1009)
-    quant = _tiny_fp32("llama", seed=7, vocab=1009)
-    prepare_runtime(quant, quantize="fp16")
-    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    model = _tiny_fp32("llama", seed=7, vocab=1009)
+    quant = LoadedModel(model, None, "fp16", quantize="fp16", runtime=build_runtime(model, quantize="fp16"))
+    ids = [3, 1, 4, 1, 5]
     with torch.inference_mode():
-        expected = plain(ids).logits
-        with eager_kernels(quant, None):
-            assert runtime_of(quant) is None
-            assert torch.equal(quant(ids).logits, expected)  # float32 weights, float32 kernels
-        assert runtime_of(quant) is not None
-        assert not torch.equal(quant(ids).logits, expected)
+        expected = plain(torch.tensor([ids])).logits[0]
+        for _ in range(2):  # either mode, in any order: neither changes the other
+            eager = quant.eager()
+            assert eager.runtime is None and eager.quantize is None and eager.model is model
+            assert torch.equal(eager.runner.forward(eager.runner.new_cache(), ids).logits, expected)
+            assert not torch.equal(quant.runner.forward(quant.runner.new_cache(), ids).logits, expected)
+            assert torch.equal(TargetRunner(model).forward(quant.runner.new_cache(), ids).logits, expected)
 
 
 def test_speculation_adds_no_divergence_beyond_reduced_precision_ar():
@@ -284,8 +281,7 @@ def test_speculation_adds_no_divergence_beyond_reduced_precision_ar():
     (one-sided: pld's divergent prompts ≤ ar's + 3 standard deviations of a binomial count)."""
     fp32 = LoadedModel(_tiny_fp32("llama", seed=8, vocab=509), None, "fp32")
     quant_model = _tiny_fp32("llama", seed=8, vocab=509)
-    prepare_runtime(quant_model, quantize="fp16")
-    quant = LoadedModel(quant_model, None, "fp16")
+    quant = LoadedModel(quant_model, None, "fp16", runtime=build_runtime(quant_model, quantize="fp16"))
     rng = random.Random(0)
     prompts = [[rng.randrange(509) for _ in range(rng.randint(3, 10))] for _ in range(40)]
     reference = SpeculativeDecoder(fp32, "ar")

@@ -201,21 +201,22 @@ def test_cost_models_time_the_verification_greedy_ssd_runs(monkeypatch):
     """Both cost models time verification as greedy ``ssd`` runs it — each row's top 1, which the
     fast runtime's screened head serves — not the full float32 head: timing the full head made a
     k-token verification 1.5–2× dearer than it is, and the searches picked short drafts."""
-    from specdecode.models.runtime import prepare_runtime
-    from specdecode.search import objective as objective_module
+    from specdecode.models.loading import LoadedModel
+    from specdecode.models.runner import Readout, TargetRunner
+    from specdecode.models.runtime import build_runtime
     from specdecode.search.objective import CostTable
 
-    target = tiny_model("llama", seed=3, layers=LAYERS)
-    target.model.float()
-    prepare_runtime(target.model)
+    model = tiny_model("llama", seed=3, layers=LAYERS).model.float()
+    target = LoadedModel(model, None, "tiny-llama-fp32", runtime=build_runtime(model))
     calls = []
-    real_forward = objective_module.forward
+    real_forward = TargetRunner.forward
 
-    def recording(model, kv, new_ids, logits_to_keep, exact_top=None):
-        calls.append((len(new_ids), logits_to_keep, exact_top))
-        return real_forward(model, kv, new_ids, logits_to_keep, exact_top)
+    def recording(runner, kv, new_ids, readout=Readout(), **options):
+        if runner is target.runner:  # the target's forwards, not the self-drafts'
+            calls.append((len(new_ids), len(new_ids) if readout.rows is None else readout.rows, readout.top_k))
+        return real_forward(runner, kv, new_ids, readout, **options)
 
-    monkeypatch.setattr(objective_module, "forward", recording)
+    monkeypatch.setattr(TargetRunner, "forward", recording)
     context = list(range(5, 25))
     CostModel.measure(target, context, SelfDraftSettings(max_draft=3), repeats=1)
     CostTable(target, context, max_draft=3, repeats=1)

@@ -9,8 +9,10 @@ import torch
 from specdecode import SpeculativeDecoder
 
 from specdecode.errors import InvalidSettingError
-from specdecode.models.cache import KVCache, forward
-from specdecode.models.layer_skip import SkipSet, decoder_layers, layer_skip_view
+from specdecode.models.cache import KVCache
+from specdecode.models.families import decoder_layers
+from specdecode.models.layer_skip import SkipSet
+from specdecode.models.runner import Readout
 from specdecode.propose.self_draft import SelfDraftProposer, SelfDraftSettings
 from specdecode.sampling import GenerationSettings, SamplingSettings
 from test_sampling import SMALL_VOCAB, _first_tokens, _pooled_chisquare, _target_pair_distribution
@@ -50,13 +52,13 @@ def test_view_equals_model_with_zeroed_sublayers_and_leaves_target_alone(arch):
         expected_target = target.model(torch.tensor([sequence])).logits[0]
         for _ in range(4):
             skip = _random_skip(rng)
-            view = layer_skip_view(target.model, skip)
+            view = target.runner.skipping(skip)
             expected = _zeroed_reference(target.model, skip, arch)(torch.tensor([sequence])).logits[0]
             kv = KVCache()
-            chunks = [forward(view, kv, sequence[:5], logits_to_keep=5)]
+            chunks = [view.forward(kv, sequence[:5]).logits]
             for start in range(5, 30, 4):
                 piece = sequence[start:start + 4]
-                chunks.append(forward(view, kv, piece, logits_to_keep=len(piece)))
+                chunks.append(view.forward(kv, piece).logits)
             torch.testing.assert_close(torch.cat(chunks), expected, rtol=1e-9, atol=1e-9)
             # skipped attention layers keep placeholders, so every layer has the same length
             assert {layer.get_seq_length() for layer in kv.cache.layers} == {30}
@@ -74,7 +76,7 @@ def test_propose_lends_the_target_cache_back_unchanged(arch):
                                  SamplingSettings(), None)
     proposer.bind_target_cache(kv)
     with torch.inference_mode():
-        forward(target.model, kv, sequence[:-1], logits_to_keep=1)
+        target.runner.forward(kv, sequence[:-1], Readout(rows=1)).logits
         keys = [layer.keys.clone() for layer in kv.cache.layers]
         draft = proposer.propose(sequence, max_tokens=5)
     assert len(draft) == 5
@@ -163,7 +165,7 @@ def test_sampled_drafts_carry_their_distributions():
     kv = KVCache()
     proposer.bind_target_cache(kv)
     with torch.inference_mode():
-        forward(target.model, kv, [1, 2], logits_to_keep=1)
+        target.runner.forward(kv, [1, 2], Readout(rows=1)).logits
         draft = proposer.propose([1, 2, 3], max_tokens=3)
     assert draft.probs.shape == (3, SMALL_VOCAB)
     torch.testing.assert_close(draft.probs.sum(-1), torch.ones(3, dtype=draft.probs.dtype))

@@ -12,14 +12,20 @@ from transformers import (
     Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
+    OPTConfig,
     PretrainedConfig,
     Qwen2Config,
+    Qwen3Config,
 )
 
 from specdecode.models.loading import LoadedModel
 
 VOCAB = 97
 ARCHITECTURES = ("llama", "qwen2", "gemma3", "gpt2")
+# the other families of models/families.py (tested in test_families.py), and one outside the table
+OTHER_FAMILIES = ("qwen3", "mistral")
+UNSUPPORTED = "opt"
 
 
 def tiny_config(arch: str, vocab: int = VOCAB, layers: int = 4) -> PretrainedConfig:
@@ -40,6 +46,14 @@ def tiny_config(arch: str, vocab: int = VOCAB, layers: int = 4) -> PretrainedCon
                                 layer_types=["sliding_attention", "sliding_attention", "full_attention",
                                              "sliding_attention"][:layers] + ["full_attention"] * max(0, layers - 4),
                                 initializer_range=0.3, **common)
+    if arch in ("qwen3", "mistral"):
+        config = Qwen3Config if arch == "qwen3" else MistralConfig
+        return config(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, max_position_embeddings=2048, initializer_range=0.3,
+                      **common)
+    if arch == "opt":
+        return OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=layers, num_attention_heads=4,
+                         max_position_embeddings=2048, word_embed_proj_dim=32, init_std=0.3, **common)
     if arch == "gpt2":
         return GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=2048, initializer_range=0.3,
                           vocab_size=vocab, bos_token_id=0, eos_token_id=None)

@@ -20,19 +20,22 @@ import math
 
 import torch
 
-from specdecode.accept.rules import Verdict
+from specdecode.accept.rules import Verdict, sampling_readout
 from specdecode.errors import InvalidSettingError
+from specdecode.models.runner import Readout
 from specdecode.propose.base import Draft
 from specdecode.sampling import SamplingSettings, process_logits, sample
 
 
 class JointRatioAcceptance:
-    reads_until_mismatch = False  # the longest passing prefix may extend past a failing position
 
     def __init__(self, sampling: SamplingSettings, generator: torch.Generator | None, threshold: float = 0.5) -> None:
         if not threshold > 0:
             raise InvalidSettingError(f"threshold (acceptance threshold tau) must be > 0, got {threshold}")
         self.sampling, self.generator, self.log_threshold = sampling, generator, math.log(threshold)
+
+    def readout(self, draft: Draft) -> Readout:
+        return sampling_readout(self.sampling)  # every row: the longest passing prefix may pass a failing one
 
     def __call__(self, draft: Draft, target_logits: torch.Tensor) -> Verdict:
         p = process_logits(target_logits, self.sampling)
@@ -78,10 +81,11 @@ class AcceptAll:
     """Keep the whole draft (it already came from the target's own distribution: MTJD), then one
     token sampled from the target's conditional after it."""
 
-    reads_until_mismatch = False
-
     def __init__(self, sampling: SamplingSettings, generator: torch.Generator | None) -> None:
         self.sampling, self.generator = sampling, generator
+
+    def readout(self, draft: Draft) -> Readout:
+        return sampling_readout(self.sampling)
 
     def __call__(self, draft: Draft, target_logits: torch.Tensor) -> Verdict:
         p = process_logits(target_logits[len(draft)], self.sampling)

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from specdecode.models.runner import Readout
 from specdecode.propose.base import Draft
 from specdecode.sampling import SamplingSettings, process_logits, sample
 
@@ -28,17 +29,27 @@ class Verdict:
 
 
 class AcceptanceRule(Protocol):
-    # True where the rule reads row i + 1 of a chain draft only if row i's argmax is draft token i:
-    # the target's head may then stop computing rows after the first mismatch
-    reads_until_mismatch: bool
+    def readout(self, draft: Draft) -> Readout:
+        """What the rule will read of the target's logits for ``draft`` (the runner computes no more)."""
+        ...
 
     def __call__(self, draft: Draft, target_logits: torch.Tensor) -> Verdict: ...
+
+
+def greedy_readout(draft: Draft) -> Readout:
+    """Greedy matching reads each row's argmax, and a chain's rows only up to its first mismatch."""
+    return Readout(top_k=1, until_mismatch=tuple(draft.tokens) if draft.parents is None else None)
+
+
+def sampling_readout(sampling: SamplingSettings) -> Readout:
+    """A rule that processes every row as :func:`process_logits` does reads what that reads."""
+    return Readout(top_k=sampling.exact_top)
 
 
 class GreedyMatch:
     """Keep draft tokens while they equal the target's argmax: lossless w.r.t. greedy decoding."""
 
-    reads_until_mismatch = True
+    readout = staticmethod(greedy_readout)
 
     def __call__(self, draft: Draft, target_logits: torch.Tensor) -> Verdict:
         choices = target_logits.argmax(dim=-1).tolist()
@@ -53,7 +64,7 @@ class GreedyTreeMatch:
     argmax for as long as there is one; lossless like :class:`GreedyMatch`."""
 
     lossless = True
-    reads_until_mismatch = True  # for chain drafts, which it matches like GreedyMatch
+    readout = staticmethod(greedy_readout)
 
     def __call__(self, draft: Draft, target_logits: torch.Tensor) -> Verdict:
         if draft.parents is None:
@@ -75,11 +86,12 @@ class SpeculativeSampling:
     without ``probs`` was chosen deterministically, i.e. q is one-hot on the drafted token.
     """
 
-    reads_until_mismatch = False
-
     def __init__(self, sampling: SamplingSettings, generator: torch.Generator | None) -> None:
         self.sampling = sampling
         self.generator = generator
+
+    def readout(self, draft: Draft) -> Readout:
+        return sampling_readout(self.sampling)
 
     def __call__(self, draft: Draft, target_logits: torch.Tensor) -> Verdict:
         p = process_logits(target_logits, self.sampling)

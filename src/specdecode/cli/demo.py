@@ -10,7 +10,6 @@ from specdecode.api import SpeculativeDecoder
 from specdecode.cli.common import add_model_args, model_kwargs
 from specdecode.models.draft_head import DEFAULT_HEAD, shipped_head_dir
 from specdecode.models.loading import DEFAULT_DRAFT, DEFAULT_MODEL, load_model, shipped_draft_dir, shipped_ssd_profile
-from specdecode.models.runtime import runtime_of
 
 
 DEMO_PROMPT = (
@@ -51,8 +50,7 @@ def run(args: argparse.Namespace) -> int:
         decoders["eagle"] = SpeculativeDecoder(target, "eagle", head=DEFAULT_HEAD)
         decoders["eagle-tree"] = SpeculativeDecoder(target, "eagle-tree", head=DEFAULT_HEAD)
         decoders["pld-eagle"] = SpeculativeDecoder(target, "pld-eagle", head=DEFAULT_HEAD)
-    runtime = runtime_of(target.model)
-    print(f"sps draft: {draft_label} · runtime: {runtime.describe() if runtime else 'eager'}", file=sys.stderr)
+    print(f"sps draft: {draft_label} · runtime: {target.runner.describe()}", file=sys.stderr)
     decoders["ar"].generate(args.prompt, max_new_tokens=4)  # warm-up
     results = {name: d.generate(args.prompt, max_new_tokens=args.max_new_tokens) for name, d in decoders.items()}
     reference = results["ar"]

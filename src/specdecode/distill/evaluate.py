@@ -1,4 +1,5 @@
-"""What a draft is worth before any decoding run: its cost per forward and its greedy agreement.
+"""What a draft is worth before any decoding run: its cost per forward and its greedy agreement
+(a draft model's: :func:`forward_ms`, :func:`greedy_agreement`; a draft head's step: :func:`head_forward_ms`).
 
 Under greedy speculative decoding with draft length γ and per-token agreement α, each target
 forward yields (1 − α^(γ+1)) / (1 − α) tokens, so these two numbers predict ``sps``'s speed.
@@ -10,8 +11,10 @@ import time
 
 import torch
 
-from specdecode.models.cache import KVCache, forward
+from specdecode.models.cache import KVCache
+from specdecode.models.draft_head import DraftHead
 from specdecode.models.loading import LoadedModel
+from specdecode.models.runner import Readout
 
 
 @torch.inference_mode()
@@ -32,11 +35,27 @@ def greedy_agreement(target: LoadedModel, draft: LoadedModel, prompts: list[list
 @torch.inference_mode()
 def forward_ms(model: LoadedModel, context: list[int], repeats: int = 20) -> float:
     """Median wall time of one single-token forward (with the LM head) after ``context``."""
-    kv = KVCache()
-    forward(model.model, kv, context, logits_to_keep=1)
+    kv = model.runner.new_cache()
+    model.runner.forward(kv, context, Readout(rows=1))
     times = []
     for step in range(repeats + 3):
         started = time.perf_counter()
-        forward(model.model, kv, [context[step % len(context)]], logits_to_keep=1)
+        model.runner.forward(kv, [context[step % len(context)]], Readout(rows=1))
         times.append(time.perf_counter() - started)
+    return sorted(times[3:])[len(times[3:]) // 2] * 1000
+
+
+@torch.inference_mode()
+def head_forward_ms(head: DraftHead, hidden: torch.Tensor, ids: list[int], repeats: int = 20) -> float:
+    """Median wall time of one single-position head step (fc, layer, norm, reduced head) after a context."""
+    kv = KVCache()
+    hidden = hidden.to(head.fc.weight.dtype)
+    context = min(len(ids) - 2, 200)
+    head(hidden[None, :context], torch.tensor([ids[1: context + 1]]), kv)
+    times = []
+    for step in range(repeats + 3):
+        t = (context + step) % (len(ids) - 1)
+        begin = time.perf_counter()
+        head.logits(head(hidden[None, t: t + 1], torch.tensor([[ids[t + 1]]]), kv)[0, -1]).argmax()
+        times.append(time.perf_counter() - begin)
     return sorted(times[3:])[len(times[3:]) // 2] * 1000

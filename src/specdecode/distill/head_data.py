@@ -38,7 +38,6 @@ from tqdm.auto import tqdm
 
 from specdecode.errors import InvalidSettingError
 from specdecode.models.loading import LoadedModel
-from specdecode.models.runtime import runtime_of
 from specdecode.sampling import SamplingSettings, process_logits
 
 ANSWER_SAMPLING = SamplingSettings(temperature=1.0, top_k=10, top_p=0.9)
@@ -187,13 +186,12 @@ def teacher_forced_features(target: LoadedModel, ids: list[int]) -> FeatureSeque
     """One forward of the target's base model over fixed text: the final (post-norm) hidden state
     at every position but the last. ``prompt_len`` is 0: every position is ordinary text."""
     input_ids = torch.tensor([ids], device=target.device)
-    hidden = target.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state[0, :-1]
+    hidden = target.runner.module.base_model(input_ids=input_ids, use_cache=False).last_hidden_state[0, :-1]
     return FeatureSequence(torch.tensor(ids, dtype=torch.int32), hidden.to(torch.float16).cpu().clone(), 0)
 
 
 def _fast_head(target: LoadedModel):
-    runtime = runtime_of(target.model)
-    return None if runtime is None else runtime.head
+    return target.runner.screened_head
 
 
 @torch.inference_mode()
@@ -216,7 +214,7 @@ def _generate_fast(target: LoadedModel, jobs: list[_Job], max_new_tokens: int, s
     generator.manual_seed(seed)
     cache = DynamicCache()
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    out = target.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+    out = target.runner.module.base_model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                   past_key_values=cache, use_cache=True)
     steps = [out.last_hidden_state]
     answers: list[list[int]] = [[] for _ in jobs]
@@ -235,7 +233,7 @@ def _generate_fast(target: LoadedModel, jobs: list[_Job], max_new_tokens: int, s
         if all(done) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], dim=1)
-        out = target.model.base_model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position,
+        out = target.runner.module.base_model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position,
                                       past_key_values=cache, use_cache=True)
         next_position = next_position + 1
         steps.append(out.last_hidden_state)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from specdecode.errors import InvalidSettingError
-from specdecode.models.layer_skip import num_layers
+from specdecode.models.families import num_layers
 from specdecode.models.loading import LoadedModel
 from specdecode.models.vocab_map import VocabMap, tokenizer_digest
 

@@ -20,9 +20,9 @@ import torch
 from specdecode.accept.rules import AcceptanceRule
 from specdecode.engine.stats import GenerationResult, GenerationStats
 from specdecode.engine.stopping import StopChecker
-from specdecode.models.cache import KVCache, forward
 from specdecode.models.loading import LoadedModel
-from specdecode.models.tree import forward_candidates, keep_path
+from specdecode.models.runner import Readout
+from specdecode.models.tree import keep_path
 from specdecode.propose.base import Proposer
 from specdecode.sampling import GenerationSettings
 
@@ -64,14 +64,13 @@ class Generation:
         self._steps = self._run()
 
     def _run(self) -> Iterator[list[int]]:
-        model, device, stats = self.target.model, self.target.device, self.stats
-        kv = KVCache()
+        runner, device, stats = self.target.runner, self.target.device, self.stats
+        kv = runner.new_cache()
         self.proposer.bind_target_cache(kv)
         start = _now(device)
         with torch.inference_mode():
             if len(self.prompt_ids) > 1:
-                hidden = forward(model, kv, self.prompt_ids[:-1], logits_to_keep=0)
-                self.proposer.on_prefill(hidden)
+                self.proposer.on_prefill(runner.forward(kv, self.prompt_ids[:-1], Readout.hidden_only()).hidden)
             stats.prefill_s = _now(device) - start
             sequence = list(self.prompt_ids)
             while self.stop_reason is None:
@@ -80,10 +79,8 @@ class Generation:
                 draft = self.proposer.propose(sequence, max_tokens=room - 1)
                 t1 = _now(device)
                 fed = [sequence[-1], *draft.tokens]
-                logits, hidden = forward_candidates(model, kv, fed, draft.parents,
-                                                    exact_top=self.settings.sampling.exact_top,
-                                                    until_mismatch=draft.tokens if self.rule.reads_until_mismatch else None)
-                verdict = self.rule(draft, logits)
+                out = runner.verify(kv, fed, draft.parents, self.rule.readout(draft))
+                verdict = self.rule(draft, out.logits)
                 kept = list(verdict.path or range(verdict.accepted + 1))
                 if draft.parents is not None:
                     keep_path(kv, len(sequence) - 1, kept)
@@ -94,7 +91,7 @@ class Generation:
                 stats.proposed_tokens += len(draft)
                 stats.accepted_lengths.append(verdict.accepted)
                 self.proposer.observe(len(draft), verdict.accepted)
-                self.proposer.observe_hidden(hidden[kept])
+                self.proposer.observe_hidden(out.hidden[kept])
                 new = [*(fed[i] for i in kept[1:]), verdict.next_token]
                 kv.crop(len(sequence) + verdict.accepted)
                 new, self.stop_reason = self.stopper.cut(self.generated, new)

@@ -13,8 +13,10 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import torch
+from torch import nn
 
 from specdecode.errors import InvalidSettingError
+from specdecode.models.int8 import Int8Linear
 
 
 def frequent_token_ids(
@@ -50,3 +52,22 @@ def validate_token_ids(token_ids: torch.Tensor, vocab_size: int, what: str = "su
         raise InvalidSettingError(f"{what} has ids outside the target vocabulary [0, {vocab_size})")
     if token_ids.unique().numel() != token_ids.numel():
         raise InvalidSettingError(f"{what} repeats token ids")
+
+
+class SubVocabHead(nn.Module):
+    """Logits over ``token_ids`` only, from the model's output-embedding rows (float or int8 copy)."""
+
+    def __init__(self, model: nn.Module, token_ids: torch.Tensor, int8: bool) -> None:
+        super().__init__()
+        head = model.get_output_embeddings()
+        weight = head.weight.detach()[token_ids]
+        bias = head.bias.detach()[token_ids] if getattr(head, "bias", None) is not None else None
+        self.weight, self.bias = weight, bias
+        self.int8 = Int8Linear(weight, bias) if int8 else None
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.int8(hidden) if self.int8 is not None else nn.functional.linear(hidden, self.weight, self.bias)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits

@@ -18,13 +18,14 @@ Low-bit drafts. With ``int8=True`` the view runs the linear projections of the s
 keeps (and, if asked, a head) on per-channel int8 weights with dynamically quantised activations
 (``torch.ao`` dynamic quantisation, fbgemm/oneDNN kernels). The target keeps its float weights,
 so those int8 weights are a second copy: a quarter of the float32 size of the layers used.
-They are built once per linear module and shared by every view of the same model.
+They are built once per linear module by an :class:`Int8Copies` that the model's runner owns,
+and shared by every view of that model. (Views are the `transformers`-path draft; on the native
+decoder a draft is the same decoder run with a :class:`SkipSet`, ``models/native.py``.)
 """
 
 from __future__ import annotations
 
 import copy
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -32,52 +33,8 @@ import torch
 from torch import nn
 
 from specdecode.errors import InvalidSettingError
-from specdecode.models.fused import concatenated, is_fused, projection_groups, register_fused
+from specdecode.models.families import decoder_layers, family_of
 from specdecode.models.int8 import Int8Linear
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where a model type keeps its decoder layers and their sub-layers."""
-
-    stack: str  # attribute of the causal-LM wrapper holding the decoder stack
-    layers: str  # attribute of the stack holding the ModuleList of layers
-    attention: str
-    mlp: str
-
-
-_LAYOUTS = {
-    "llama": _Layout("model", "layers", "self_attn", "mlp"),
-    "qwen2": _Layout("model", "layers", "self_attn", "mlp"),
-    "gemma3_text": _Layout("model", "layers", "self_attn", "mlp"),
-    "gpt2": _Layout("transformer", "h", "attn", "mlp"),
-}
-
-
-def _layout(model: nn.Module) -> _Layout:
-    model_type = getattr(model.config, "model_type", None)
-    try:
-        return _LAYOUTS[model_type]
-    except KeyError:
-        supported = ", ".join(sorted(_LAYOUTS))
-        raise InvalidSettingError(
-            f"layer skipping does not support model type {model_type!r} (supported: {supported})"
-        ) from None
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    layout = _layout(model)
-    return getattr(getattr(model, layout.stack), layout.layers)
-
-
-def num_layers(model: nn.Module) -> int:
-    return len(decoder_layers(model))
-
-
-def sublayers(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
-    """The (attention, MLP) sub-layer pair of every decoder layer."""
-    layout = _layout(model)
-    return [(getattr(layer, layout.attention), getattr(layer, layout.mlp)) for layer in decoder_layers(model)]
 
 
 @dataclass(frozen=True)
@@ -152,38 +109,35 @@ class _SkippedMLP(nn.Module):
         return torch.zeros_like(hidden_states)
 
 
-def is_skipped_attention(module: nn.Module) -> bool:
-    return isinstance(module, _SkippedAttention)
-
-
-def is_skipped_mlp(module: nn.Module) -> bool:
-    return isinstance(module, _SkippedMLP)
-
-
 def _kv_shape(attention: nn.Module) -> tuple[int, int]:
     config = attention.config
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return int(heads), int(attention.head_dim)
 
 
-# int8 copies, one per float linear module of any model, shared by all views of that model
-_INT8_COPIES: weakref.WeakKeyDictionary[nn.Module, Int8Linear] = weakref.WeakKeyDictionary()
-
-
-def int8_copy(module: nn.Module) -> Int8Linear:
-    """The (cached) int8 version of an ``nn.Linear`` or a GPT-2 ``Conv1D``."""
-    cached = _INT8_COPIES.get(module)
-    if cached is None:
-        if isinstance(module, nn.Linear):
-            cached = Int8Linear(module.weight, module.bias)
-        else:  # transformers' Conv1D stores the weight transposed
-            cached = Int8Linear(module.weight.t(), module.bias)
-        _INT8_COPIES[module] = cached
-    return cached
-
-
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+class Int8Copies:
+    """int8 copies of one model's linear modules, each built once on first use (its owner, the
+    model's runner, shares them between every draft view of that model)."""
+
+    def __init__(self) -> None:
+        self._copies: dict[int, tuple[nn.Module, Int8Linear]] = {}  # id(module) -> (module, copy)
+
+    def __call__(self, module: nn.Module) -> Int8Linear:
+        """The int8 version of an ``nn.Linear`` or a GPT-2 ``Conv1D``."""
+        entry = self._copies.get(id(module))
+        if entry is None or entry[0] is not module:
+            weight = module.weight if isinstance(module, nn.Linear) else module.weight.t()  # Conv1D: transposed
+            entry = (module, Int8Linear(weight, module.bias))
+            self._copies[id(module)] = entry
+        return entry[1]
+
+    def tree(self, module: nn.Module) -> nn.Module:
+        """``module`` with every linear projection below it replaced by its int8 copy."""
+        return shallow_replace(module, {m: self(m) for m in module.modules() if _is_linear(m)})
 
 
 def _shallow(module: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
@@ -193,49 +147,38 @@ def _shallow(module: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module
     return clone
 
 
-def _with_int8_linears(module: nn.Module) -> nn.Module:
-    """``module`` with every linear projection below it replaced by its int8 copy."""
-    if _is_linear(module):
-        return int8_copy(module)
-    if not module._modules:
-        return module
-    return _shallow(module, {name: _with_int8_linears(child) for name, child in module._modules.items()
-                             if child is not None})
+def shallow_replace(root: nn.Module, replacements: dict[nn.Module, nn.Module]) -> nn.Module:
+    """``root`` with the modules in ``replacements`` swapped, as new shallow copies of their
+    ancestors: every other module and parameter is shared, and ``root`` itself is left alone."""
+    if root in replacements:
+        return replacements[root]
+    children = {name: shallow_replace(child, replacements)
+                for name, child in root._modules.items() if child is not None}
+    changed = {name: child for name, child in children.items() if child is not root._modules[name]}
+    return _shallow(root, changed) if changed else root
 
 
-def _fuse_int8(layer: nn.Module, int8_layer: nn.Module) -> None:
-    """One int8 product per projection group of ``int8_layer`` (per-channel: the same floats as its
-    parts), built from the float layer's weights once and shared by every view."""
-    float_groups = projection_groups(layer)
-    for name, parts in projection_groups(int8_layer).items():
-        if all(type(part) is Int8Linear for part in parts) and not is_fused(parts):
-            register_fused(parts, Int8Linear(*concatenated(float_groups[name])))
-
-
-def layer_skip_view(model: nn.Module, skip: SkipSet, int8: bool = False, int8_head: bool = False) -> nn.Module:
+def layer_skip_view(model: nn.Module, skip: SkipSet, int8_copies: Int8Copies | None = None,
+                    int8_head: bool = False) -> nn.Module:
     """``model`` as a draft that skips the sub-layers in ``skip``; shares every float weight.
 
-    ``int8`` runs the kept sub-layers' projections on int8 weights, ``int8_head`` the LM head.
+    With ``int8_copies`` the kept sub-layers' projections run on int8 weights (and, with
+    ``int8_head``, the LM head).
     """
-    layout = _layout(model)
-    stack = getattr(model, layout.stack)
-    layers = getattr(stack, layout.layers)
+    family = family_of(model, "layer skipping")
+    layers = decoder_layers(model)
     skip.check(len(layers))
-    new_layers = []
+    replacements: dict[nn.Module, nn.Module] = {}
     for index, layer in enumerate(layers):
-        attention, mlp = getattr(layer, layout.attention), getattr(layer, layout.mlp)
+        attention, mlp = getattr(layer, family.attention), getattr(layer, family.mlp)
         if index in skip.attention:
-            attention = _SkippedAttention(index, *_kv_shape(attention))
-        elif int8:
-            attention = _with_int8_linears(attention)
+            replacements[attention] = _SkippedAttention(index, *_kv_shape(attention))
+        elif int8_copies is not None:
+            replacements[attention] = int8_copies.tree(attention)
         if index in skip.mlp:
-            mlp = _SkippedMLP()
-        elif int8:
-            mlp = _with_int8_linears(mlp)
-        new_layers.append(_shallow(layer, {layout.attention: attention, layout.mlp: mlp}))
-        if int8:
-            _fuse_int8(layer, new_layers[-1])
-    replacements = {layout.stack: _shallow(stack, {layout.layers: nn.ModuleList(new_layers)})}
-    if int8_head:
-        replacements["lm_head"] = int8_copy(model.get_output_embeddings())
-    return _shallow(model, replacements)
+            replacements[mlp] = _SkippedMLP()
+        elif int8_copies is not None:
+            replacements[mlp] = int8_copies.tree(mlp)
+    if int8_head and int8_copies is not None:
+        replacements[model.get_output_embeddings()] = int8_copies(model.get_output_embeddings())
+    return shallow_replace(model, replacements)

@@ -8,6 +8,7 @@ cache, keyed by the file's sha256; later loads read that copy in a few seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,7 +22,8 @@ import torch
 
 from specdecode.errors import ModelLoadError, VocabularyMismatchError
 from specdecode.models.int8 import calibration_ids
-from specdecode.models.runtime import auto_dtype, prepare_runtime
+from specdecode.models.runner import TargetRunner
+from specdecode.models.runtime import RuntimePlan, auto_dtype, build_runtime
 from specdecode.models.vocab_map import VocabMap, apply_vocab_map, pair_target_embedding, tokenizer_digest, vocab_map_of
 
 DEFAULT_MODEL = "default"
@@ -41,11 +43,18 @@ class LoadedModel:
     fingerprint: str = field(default="")
     quantize: str | None = None  # weight format other than the model's own ("fp16", "int8"): another target
     source: str = ""  # the spec it was loaded from ("default", a .gguf path, a directory, a hub id)
+    runtime: RuntimePlan | None = None  # the fast runtime's plan (models/runtime.py); None: eager
 
     def __post_init__(self) -> None:
         self.model.eval()
         if not self.fingerprint:
             self.fingerprint = model_fingerprint(self.model)
+        self.runner = TargetRunner(self.model, self.runtime)  # runs the model (models/runner.py)
+
+    def eager(self) -> LoadedModel:
+        """The same model without the fast runtime: `transformers`' kernels on the weights as loaded
+        (the reference a reduced-precision or runtime run is compared against). Shares the model."""
+        return self if self.runtime is None else dataclasses.replace(self, runtime=None, quantize=None)
 
     @property
     def config(self) -> Any:
@@ -171,10 +180,13 @@ def load_model(
         if not Path(spec_str).expanduser().exists() and spec_str.count("/") > 1:
             raise ModelLoadError(f"model path not found: {spec_str}")
     model, tokenizer, fingerprint = _load_transformers(directory, torch_dtype, torch_device)
+    runtime = None
     if fast or quantize is not None:
         calibration = calibration_ids(tokenizer, model.config.get_text_config().vocab_size) if quantize == "int8" else None
-        prepare_runtime(model, quantize, plan_cache=cache_dir() / "kernel-plans.json", calibration_ids=calibration)
-    return LoadedModel(model, tokenizer, name=name, fingerprint=fingerprint, quantize=quantize, source=spec_str)
+        runtime = build_runtime(model, quantize, plan_cache=cache_dir() / "kernel-plans.json",
+                                calibration_ids=calibration)
+    return LoadedModel(model, tokenizer, name=name, fingerprint=fingerprint, quantize=quantize, source=spec_str,
+                       runtime=runtime)
 
 
 def _load_transformers(directory: str | Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any, str]:

@@ -9,61 +9,54 @@ norms in the same order, rotary as ``q·cos + rotate_half(q)·sin``, ``a.scaling
 `transformers`' bit for bit on the embedded model inside its sliding window and for the Llama
 family (beyond the window SDPA's masked path rounds differently: float32 rounding, tested).
 
-It reads the layers of the module it is given, so layer-skip views (``models/layer_skip.py``)
-run through it too: a skipped attention appends zero placeholders to keep cache lengths equal,
-a skipped MLP is left out, int8 sub-layers call their own linear modules. Tree masks from
+A :class:`NativeDecoder` is built once per module tree at load time (the runtime's; see
+``models/runtime.py``) and holds everything it reads per step: the norms' float32 scales, the
+layers' product modules, fused projections (``models/fused.py``: q/k/v as one product, gate/up as
+one — one weight read and one kernel call instead of three, and the same floats: each output
+column is the same dot product in the same order, tested against the parts). Self-drafts run
+through it with a :class:`~specdecode.models.layer_skip.SkipSet`: a skipped attention appends
+zero placeholders to keep cache lengths equal, a skipped MLP is left out. Tree masks from
 ``models/tree.py`` (one bool mask per attention type) pass through unchanged. In chain forwards
 a sliding-window layer attends only to the keys its window can reach, not to the whole history
-the cache keeps for exact rollback. Where the runtime registered a fused projection
-(``models/fused.py``: q/k/v as one product, gate/up as one) it runs that instead of the parts —
-one weight read and one kernel call instead of three, and the same floats: each output column is
-the same dot product in the same order (tested against the parts).
+the cache keeps for exact rollback.
 """
 
 from __future__ import annotations
 
-import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from specdecode.models.fused import joined, project
-from specdecode.models.layer_skip import decoder_layers, is_skipped_attention, is_skipped_mlp
+from specdecode.models.families import decoder_layers, family_of
+from specdecode.models.layer_skip import SkipSet
 
-NATIVE_MODEL_TYPES = ("llama", "qwen2", "gemma3_text")
-
-# per RMSNorm: the float32 weight it multiplies by ((1 + w) for Gemma's norms, w for Llama's), eps,
-# and whether it is Gemma's (which multiplies before casting back to the model's dtype)
-_NORMS: weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, float, bool]] = weakref.WeakKeyDictionary()
+# a fused product for a group of projections that read one input, or None to run the parts
+FusedGroup = Callable[[torch.Tensor], torch.Tensor]
 
 
-def supports_native(model: nn.Module) -> bool:
-    config = model.config.get_text_config()
-    return (getattr(config, "model_type", None) in NATIVE_MODEL_TYPES
-            and not getattr(config, "attn_logit_softcapping", None)
-            and not getattr(config, "use_bidirectional_attention", False)
-            and hasattr(model, "base_model"))
+@dataclass(frozen=True)
+class _Norm:
+    """An RMSNorm with `transformers`' arithmetic: its float32 scale ((1 + w) for Gemma's norms, w
+    for Llama's), eps, and whether it is Gemma's (which multiplies before casting back)."""
 
+    scale: torch.Tensor
+    eps: float
+    gemma: bool
 
-def _norm_parameters(module: nn.Module) -> tuple[torch.Tensor, float, bool]:
-    norm = _NORMS.get(module)
-    if norm is None:
-        gemma = "Gemma" in type(module).__name__
+    @classmethod
+    def of(cls, module: nn.Module, gemma: bool) -> _Norm:
         weight = module.weight.detach().float()
-        norm = ((1.0 + weight) if gemma else weight, float(getattr(module, "eps", None) or module.variance_epsilon),
-                gemma)
-        _NORMS[module] = norm
-    return norm
+        eps = float(getattr(module, "eps", None) or module.variance_epsilon)
+        return cls((1.0 + weight) if gemma else weight, eps, gemma)
 
-
-def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The module's RMSNorm with `transformers`' arithmetic: in float32, cast back afterwards."""
-    scale, eps, gemma = _norm_parameters(module)
-    if x.dtype == torch.float32:  # the hot path: one fused op, the same floats as the four-op form
-        return F.rms_norm(x, scale.shape, scale, eps)
-    return _scaled(_normalized(x, eps), scale, gemma, x.dtype)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # the hot path: one fused op, the same floats as the four-op form
+            return F.rms_norm(x, self.scale.shape, self.scale, self.eps)
+        return _scaled(_normalized(x, self.eps), self.scale, self.gemma, x.dtype)
 
 
 def _normalized(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -82,45 +75,82 @@ def _scaled(normed: torch.Tensor, scale: torch.Tensor, gemma: bool, dtype: torch
     return scale.to(dtype) * normed.to(dtype)
 
 
-def _head_norms(attention: nn.Module, heads: int, kv_heads: int) -> tuple[torch.Tensor, float, bool]:
-    """q_norm's scale on each query head's row and k_norm's on each key head's, stacked
-    ``[heads + kv_heads, head_dim]``: both norms as one op over the joined q/k heads."""
-    stacked = _NORMS.get(attention)
-    if stacked is None:
-        (q_scale, eps, gemma), (k_scale, k_eps, _) = (_norm_parameters(attention.q_norm),
-                                                      _norm_parameters(attention.k_norm))
-        if k_eps != eps:
-            raise ValueError("q_norm and k_norm with different eps")
-        stacked = (torch.cat([q_scale.expand(heads, -1), k_scale.expand(kv_heads, -1)]), eps, gemma)
-        _NORMS[attention] = stacked
-    return stacked
+def _joined(parts: Sequence[nn.Module], fused: FusedGroup | None) -> FusedGroup:
+    """The parts' outputs side by side: the fused product, or the parts concatenated."""
+    if fused is not None:
+        return fused
+    return lambda x: torch.cat([part(x) for part in parts], dim=-1)
 
 
-def _attention_inputs(attention: nn.Module, x: torch.Tensor, cos: torch.Tensor,
-                      signed_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Queries, keys (normed where the model norms them, rotated) and values, ``[1, heads, n, d]``.
+@dataclass(frozen=True)
+class NativeLayer:
+    """What one decoder layer's step reads, gathered once."""
 
-    q and k are normed and rotated as one ``[1, n, heads + kv_heads, d]`` view of the joined
-    projection: a third of the ops of doing them apart, the same floats. Rotation is
-    ``x·cos + roll(x, d/2)·signed_sin`` with ``signed_sin = (−sin₁, sin₂)``: ``rotate_half(x)·sin``
-    element for element, since negating a factor negates a product exactly.
-    """
-    n, head_dim = x.shape[1], attention.head_dim
-    parts = (attention.q_proj, attention.k_proj, attention.v_proj)
-    heads, kv_heads = (part.out_features // head_dim for part in parts[:2])
-    qkv = joined(x, *parts)
-    qk = qkv[..., :(heads + kv_heads) * head_dim].view(1, n, heads + kv_heads, head_dim)
-    v = qkv[..., (heads + kv_heads) * head_dim:].view(1, n, kv_heads, head_dim).transpose(1, 2)
-    if hasattr(attention, "q_norm"):
-        scale, eps, gemma = _head_norms(attention, heads, kv_heads)
-        qk = _scaled(_normalized(qk, eps), scale, gemma, qk.dtype)
-    qk = qk * cos + qk.roll(head_dim // 2, -1) * signed_sin
-    q, k = qk.transpose(1, 2).split([heads, kv_heads], dim=1)
-    return q, k, v
+    input_norm: _Norm
+    post_attention_norm: _Norm
+    pre_feedforward_norm: _Norm | None  # Gemma's sandwich norms; None for Llama's two
+    post_feedforward_norm: _Norm | None
+    qkv: FusedGroup  # x [1, n, H] -> q, k, v side by side [1, n, (heads + 2 kv_heads) * head_dim]
+    o_proj: nn.Module
+    gate_up: FusedGroup  # x [1, n, H] -> gate, up side by side [1, n, 2 I]
+    intermediate: int
+    down_proj: nn.Module
+    act_fn: Callable[[torch.Tensor], torch.Tensor]
+    qk_norm: _Norm | None  # q_norm's scale on each query head's row and k_norm's on each key head's
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+
+    @classmethod
+    def of(cls, layer: nn.Module, gemma: bool, fused: dict[str, FusedGroup]) -> NativeLayer:
+        attention, mlp = layer.self_attn, layer.mlp
+        head_dim = attention.head_dim
+        heads, kv_heads = attention.q_proj.out_features // head_dim, attention.k_proj.out_features // head_dim
+        sandwich = hasattr(layer, "pre_feedforward_layernorm")
+        qk_norm = None
+        if hasattr(attention, "q_norm"):
+            q, k = _Norm.of(attention.q_norm, gemma), _Norm.of(attention.k_norm, gemma)
+            if q.eps != k.eps:
+                raise ValueError("q_norm and k_norm with different eps")
+            qk_norm = _Norm(torch.cat([q.scale.expand(heads, -1), k.scale.expand(kv_heads, -1)]), q.eps, gemma)
+        return cls(
+            input_norm=_Norm.of(layer.input_layernorm, gemma),
+            post_attention_norm=_Norm.of(layer.post_attention_layernorm, gemma),
+            pre_feedforward_norm=_Norm.of(layer.pre_feedforward_layernorm, gemma) if sandwich else None,
+            post_feedforward_norm=_Norm.of(layer.post_feedforward_layernorm, gemma) if sandwich else None,
+            qkv=_joined((attention.q_proj, attention.k_proj, attention.v_proj), fused.get("qkv")),
+            o_proj=attention.o_proj,
+            gate_up=_joined((mlp.gate_proj, mlp.up_proj), fused.get("gate_up")),
+            intermediate=mlp.gate_proj.out_features,
+            down_proj=mlp.down_proj,
+            act_fn=mlp.act_fn,
+            qk_norm=qk_norm, heads=heads, kv_heads=kv_heads, head_dim=head_dim, scaling=attention.scaling,
+        )
+
+    def attention_inputs(self, x: torch.Tensor, cos: torch.Tensor,
+                         signed_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys (normed where the model norms them, rotated) and values ``[1, heads, n, d]``
+        of normed input ``x [1, n, H]``.
+
+        q and k are normed and rotated as one ``[1, n, heads + kv_heads, d]`` view of the joined
+        projection: a third of the ops of doing them apart, the same floats. Rotation is
+        ``x·cos + roll(x, d/2)·signed_sin`` with ``signed_sin = (−sin₁, sin₂)``: ``rotate_half(x)·sin``
+        element for element, since negating a factor negates a product exactly.
+        """
+        n, head_dim, heads, kv_heads = x.shape[1], self.head_dim, self.heads, self.kv_heads
+        qkv = self.qkv(x)
+        qk = qkv[..., :(heads + kv_heads) * head_dim].view(1, n, heads + kv_heads, head_dim)
+        v = qkv[..., (heads + kv_heads) * head_dim:].view(1, n, kv_heads, head_dim).transpose(1, 2)
+        if self.qk_norm is not None:
+            qk = _scaled(_normalized(qk, self.qk_norm.eps), self.qk_norm.scale, self.qk_norm.gemma, qk.dtype)
+        qk = qk * cos + qk.roll(head_dim // 2, -1) * signed_sin
+        q, k = qk.transpose(1, 2).split([heads, kv_heads], dim=1)
+        return q, k, v
 
 
 def _rotary_factors(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[1, n, d]`` cos and sin as ``[1, n, 1, d]`` factors for :func:`_attention_inputs`."""
+    """``[1, n, d]`` cos and sin as ``[1, n, 1, d]`` factors for :meth:`NativeLayer.attention_inputs`."""
     half = sin.shape[-1] // 2
     return cos[:, :, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, :, None]
 
@@ -144,61 +174,75 @@ def _chain_mask(past: int, n: int, window: int | None, device: torch.device) -> 
     return mask[None, None]
 
 
-def native_forward(
-    model: nn.Module,
-    cache: DynamicCache,
-    input_ids: torch.Tensor,
-    position_ids: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | dict[str, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Final (post-norm) hidden states ``[1, n, H]`` of ``input_ids`` on top of ``cache``, which it
-    extends — what ``model.base_model(...)`` returns as ``last_hidden_state``."""
-    base = model.base_model
-    config = model.config.get_text_config()
-    hidden = base.embed_tokens(input_ids)
-    n = input_ids.shape[1]
-    past = cache.get_seq_length()
-    chain = position_ids is None
-    if chain:
-        position_ids = torch.arange(past, past + n, device=input_ids.device)[None]
-    layers = decoder_layers(model)
-    types = list(getattr(config, "layer_types", None) or ["full_attention"] * len(layers))
-    rotary = {}
-    for layer_type in set(types):
-        if "Gemma" in type(base.rotary_emb).__name__:
-            rotary[layer_type] = _rotary_factors(*base.rotary_emb(hidden, position_ids, layer_type))
-        else:
-            rotary[layer_type] = _rotary_factors(*base.rotary_emb(hidden, position_ids))
-    masks: dict[str, torch.Tensor | None] = {}
-    starts = dict.fromkeys(types, 0)
-    for layer_type in set(types):
-        if isinstance(attention_mask, dict):
-            masks[layer_type] = attention_mask[layer_type]
-        elif attention_mask is not None or not chain:
-            masks[layer_type] = attention_mask
-        else:
-            window = getattr(config, "sliding_window", None) if layer_type == "sliding_attention" else None
-            masks[layer_type] = _chain_mask(past, n, window, input_ids.device)
-            starts[layer_type] = _window_start(past, window)
-    sandwich = hasattr(layers[0], "pre_feedforward_layernorm")  # Gemma: norms after each sub-layer too
-    for index, layer in enumerate(layers):
-        attention, mlp = layer.self_attn, layer.mlp
-        if is_skipped_attention(attention):
-            placeholder = hidden.new_zeros(1, attention.kv_heads, n, attention.head_dim)
-            cache.update(placeholder, placeholder, index)
-        else:
-            q, k, v = _attention_inputs(attention, _norm(layer.input_layernorm, hidden), *rotary[types[index]])
-            k, v = cache.update(k, v, index)
-            start = starts[types[index]]
-            if start:
-                k, v = k[..., start:, :], v[..., start:, :]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[types[index]],
-                                                 scale=attention.scaling, enable_gqa=True)
-            out = attention.o_proj(out.transpose(1, 2).reshape(1, n, -1))
-            hidden = hidden + (_norm(layer.post_attention_layernorm, out) if sandwich else out)
-        if not is_skipped_mlp(mlp):
-            x = _norm(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm, hidden)
-            gate, up = project(x, mlp.gate_proj, mlp.up_proj)
-            out = mlp.down_proj(mlp.act_fn(gate) * up)
-            hidden = hidden + (_norm(layer.post_feedforward_layernorm, out) if sandwich else out)
-    return _norm(base.norm, hidden)
+class NativeDecoder:
+    """The decoder stack of ``model`` (a supported family, see ``models/families.py``) run in the
+    fewest ops; ``fused[(layer index, "qkv" | "gate_up")]`` are the runtime's fused products."""
+
+    def __init__(self, model: nn.Module, fused: dict[tuple[int, str], FusedGroup] | None = None) -> None:
+        family = family_of(model, "the native decoder")
+        fused = fused or {}
+        self.module = model  # the module tree it reads
+        base = model.base_model
+        self.embed_tokens, self.rotary_emb, self.norm = base.embed_tokens, base.rotary_emb, _Norm.of(
+            base.norm, family.gemma_norms)
+        self.gemma_rotary = family.gemma_norms  # Gemma's rotary module takes the layer type
+        self.config = model.config.get_text_config()
+        self.layers = [NativeLayer.of(layer, family.gemma_norms,
+                                      {name: f for (index, name), f in fused.items() if index == i})
+                       for i, layer in enumerate(decoder_layers(model))]
+        self.types = list(getattr(self.config, "layer_types", None) or ["full_attention"] * len(self.layers))
+
+    def __call__(
+        self,
+        cache: DynamicCache,
+        input_ids: torch.Tensor,  # [1, n]
+        position_ids: torch.Tensor | None = None,  # [1, n]; None: the n positions after the cache
+        attention_mask: torch.Tensor | dict[str, torch.Tensor] | None = None,  # a tree mask (models/tree.py)
+        skip: SkipSet | None = None,
+    ) -> torch.Tensor:
+        """Final (post-norm) hidden states ``[1, n, H]`` of ``input_ids`` on top of ``cache``, which it
+        extends — what ``model.base_model(...)`` returns as ``last_hidden_state``."""
+        hidden = self.embed_tokens(input_ids)
+        n = input_ids.shape[1]
+        past = cache.get_seq_length()
+        chain = position_ids is None
+        if chain:
+            position_ids = torch.arange(past, past + n, device=input_ids.device)[None]
+        types = self.types
+        rotary, masks, starts = {}, {}, dict.fromkeys(types, 0)
+        for layer_type in set(types):
+            if self.gemma_rotary:
+                rotary[layer_type] = _rotary_factors(*self.rotary_emb(hidden, position_ids, layer_type))
+            else:
+                rotary[layer_type] = _rotary_factors(*self.rotary_emb(hidden, position_ids))
+            if isinstance(attention_mask, dict):
+                masks[layer_type] = attention_mask[layer_type]
+            elif attention_mask is not None or not chain:
+                masks[layer_type] = attention_mask
+            else:
+                window = getattr(self.config, "sliding_window", None) if layer_type == "sliding_attention" else None
+                masks[layer_type] = _chain_mask(past, n, window, input_ids.device)
+                starts[layer_type] = _window_start(past, window)
+        skipped_attention, skipped_mlp = (skip.attention, skip.mlp) if skip is not None else ((), ())
+        for index, layer in enumerate(self.layers):
+            if index in skipped_attention:
+                placeholder = hidden.new_zeros(1, layer.kv_heads, n, layer.head_dim)
+                cache.update(placeholder, placeholder, index)
+            else:
+                q, k, v = layer.attention_inputs(layer.input_norm(hidden), *rotary[types[index]])
+                k, v = cache.update(k, v, index)
+                start = starts[types[index]]
+                if start:
+                    k, v = k[..., start:, :], v[..., start:, :]
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[types[index]],
+                                                     scale=layer.scaling, enable_gqa=True)
+                out = layer.o_proj(out.transpose(1, 2).reshape(1, n, -1))
+                sandwich = layer.pre_feedforward_norm is not None
+                hidden = hidden + (layer.post_attention_norm(out) if sandwich else out)
+            if index not in skipped_mlp:
+                sandwich = layer.pre_feedforward_norm is not None
+                x = (layer.pre_feedforward_norm if sandwich else layer.post_attention_norm)(hidden)
+                gate, up = layer.gate_up(x).split(layer.intermediate, dim=-1)
+                out = layer.down_proj(layer.act_fn(gate) * up)
+                hidden = hidden + (layer.post_feedforward_norm(out) if sandwich else out)
+        return self.norm(hidden)

@@ -24,6 +24,11 @@ per-channel int8 weights with smoothed activations on a calibrated static int8 g
 fp16's bytes; each row quantised on its own, so speculation stays lossless on that target — see
 ``models/int8.py``). The LM head stays screened-exact in both.
 
+Nothing here changes the loaded model: :func:`build_runtime` returns a :class:`RuntimePlan` whose
+faster modules are new objects built at load time over the same weight tensors (a shallow copy
+of the module tree where a product kernel changes), and the model's runner
+(``models/runner.py``) runs that plan — or, in its eager mode, the untouched model.
+
 Everything here is CPU-only; on CUDA the runtime stays off (cuBLAS serves these shapes well).
 """
 
@@ -34,8 +39,7 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,18 +48,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdecode.errors import InvalidSettingError
-from specdecode.models.layer_skip import decoder_layers
-from specdecode.models.fused import concatenated, projection_groups, register_fused
+from specdecode.models.families import decoder_layers, family_or_none, runs_natively
+from specdecode.models.fused import concatenated, projection_groups
 from specdecode.models.int8 import InputStatistics, Int8Linear, StaticActivation, int8_product, pack_int8
 from specdecode.models.int8 import calibration_ids as calibration_token_ids
-from specdecode.models.native import supports_native
+from specdecode.models.layer_skip import shallow_replace
+from specdecode.models.native import FusedGroup, NativeDecoder
 from specdecode.models.vocab_map import awaits_target_embedding
 
 QUANTIZE_CHOICES = ("fp16", "int8")
 KERNELS = ("mkl", "wxt", "onednn")  # x @ Wᵀ (MKL), W @ xᵀ, oneDNN on a prepacked weight
 ROW_BUCKETS = (1, 2, 4, 8, 16)
-HEAD_BLOCK_ROWS = 4  # the fp16 head screen is memory-bound up to ~4 rows on this CPU  # a product of r rows uses the plan of the smallest bucket >= r
-_SCREENED_MODEL_TYPES = ("gemma3_text", "llama", "qwen2", "gpt2", "mistral", "qwen3")
+HEAD_BLOCK_ROWS = 4  # the fp16 head screen is memory-bound up to ~4 rows on this CPU
 
 
 def cpu_description() -> dict[str, object]:
@@ -105,12 +109,24 @@ class KernelPlan:
         return " ".join(f"{bucket}:{kernel}" for bucket, kernel in zip(ROW_BUCKETS, self.kernels))
 
 
-class TunedLinear(nn.Linear):
-    """``nn.Linear`` whose product kernel follows a :class:`KernelPlan` (same weights, same state
-    dict; the oneDNN kernel reads a packed copy made at load time)."""
+class _LinearOver(nn.Module):
+    """A linear product over an existing weight and bias (shared, not copied): the base of the
+    runtime's replacement modules, built beside the model's own ``nn.Linear``."""
 
-    plan: KernelPlan
-    packed: torch.Tensor | None
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight, self.bias = weight, bias
+
+
+class TunedLinear(_LinearOver):
+    """A float32 product whose kernel follows a :class:`KernelPlan` (the oneDNN kernel reads a
+    packed copy of the weight made at load time)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: KernelPlan,
+                 packed: torch.Tensor | None = None) -> None:
+        super().__init__(weight, bias)
+        self.plan, self.packed = plan, packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -184,14 +200,14 @@ def _cached_plan(linears: Sequence[TunedLinear], plan_cache: Path | None) -> Ker
     return plan
 
 
-class Fp16WeightLinear(nn.Linear):
-    """``nn.Linear`` running on a packed float16 copy of its weight (fbgemm; float32 in and out).
+class Fp16WeightLinear(_LinearOver):
+    """A product on a packed float16 copy of the weight (fbgemm; float32 in and out). The float32
+    weight stays with the model, so its state dict and fingerprint see the original; only the
+    product is rounded."""
 
-    The float32 parameter stays, so the state dict, the fingerprint and every module sharing
-    the weight see the original model; only the product is rounded.
-    """
-
-    packed: object
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__(weight, bias)
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach(), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -204,12 +220,15 @@ class Fp16WeightLinear(nn.Linear):
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-class Int8WeightLinear(nn.Linear):
-    """``nn.Linear`` on a packed per-channel int8 copy of its (smoothed) weight, its input quantised
-    on a calibrated static grid (``models/int8.py``), or per call where calibration never reached it."""
+class Int8WeightLinear(_LinearOver):
+    """A product on a packed per-channel int8 copy of the (smoothed) weight, its input quantised on
+    a calibrated static grid (``models/int8.py``), or per call where calibration never reached it."""
 
-    packed: object
-    static: StaticActivation | None
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, static: StaticActivation | None) -> None:
+        super().__init__(weight, bias)
+        self.static = static
+        self.packed = pack_int8(weight.detach(), None if bias is None else bias.detach(),
+                                None if static is None else static.smooth)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_product(x, self.packed, self.static)
@@ -286,63 +305,42 @@ class ScreenedHead:
         return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
 
 
-@dataclass
-class Runtime:
-    """What the fast runtime changed on one model; ``describe()`` goes into every result."""
+@dataclass(frozen=True)
+class RuntimePlan:
+    """How the fast runtime runs one model; ``describe()`` goes into every result.
 
+    ``model`` is the module tree the plan runs: the loaded model itself, or a shallow copy of it
+    that shares every weight and swaps linear modules for faster products. ``decoder`` is the
+    native decoder over that tree (None: `transformers`' forward of ``model``)."""
+
+    model: nn.Module
     head: ScreenedHead | None
-    plan: KernelPlan | None  # float32 products (None with quantized weights)
+    kernels: KernelPlan | None  # float32 products (None with quantized weights)
     quantize: str | None
-    native: bool  # layers run by models/native.py instead of `transformers`' forward
+    decoder: NativeDecoder | None
 
     def describe(self) -> str:
         parts = []
         if self.quantize:
             parts.append(f"{self.quantize} weights (fbgemm)")
-        elif self.plan is not None:
-            parts.append(f"float32 products by rows {self.plan.describe()}")
+        elif self.kernels is not None:
+            parts.append(f"float32 products by rows {self.kernels.describe()}")
         if self.head is not None:
             parts.append("fp16-screened exact head")
-        if self.native:
+        if self.decoder is not None:
             parts.append("native decoder")
         return ", ".join(parts) or "eager"
 
 
-def runtime_of(model: nn.Module) -> Runtime | None:
-    return model.__dict__.get("specdecode_runtime")
-
-
-@contextmanager
-def eager_kernels(*models: nn.Module | None) -> Iterator[None]:
-    """Run ``models`` with their own kernels and float32 weights — the runtime switched off —
-    then switch it back on: `transformers`' peers, and the float32 reference of a
-    reduced-precision run, compute exactly what the plain model computes."""
-    saved = []
-    for model in models:
-        if model is None or runtime_of(model) is None:
-            continue
-        swapped = [(m, m.__class__) for m in model.modules() if isinstance(m, (TunedLinear, Fp16WeightLinear, Int8WeightLinear))]
-        for module, _ in swapped:
-            module.__class__ = nn.Linear
-        saved.append((model, model.__dict__.pop("specdecode_runtime"), swapped))
-    try:
-        yield
-    finally:
-        for model, runtime, swapped in saved:
-            for module, cls in swapped:
-                module.__class__ = cls
-            model.__dict__["specdecode_runtime"] = runtime
-
-
-def prepare_runtime(
+def build_runtime(
     model: nn.Module,
     quantize: str | None = None,
     kernels: str = "auto",
     plan_cache: Path | None = None,
     calibration_ids: Sequence[int] | None = None,
-) -> Runtime | None:
-    """Install the fast CPU runtime on ``model`` (in place): the kernels on float32 models, the
-    native decoder (``models/native.py``) on supported architectures in any CPU dtype; None where
+) -> RuntimePlan | None:
+    """The fast CPU runtime of ``model`` (which it leaves as it is): the kernels on float32 models,
+    the native decoder (``models/native.py``) on supported families in any CPU dtype; None where
     nothing applies (CUDA, unsupported float64 architectures).
 
     ``kernels`` is ``"auto"`` (time the candidates, or reuse the plan stored in ``plan_cache``) or
@@ -355,72 +353,71 @@ def prepare_runtime(
         raise InvalidSettingError(f"unknown kernel choice {kernels!r}; choose auto or one of {', '.join(KERNELS)}")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
+    native = runs_natively(model)
     if device.type != "cpu" or dtype != torch.float32 or not fbgemm_fp16_available():
         if quantize is not None:
             raise InvalidSettingError(f"quantize={quantize!r} needs a float32 model on a CPU with fbgemm")
-        if device.type != "cpu" or not supports_native(model):
+        if device.type != "cpu" or not native:
             return None
-        runtime = Runtime(head=None, plan=None, quantize=None, native=True)  # any CPU dtype: fewer ops
-        model.__dict__["specdecode_runtime"] = runtime
-        return runtime
+        return RuntimePlan(model, head=None, kernels=None, quantize=None, decoder=NativeDecoder(model))  # fewer ops
     head_module = model.get_output_embeddings()
-    layers = [m for m in model.modules() if type(m) is nn.Linear and m is not head_module]
+    linears = [m for m in model.modules() if type(m) is nn.Linear and m is not head_module]
     plan = None
+    replacements: dict[nn.Module, nn.Module]
     if quantize == "fp16":
-        for linear in layers:
-            linear.__class__ = Fp16WeightLinear
-            linear.packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach(), None)
+        replacements = {linear: Fp16WeightLinear(linear.weight, linear.bias) for linear in linears}
     elif quantize == "int8":
-        _install_int8(model, layers, calibration_ids)
-    elif layers:
-        plan = _install_tuned(layers, kernels, plan_cache)
-    if supports_native(model):
-        _fuse_projections(model)
+        replacements = _int8_linears(model, linears, calibration_ids)
+    else:
+        plan, replacements = _tuned_linears(linears, kernels, plan_cache)
+    fast = shallow_replace(model, replacements)
     head = None
-    if (getattr(model.config, "model_type", None) in _SCREENED_MODEL_TYPES and isinstance(head_module, nn.Linear)
-            and hasattr(model, "base_model")):
+    if family_or_none(model) is not None and isinstance(head_module, nn.Linear) and hasattr(model, "base_model"):
         head = ScreenedHead(head_module.weight, head_module.bias,
                             getattr(model.config, "final_logit_softcapping", None))
-    runtime = Runtime(head=head, plan=plan, quantize=quantize, native=supports_native(model))
-    model.__dict__["specdecode_runtime"] = runtime
-    return runtime
+    decoder = NativeDecoder(fast, _fused_projections(fast)) if native else None
+    return RuntimePlan(fast, head=head, kernels=plan, quantize=quantize, decoder=decoder)
 
 
-def _fuse_projections(model: nn.Module) -> None:
-    """Give the native decoder one product for q/k/v and one for gate/up in every layer, each run by
-    the same kind of kernel as its parts (the parts stay as they are: the state dict, the
-    fingerprint and `transformers`' own forward see the original model).
+def _fused_projections(model: nn.Module) -> dict[tuple[int, str], FusedGroup]:
+    """One product for q/k/v and one for gate/up in every layer, each run by the same kind of
+    kernel as its parts, for the native decoder (the parts stay: `transformers`' forward and the
+    state dict see the original model).
 
     Only the float32 runtime's kernels are fused: their columns come out bit-identical to the
     parts' (tested), while e.g. MKL's float64 product rounds a wider matrix differently."""
-    for layer in decoder_layers(model):
-        for parts in projection_groups(layer).values():
+    fused: dict[tuple[int, str], FusedGroup] = {}
+    for index, layer in enumerate(decoder_layers(model)):
+        for name, parts in projection_groups(layer).items():
             kind = type(parts[0])
             if kind not in (TunedLinear, Fp16WeightLinear, Int8WeightLinear) or any(
                     type(part) is not kind for part in parts):
                 continue
             weight, bias = concatenated(parts)
             if kind is Int8WeightLinear:  # the parts share their input's quantisation; no float copy
-                register_fused(parts, Int8Linear(weight, bias, parts[0].static))
-                continue
-            fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-            fused.weight = nn.Parameter(weight, requires_grad=False)
-            if bias is not None:
-                fused.bias = nn.Parameter(bias, requires_grad=False)
-            fused.__class__ = kind
-            if kind is Fp16WeightLinear:
-                fused.packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
+                fused[index, name] = Int8Linear(weight, bias, parts[0].static)
+            elif kind is Fp16WeightLinear:
+                fused[index, name] = Fp16WeightLinear(weight, bias)
             else:
-                fused.plan = parts[0].plan
-                fused.packed = None if parts[0].packed is None else torch.ops.mkldnn._reorder_linear_weight(weight, 8)
-            register_fused(parts, fused)
+                packed = None if parts[0].packed is None else torch.ops.mkldnn._reorder_linear_weight(weight, 8)
+                fused[index, name] = TunedLinear(weight, bias, parts[0].plan, packed)
+    return fused
 
 
-def _install_int8(model: nn.Module, layers: list[nn.Linear], calibration_ids: Sequence[int] | None) -> None:
+def int8_fused_projections(model: nn.Module) -> dict[tuple[int, str], FusedGroup]:
+    """Per-channel int8 products (dynamically quantised input) of every q/k/v and gate/up group of
+    ``model``'s float layers: the fused half of an int8 self-draft (the same floats as its parts)."""
+    return {(index, name): Int8Linear(*concatenated(parts))
+            for index, layer in enumerate(decoder_layers(model))
+            for name, parts in projection_groups(layer).items()}
+
+
+def _int8_linears(model: nn.Module, layers: list[nn.Linear],
+                  calibration_ids: Sequence[int] | None) -> dict[nn.Module, nn.Module]:
     """Per-channel int8 weights with smoothed, statically quantised inputs (``models/int8.py``),
-    calibrated by one float32 forward over ``calibration_ids`` before any layer is swapped. A draft
-    that cannot run before it is paired with its target is quantised per call instead (dynamic:
-    a draft's numbers only have to be good guesses)."""
+    calibrated by one float32 forward over ``calibration_ids``. A draft that cannot run before it
+    is paired with its target is quantised per call instead (dynamic: a draft's numbers only have
+    to be good guesses)."""
     if calibration_ids is None:
         calibration_ids = calibration_token_ids(None, model.config.get_text_config().vocab_size)
     statistics_ = InputStatistics(layers)
@@ -432,25 +429,26 @@ def _install_int8(model: nn.Module, layers: list[nn.Linear], calibration_ids: Se
         statistics_.remove()
     groups = {part: parts for layer in decoder_layers(model) for parts in projection_groups(layer).values()
               for part in parts}
-    for linear in layers:
-        static = statistics_.static_activation(groups.get(linear, (linear,))) if linear in statistics_.low else None
-        linear.__class__ = Int8WeightLinear
-        linear.static = static
-        linear.packed = pack_int8(linear.weight.detach(), None if linear.bias is None else linear.bias.detach(),
-                                  None if static is None else static.smooth)
+    return {linear: Int8WeightLinear(linear.weight, linear.bias,
+                                     statistics_.static_activation(groups.get(linear, (linear,)))
+                                     if linear in statistics_.low else None)
+            for linear in layers}
 
 
-def _install_tuned(layers: list[nn.Linear], kernels: str, plan_cache: Path | None) -> KernelPlan:
+def _tuned_linears(layers: list[nn.Linear], kernels: str,
+                   plan_cache: Path | None) -> tuple[KernelPlan | None, dict[nn.Module, nn.Module]]:
+    if not layers:
+        return None, {}
     pack = _onednn_available() and kernels in ("auto", "onednn")
-    for linear in layers:
-        linear.__class__ = TunedLinear
-        # the hint 8 packs for a few rows: 1 row costs what MKL costs, 2–16 rows much less
-        linear.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 8) if pack else None
     if kernels == "onednn" and not pack:
         raise InvalidSettingError("the oneDNN kernel is not available in this torch build")
-    plan = KernelPlan(tuple(kernels for _ in ROW_BUCKETS)) if kernels != "auto" else _cached_plan(layers, plan_cache)
-    for linear in layers:
+    # the hint 8 packs for a few rows: 1 row costs what MKL costs, 2–16 rows much less
+    tuned = [TunedLinear(linear.weight, linear.bias, KernelPlan(("mkl",) * len(ROW_BUCKETS)),
+                         torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 8) if pack else None)
+             for linear in layers]
+    plan = KernelPlan(tuple(kernels for _ in ROW_BUCKETS)) if kernels != "auto" else _cached_plan(tuned, plan_cache)
+    for linear in tuned:
         linear.plan = plan
         if "onednn" not in plan.kernels:
             linear.packed = None  # the packed copy is only worth its memory when it is used
-    return plan
+    return plan, dict(zip(layers, tuned))

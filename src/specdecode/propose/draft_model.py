@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from specdecode.errors import InvalidSettingError
-from specdecode.models.cache import KVCache, forward
+from specdecode.models.runner import Readout, TargetRunner
 from specdecode.propose.base import Draft, Proposer
 from specdecode.sampling import SamplingSettings, process_logits, sample
 
@@ -29,22 +29,22 @@ class DraftLengthSchedule:
 
 
 class DraftModelProposer(Proposer):
-    """Autoregressively drafts γ tokens with ``draft_model``, keeping its own KV cache in sync."""
+    """Autoregressively drafts γ tokens with the ``draft`` model, keeping its own KV cache in sync."""
 
     def __init__(
         self,
-        draft_model: torch.nn.Module,
+        draft: TargetRunner,
         sampling: SamplingSettings,
         generator: torch.Generator | None,
         gamma: int = 4,
         adaptive: bool = False,
     ) -> None:
         super().__init__()
-        self.model = draft_model
+        self.runner = draft
         self.sampling = sampling
         self.generator = generator
         self.schedule = DraftLengthSchedule(gamma, adaptive)
-        self.kv = KVCache()
+        self.kv = draft.new_cache()
 
     def propose(self, sequence: list[int], max_tokens: int) -> Draft:
         limit = min(self.schedule.gamma, max_tokens)
@@ -54,7 +54,7 @@ class DraftModelProposer(Proposer):
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
         for _ in range(limit):
-            logits = forward(self.model, self.kv, pending, logits_to_keep=1)[-1]
+            logits = self.runner.forward(self.kv, pending, Readout(rows=1)).logits[-1]
             self.stats.forwards += 1
             if self.sampling.greedy:
                 token = int(logits.argmax())

@@ -16,19 +16,17 @@ costs (see :mod:`specdecode.models.layer_skip` for int8 weights):
 
 from __future__ import annotations
 
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from specdecode.errors import InvalidSettingError
-from specdecode.models.cache import KVCache, forward
-from specdecode.models.frequent_vocab import expand_logits, validate_token_ids
-from specdecode.models.int8 import Int8Linear
-from specdecode.models.layer_skip import SkipSet, layer_skip_view, num_layers
+from specdecode.models.cache import KVCache
+from specdecode.models.frequent_vocab import SubVocabHead, expand_logits, validate_token_ids
+from specdecode.models.families import num_layers
+from specdecode.models.layer_skip import SkipSet
 from specdecode.models.loading import LoadedModel
+from specdecode.models.runner import Readout
 from specdecode.propose.base import Draft, Proposer
 from specdecode.sampling import SamplingSettings, process_logits, sample
 
@@ -62,58 +60,6 @@ class SelfDraftSettings:
             validate_token_ids(ids, upper, "draft vocabulary")
 
 
-class _SubVocabHead(nn.Module):
-    """Logits over ``token_ids`` only, from the target's output-embedding rows (float or int8 copy)."""
-
-    def __init__(self, model: nn.Module, token_ids: torch.Tensor, int8: bool) -> None:
-        super().__init__()
-        head = model.get_output_embeddings()
-        weight = head.weight.detach()[token_ids]
-        bias = head.bias.detach()[token_ids] if getattr(head, "bias", None) is not None else None
-        self.proj: nn.Module = Int8Linear(weight, bias) if int8 else _FrozenLinear(weight, bias)
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.proj(hidden)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
-
-class _FrozenLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.weight, self.bias = weight, bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
-
-
-# sub-vocabulary heads per model and (ids, int8): built once, shared by every request and profile.
-# The most recently used few are kept: a bundle has one per domain, a configuration search tries
-# many sizes and would otherwise keep every head it ever built.
-_HEADS: weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple[tuple[int, ...], bool], _SubVocabHead]] = (
-    weakref.WeakKeyDictionary()
-)
-MAX_CACHED_HEADS = 24
-
-
-def sub_vocab_head(model: nn.Module, token_ids: tuple[int, ...], int8: bool) -> _SubVocabHead:
-    per_model = _HEADS.setdefault(model, OrderedDict())
-    key = (token_ids, int8)
-    if key in per_model:
-        per_model.move_to_end(key)
-    else:
-        per_model[key] = _SubVocabHead(model, torch.tensor(token_ids, dtype=torch.long, device=_device(model)), int8)
-        while len(per_model) > MAX_CACHED_HEADS:
-            per_model.popitem(last=False)
-    return per_model[key]
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 class SelfDraftProposer(Proposer):
     """Drafts with a layer-skip view of the target until its confidence drops below the threshold.
 
@@ -137,12 +83,12 @@ class SelfDraftProposer(Proposer):
         self.sampling = sampling
         self.generator = generator
         self.vocab_size = target.vocab_size
-        self.view = layer_skip_view(target.model, settings.skip, int8=settings.int8,
-                                    int8_head=settings.int8 and settings.vocab_ids is None)
-        self.head: _SubVocabHead | None = None
+        self.runner = target.runner.skipping(settings.skip, int8=settings.int8,
+                                             int8_head=settings.int8 and settings.vocab_ids is None)
+        self.head: SubVocabHead | None = None
         self.token_ids: torch.Tensor | None = None
         if settings.vocab_ids is not None:
-            self.head = sub_vocab_head(target.model, settings.vocab_ids, settings.int8)
+            self.head = target.runner.sub_vocab_head(settings.vocab_ids, settings.int8)
             self.token_ids = torch.tensor(settings.vocab_ids, dtype=torch.long, device=target.device)
         self.kv: KVCache | None = None
 
@@ -152,8 +98,8 @@ class SelfDraftProposer(Proposer):
     def _logits(self, new_ids: list[int]) -> torch.Tensor:
         """Draft logits for the next token: over the sub-vocabulary, or the full one."""
         if self.head is None:
-            return forward(self.view, self.kv, new_ids, logits_to_keep=1)[-1]
-        hidden = forward(self.view, self.kv, new_ids, logits_to_keep=0)[-1]
+            return self.runner.forward(self.kv, new_ids, Readout(rows=1)).logits[-1]
+        hidden = self.runner.forward(self.kv, new_ids, Readout.hidden_only()).hidden[-1]
         logits = self.head(hidden)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 

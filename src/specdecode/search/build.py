@@ -15,7 +15,7 @@ from typing import Any
 from specdecode.artifacts.profile import SkipProfile
 from specdecode.errors import InvalidSettingError
 from specdecode.models.frequent_vocab import frequent_token_ids
-from specdecode.models.layer_skip import num_layers
+from specdecode.models.families import num_layers
 from specdecode.models.loading import LoadedModel
 from specdecode.propose.self_draft import SelfDraftSettings
 from specdecode.search.calibration import CalibrationSet

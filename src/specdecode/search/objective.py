@@ -29,8 +29,10 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from specdecode.api import SpeculativeDecoder
-from specdecode.models.cache import KVCache, forward
-from specdecode.models.layer_skip import SkipSet, sublayers
+from specdecode.models.cache import KVCache
+from specdecode.models.runner import Readout, TargetRunner
+from specdecode.models.families import sublayers
+from specdecode.models.layer_skip import SkipSet
 from specdecode.models.loading import LoadedModel
 from specdecode.propose.self_draft import SelfDraftProposer, SelfDraftSettings
 from specdecode.sampling import SamplingSettings
@@ -90,12 +92,12 @@ class MeasuredObjective:
                           accepted / proposed if proposed else 0.0, tokens, drafts)
 
 
-def greedy_verification(model: torch.nn.Module, kv: KVCache, tokens: list[int]) -> torch.Tensor:
+def greedy_verification(runner: TargetRunner, kv: KVCache, tokens: list[int]) -> torch.Tensor:
     """The forward greedy ``ssd`` verifies ``tokens`` with, every row read (a fully accepted draft):
     what the cost models time. Greedy reads each row's top 1, so a model with the fast runtime
     screens its head instead of scoring the full vocabulary in float32 — timing the full head
     made k-token verification look 1.5–2× dearer than it is and the searches chose short drafts."""
-    return forward(model, kv, tokens, logits_to_keep=len(tokens), exact_top=1)
+    return runner.forward(kv, tokens, Readout(top_k=1)).logits
 
 
 def time_on_cache(step: Callable[[], Any], kv: KVCache, repeats: int,
@@ -112,10 +114,10 @@ def time_on_cache(step: Callable[[], Any], kv: KVCache, repeats: int,
     return statistic(samples[1:])
 
 
-def time_verification(model: torch.nn.Module, kv: KVCache, token: int, counts: list[int], repeats: int,
+def time_verification(runner: TargetRunner, kv: KVCache, token: int, counts: list[int], repeats: int,
                       statistic: Callable[[list[float]], float] = statistics.median) -> list[float]:
     """Seconds of a greedy verification of k tokens after what ``kv`` holds, for each k in ``counts``."""
-    return [time_on_cache(lambda k=k: greedy_verification(model, kv, [token] * k), kv, repeats, statistic)
+    return [time_on_cache(lambda k=k: greedy_verification(runner, kv, [token] * k), kv, repeats, statistic)
             for k in counts]
 
 
@@ -155,8 +157,8 @@ class CostModel:
             return time_on_cache(lambda: proposer.propose(context, max_tokens=1), kv, repeats)
 
         with torch.inference_mode():
-            forward(model, kv, context[:-1], logits_to_keep=0)
-            verify_s = time_verification(model, kv, context[-1], list(range(1, draft.max_draft + 2)), repeats)
+            target.runner.forward(kv, context[:-1], Readout.hidden_only())
+            verify_s = time_verification(target.runner, kv, context[-1], list(range(1, draft.max_draft + 2)), repeats)
             everything = SkipSet(tuple(range(count)), tuple(range(count)))
             fixed = draft_time(everything)
             full = draft_time(SkipSet())
@@ -195,9 +197,9 @@ class CostTable:
         self.formats: dict[str, dict[str, float]] = {}  # "float" / "int8" -> fixed, per_row, layers, full_head
         self.started = time.perf_counter()
         with torch.inference_mode():
-            forward(target.model, self.kv, self.context[:-1], logits_to_keep=0)
+            target.runner.forward(self.kv, self.context[:-1], Readout.hidden_only())
             points = sorted({1, 2, 3, 5, 8, 12, max_draft + 1} & set(range(1, max_draft + 2)))
-            timed = time_verification(target.model, self.kv, self.context[-1], points, repeats, min)
+            timed = time_verification(target.runner, self.kv, self.context[-1], points, repeats, min)
         timed = list(np.maximum.accumulate(timed))
         self.verify_points = dict(zip(points, timed))
         self.verify_s = [float(np.interp(k, points, timed)) for k in range(1, max_draft + 2)]
@@ -270,7 +272,7 @@ class SimulatedObjective:
         with torch.inference_mode():
             for sequence in self.sequences:
                 kv = KVCache()
-                forward(target.model, kv, sequence[:-1], logits_to_keep=0)
+                target.runner.forward(kv, sequence[:-1], Readout.hidden_only())
                 self.caches.append(kv)
 
     def __call__(self, settings: SelfDraftSettings) -> Evaluation:

@@ -1,0 +1,135 @@
+"""A/B speed of two checkouts of specdecode on the same prompts, interleaved in one run.
+
+A refactor that promises "no behaviour change" has to show it: each checkout gets a worker process
+(its ``src/`` first on the path, the same venv otherwise) that loads the model once; the driver
+then asks the two workers in turn to generate each (method, prompt), alternating which goes first,
+so drift of a noisy machine hits both alike. Reports per method the summed seconds of each side,
+the ratio B/A, whether the tokens were identical, and ``ar`` measured twice per side (the noise).
+
+Usage:
+    git worktree add /tmp/specdecode-before <commit>
+    python scripts/ab_bench.py /tmp/specdecode-before . --data results/prompts/heldout-12.jsonl \
+        --method ar --method pld --method eagle ... [--max-new-tokens 64] [--threads 2] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORKER = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+from specdecode import SpeculativeDecoder, load_model
+torch.set_num_threads(int(sys.argv[2]))
+target = load_model("default")
+decoders = {}
+print(json.dumps({"ready": True, "file": __import__("specdecode").__file__}), flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    key = (job["method"], json.dumps(job["options"], sort_keys=True))
+    if key not in decoders:
+        options = dict(job["options"])
+        if "draft" in options:
+            options["draft"] = load_model(options["draft"])
+        decoders[key] = SpeculativeDecoder(target, job["method"], **options)
+        decoders[key].generate("Warm up.", max_new_tokens=8)
+    start = time.perf_counter()
+    result = decoders[key].generate(job["prompt"], max_new_tokens=job["max_new_tokens"], temperature=0.0)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "tokens": result.token_ids}), flush=True)
+"""
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``name`` or ``name:key=value,key=value`` (values: ints, floats, true/false, else strings)."""
+    name, _, rest = spec.partition(":")
+    options: dict = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        for cast in (int, float):
+            try:
+                options[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            options[key] = {"true": True, "false": False}.get(value, value)
+    return name, options
+
+
+class Worker:
+    def __init__(self, checkout: Path, threads: int) -> None:
+        self.process = subprocess.Popen([sys.executable, "-c", WORKER, str(checkout / "src"), str(threads)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = json.loads(self.process.stdout.readline())
+
+    def run(self, job: dict) -> dict:
+        self.process.stdin.write(json.dumps(job) + "\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("a", type=Path, help="checkout A (e.g. a worktree of the commit before)")
+    parser.add_argument("b", type=Path, help="checkout B")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--method", action="append", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--template", default="User: {turn}\nAssistant:")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    prompts = [args.template.format(turn=json.loads(line)["turns"][0])
+               for line in Path(args.data).read_text().splitlines() if line.strip()]
+    methods = [parse_method(m) for m in args.method]
+    if ("ar", {}) in methods:
+        methods.append(("ar", {}))  # ar twice: the noise floor
+    workers = {"A": Worker(args.a, args.threads), "B": Worker(args.b, args.threads)}
+    for side, worker in workers.items():
+        print(f"{side}: {worker.info['file']}", file=sys.stderr)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    rows: dict[str, dict] = {}
+    for index, (name, options) in enumerate(methods):
+        label = name + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
+        if label in rows:
+            label += " (again)"
+        row = rows[label] = {"A": 0.0, "B": 0.0, "identical": 0, "prompts": 0}
+        for p, prompt in enumerate(prompts):
+            job = {"method": name, "options": options, "prompt": prompt, "max_new_tokens": args.max_new_tokens}
+            order = ("A", "B") if (index + p) % 2 == 0 else ("B", "A")
+            out = {side: workers[side].run(job) for side in order}
+            for side in ("A", "B"):
+                row[side] += out[side]["seconds"]
+            row["identical"] += out["A"]["tokens"] == out["B"]["tokens"]
+            row["prompts"] += 1
+        print(f"{label:<28} A {row['A']:7.2f} s  B {row['B']:7.2f} s  B/A {row['B'] / row['A']:.3f}  "
+              f"identical {row['identical']}/{row['prompts']}", file=sys.stderr, flush=True)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
+    report = {"started": started, "cpu": cpu, "features": [f for f in flags if f.startswith(("avx", "amx", "fma"))],
+              "threads": args.threads, "a": str(args.a), "b": str(args.b), "data": args.data,
+              "max_new_tokens": args.max_new_tokens, "rows": rows}
+    print("| method | A s | B s | B/A | identical tokens |\n|---|---:|---:|---:|---:|")
+    for label, row in rows.items():
+        print(f"| {label} | {row['A']:.2f} | {row['B']:.2f} | {row['B'] / row['A']:.3f} | "
+              f"{row['identical']}/{row['prompts']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    for worker in workers.values():
+        worker.process.stdin.close()
+        worker.process.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
