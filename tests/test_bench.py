@@ -17,7 +17,8 @@ from specdecode.accept.rules import GreedyMatch, Verdict
 from specdecode.bench import BenchConfig, DatasetError, load_prompts, parse_spec, run_bench, write_report
 from specdecode.bench.dataset import BenchPrompt
 from specdecode.bench.metrics import EnergyMeter, aggregate, first_mismatch, generated_nll
-from specdecode.bench.runner import Record, build_contenders
+from specdecode.bench.record import Record
+from specdecode.bench.runner import build_contenders
 from specdecode.cli.main import main
 from specdecode.engine.stats import GenerationStats
 from specdecode.errors import InvalidSettingError, SpecDecodeError

@@ -12,11 +12,11 @@ from specdecode import SpeculativeDecoder
 from specdecode.artifacts.bundle import MIXED, ProfileBundle, Route, load_bundle
 from specdecode.artifacts.profile import SkipProfile, load_profile
 from specdecode.bench.dataset import BenchPrompt
+from specdecode.bench.knn_eval import mixed_stream
 from specdecode.errors import InvalidSettingError, PromptError
 from specdecode.models.layer_skip import SkipSet
 from specdecode.propose.self_draft import SelfDraftSettings
 from specdecode.routing.build import build_bundle, embed_prompts, fallback_radius, fit_anchors
-from specdecode.routing.evaluate import mixed_stream
 from test_search import _tiny_model_dir
 from tiny_models import ARCHITECTURES, VOCAB, tiny_model
 

@@ -12,7 +12,8 @@ from specdecode.bench.contenders import ContenderSpec, parse_spec
 from specdecode.bench.dataset import BenchPrompt, DatasetError, load_prompts
 from specdecode.bench.peers import peer_names
 from specdecode.bench.report import render_table, summarize, summary_lines, write_report
-from specdecode.bench.runner import BenchConfig, BenchResult, Record, run_bench
+from specdecode.bench.record import Record
+from specdecode.bench.runner import BenchConfig, BenchResult, run_bench
 
 __all__ = [
     "BenchConfig", "BenchPrompt", "BenchResult", "ContenderSpec", "DatasetError", "Record", "load_prompts",

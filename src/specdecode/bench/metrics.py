@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from specdecode.bench.record import Record
 from specdecode.models.cache import KVCache, forward
 from specdecode.models.loading import LoadedModel
-
-if TYPE_CHECKING:
-    from specdecode.bench.runner import Record
 
 
 def first_mismatch(tokens: list[int], reference: list[int]) -> int | None:

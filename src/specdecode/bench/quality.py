@@ -16,12 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from specdecode.bench.runner import Record
+from specdecode.bench.record import Record
 
 BOOTSTRAP_DRAWS = 2000
 NGRAM = 4

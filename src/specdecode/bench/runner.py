@@ -11,7 +11,6 @@ import platform
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from statistics import mean, median
 from typing import Any
 
 import torch
@@ -20,9 +19,9 @@ from tqdm import tqdm
 from specdecode.bench.contenders import EAGER_SUFFIX, Contender, ContenderSpec, OurMethod, parse_spec
 from specdecode.bench.dataset import DEFAULT_TEMPLATE, BenchPrompt, check_template, format_prompt
 from specdecode.bench.metrics import EnergyMeter, first_mismatch, generated_nll
+from specdecode.bench.record import Record
 from specdecode.bench.llamacpp import LLAMACPP_PEERS, LlamaCppPeer
 from specdecode.bench.peers import HFPeer, peer_names
-from specdecode.engine.stats import GenerationStats
 from specdecode.errors import InvalidSettingError, PromptError
 from specdecode.methods import method_names
 from specdecode.models.loading import LoadedModel, pair_draft
@@ -67,46 +66,6 @@ class BenchConfig:
             seed=self.seed + prompt_index,
             stop_at_eos=False,
         )
-
-
-@dataclass
-class Record:
-    """One contender on one prompt."""
-
-    prompt: BenchPrompt
-    label: str
-    prompt_tokens: int
-    token_ids: list[int]
-    seconds: list[float]  # one per repeat
-    stats: GenerationStats  # of the first repeat
-    draft_timed: bool = True
-    energies_j: list[float] | None = None
-    identical: bool | None = None  # greedy runs: output equals ar's
-    mismatch_at: int | None = None
-    float32_mismatch_at: int | None = None  # reduced-precision runs: first token differing from float32 ar
-    nll: float | None = None  # sampling runs: summed NLL of the output under the raw target
-    text: str | None = None
-
-    @property
-    def time(self) -> float:
-        return median(self.seconds)
-
-    @property
-    def energy_j(self) -> float | None:
-        return mean(self.energies_j) if self.energies_j else None
-
-    def to_dict(self) -> dict[str, Any]:
-        stats = self.stats.to_dict()
-        stats.pop("total_s")  # the wall-clock times of every repeat are in "seconds"
-        if not self.draft_timed:
-            stats["draft_s"] = None
-        return {
-            "question_id": self.prompt.question_id, "category": self.prompt.category, "task": self.prompt.task,
-            "method": self.label, "prompt_tokens": self.prompt_tokens, "seconds": self.seconds,
-            "median_s": self.time, "energy_j": self.energy_j, "identical_to_ar": self.identical,
-            "first_mismatch": self.mismatch_at, "float32_first_mismatch": self.float32_mismatch_at, "nll": self.nll, "stats": stats, "text": self.text,
-            "token_ids": self.token_ids,
-        }
 
 
 @dataclass(frozen=True)

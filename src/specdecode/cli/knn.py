@@ -10,20 +10,20 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from specdecode.artifacts.bundle import MIXED, load_bundle
 from specdecode.artifacts.profile import load_profile
 from specdecode.bench.dataset import DEFAULT_TEMPLATE, check_template, format_prompt
+from specdecode.bench.knn_eval import (category_prompts, contenders, evaluate, mixed_stream, render,
+                                       render_routing_check, routing_check, write)
 from specdecode.bench.runner import BenchConfig
 from specdecode.cli.bench import IDENTITY_FAILURE
 from specdecode.cli.common import add_model_args, model_kwargs
 from specdecode.errors import InvalidSettingError
 from specdecode.models.loading import load_model
-from specdecode.routing.build import (VOCAB_SOURCES, BuildOptions, BuiltBundle, SearchSpace, _describe, add_domain,
-                                      build_bundle, check_categories, embed_prompts, plot_tsne)
-from specdecode.routing.evaluate import category_prompts, contenders, evaluate, mixed_stream, render, write
+from specdecode.routing.build import (VOCAB_SOURCES, BuildOptions, SearchSpace, _describe, add_domain, build_bundle,
+                                      check_categories, plot_tsne)
 from specdecode.search.calibration import load_labelled_prompts
 from specdecode.search.config_search import DraftSpace
 
@@ -303,54 +303,10 @@ def run_eval(args: argparse.Namespace) -> int:
                                   every=True)
     if unseen:
         everything.update(category_prompts(args.data, unseen, 1, 0, field, exclude, at_most=True, every=True))
-    check = _routing_check(target, bundle, everything, unseen, template, out / "tsne.png")
+    check = routing_check(target, bundle, everything, unseen, template, out / "tsne.png")
     (out / "routing.json").write_text(json.dumps(check, indent=2) + "\n")
     with open(out / "knn.md", "a", encoding="utf-8") as handle:
-        handle.write(_render_check(check))
-    print(render(evaluation) + _render_check(check))
+        handle.write(render_routing_check(check))
+    print(render(evaluation) + render_routing_check(check))
     print(f"wrote {out}", file=sys.stderr)
     return IDENTITY_FAILURE if evaluation.bench.mismatches() else 0
-
-
-def _routing_check(target, bundle, prompts, unseen, template, path: Path) -> dict:
-    """Route every held-out prompt (and every prompt of the unseen domains) by its embedding alone —
-    no generation, so many more requests than the timed stream — and draw the t-SNE picture."""
-    vectors = {c: embed_prompts(target, [target.tokenizer(format_prompt(p, template))["input_ids"] for p in rows])
-               for c, rows in prompts.items()}
-    rows: dict[str, dict] = {}
-    for category, block in vectors.items():
-        routes = [bundle.route(v) for v in block]
-        went: dict[str, int] = {}
-        for route in routes:
-            went[route.profile] = went.get(route.profile, 0) + 1
-        rows[category] = {"prompts": len(routes), "unseen": category in unseen,
-                          "nearest_own": sum(r.category == category for r in routes),
-                          "fallbacks": sum(r.fallback for r in routes), "configurations": went,
-                          "ids": [p.question_id for p in prompts[category]]}
-    seen = [c for c in rows if c not in unseen]
-    total = sum(rows[c]["prompts"] for c in seen)
-    summary = {"per_domain": rows, "bundle_domains": {
-        "prompts": total, "nearest_own": sum(rows[c]["nearest_own"] for c in seen),
-        "accuracy": sum(rows[c]["nearest_own"] for c in seen) / total if total else None,
-        "own_configuration": sum(rows[c]["configurations"].get(c, 0) for c in seen) / total if total else None}}
-    built = BuiltBundle(bundle, np.concatenate([vectors[c] for c in seen]), [c for c in seen for _ in vectors[c]])
-    extra = {f"{c} (not in the bundle)": vectors[c] for c in unseen}
-    plot_tsne(built, path, extra=extra, title=f"KNN-SSD routing space (t-SNE) — {bundle.model_name}\n"
-                                             "dots: held-out prompts, crosses: anchors, triangles: unseen domain")
-    return summary
-
-
-def _render_check(check: dict) -> str:
-    b = check["bundle_domains"]
-    out = ["", "## Routing of every held-out prompt (embedding only, no generation)", "",
-           f"Bundle domains: {b['nearest_own']}/{b['prompts']} nearest an anchor of their own domain "
-           f"({b['accuracy']:.0%}); {b['own_configuration']:.0%} drafted with their own configuration "
-           "(the rest fell back to mixed). t-SNE: tsne.png.", "",
-           "| domain | prompts | nearest anchor of its domain | fallbacks to mixed | configurations used |",
-           "|---|---:|---:|---:|---|"]
-    for category, row in check["per_domain"].items():
-        label = f"{category} (not in the bundle)" if row["unseen"] else category
-        own = "—" if row["unseen"] else str(row["nearest_own"])
-        used = ", ".join(f"{c} {n}" for c, n in row["configurations"].items())
-        out.append(f"| {label} | {row['prompts']} | {own} | {row['fallbacks']} | {used} |")
-    return "\n".join(out) + "\n"

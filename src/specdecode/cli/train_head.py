@@ -13,11 +13,10 @@ import torch
 
 from specdecode.bench.dataset import format_prompt, read_prompts
 from specdecode.cli.distill import held_out_per_category, split_holdout
-from specdecode.distill.evaluate import forward_ms
+from specdecode.distill.evaluate import forward_ms, head_forward_ms
 from specdecode.distill.head_data import collect_head_data, load_feature_chunks
 from specdecode.distill.train_head import HeadTrainSettings, evaluate_head, train_head
 from specdecode.errors import InvalidSettingError
-from specdecode.models.cache import KVCache
 from specdecode.models.draft_head import DraftHead, load_head, pair_head
 from specdecode.models.frequent_vocab import frequent_token_ids
 from specdecode.models.loading import load_model
@@ -148,19 +147,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out}: " + json.dumps({k: report[k] for k in ("held_out", "compared", "head_cost_ratio", "positions")}),
           file=sys.stderr)
     return 0
-
-
-@torch.inference_mode()
-def head_forward_ms(head: DraftHead, hidden: torch.Tensor, ids: list[int], repeats: int = 20) -> float:
-    """Median wall time of one single-position head step (fc, layer, norm, reduced head) after a context."""
-    kv = KVCache()
-    hidden = hidden.to(head.fc.weight.dtype)
-    context = min(len(ids) - 2, 200)
-    head(hidden[None, :context], torch.tensor([ids[1: context + 1]]), kv)
-    times = []
-    for step in range(repeats + 3):
-        t = (context + step) % (len(ids) - 1)
-        begin = time.perf_counter()
-        head.logits(head(hidden[None, t: t + 1], torch.tensor([[ids[t + 1]]]), kv)[0, -1]).argmax()
-        times.append(time.perf_counter() - begin)
-    return sorted(times[3:])[len(times[3:]) // 2] * 1000

@@ -8,6 +8,7 @@ The methods run through the benchmark runner (same prompts, interleaved per requ
 identity check against ``ar``), one request at a time with a checkpoint after each, so an
 interrupted evaluation resumes; this module builds the stream, names the contenders and adds what
 only KNN-SSD has: how often the router picked the request's own domain, and the cross-domain matrix.
+:func:`routing_check` routes many more held-out prompts by their embedding alone (no generation).
 """
 
 from __future__ import annotations
@@ -22,16 +23,18 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from specdecode.artifacts.bundle import MIXED, ProfileBundle
 from specdecode.bench.contenders import ContenderSpec
-from specdecode.bench.dataset import BenchPrompt
+from specdecode.bench.dataset import BenchPrompt, format_prompt
 from specdecode.bench.metrics import Aggregate, aggregate
 from specdecode.bench.report import write_report
 from specdecode.bench.runner import BASELINE, BenchConfig, BenchResult, run_bench
 from specdecode.errors import InvalidSettingError
 from specdecode.models.loading import LoadedModel
+from specdecode.routing.build import BuiltBundle, embed_prompts, plot_tsne
 from specdecode.search.calibration import load_labelled_prompts
 
 KNN = "knn-ssd"
@@ -388,3 +391,49 @@ def plot_matrix(evaluation: KnnEvaluation, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def routing_check(target: LoadedModel, bundle: ProfileBundle, prompts: dict[str, list[BenchPrompt]], unseen: list[str],
+                  template: str, path: Path) -> dict:
+    """Route every held-out prompt (and every prompt of the unseen domains) by its embedding alone —
+    no generation, so many more requests than the timed stream — and draw the t-SNE picture."""
+    vectors = {c: embed_prompts(target, [target.tokenizer(format_prompt(p, template))["input_ids"] for p in rows])
+               for c, rows in prompts.items()}
+    rows: dict[str, dict] = {}
+    for category, block in vectors.items():
+        routes = [bundle.route(v) for v in block]
+        went: dict[str, int] = {}
+        for route in routes:
+            went[route.profile] = went.get(route.profile, 0) + 1
+        rows[category] = {"prompts": len(routes), "unseen": category in unseen,
+                          "nearest_own": sum(r.category == category for r in routes),
+                          "fallbacks": sum(r.fallback for r in routes), "configurations": went,
+                          "ids": [p.question_id for p in prompts[category]]}
+    seen = [c for c in rows if c not in unseen]
+    total = sum(rows[c]["prompts"] for c in seen)
+    summary = {"per_domain": rows, "bundle_domains": {
+        "prompts": total, "nearest_own": sum(rows[c]["nearest_own"] for c in seen),
+        "accuracy": sum(rows[c]["nearest_own"] for c in seen) / total if total else None,
+        "own_configuration": sum(rows[c]["configurations"].get(c, 0) for c in seen) / total if total else None}}
+    built = BuiltBundle(bundle, np.concatenate([vectors[c] for c in seen]), [c for c in seen for _ in vectors[c]])
+    extra = {f"{c} (not in the bundle)": vectors[c] for c in unseen}
+    plot_tsne(built, path, extra=extra, title=f"KNN-SSD routing space (t-SNE) — {bundle.model_name}\n"
+                                             "dots: held-out prompts, crosses: anchors, triangles: unseen domain")
+    return summary
+
+
+def render_routing_check(check: dict) -> str:
+    """The routing check (:func:`routing_check`) as the Markdown section ``knn-eval`` appends to knn.md."""
+    b = check["bundle_domains"]
+    out = ["", "## Routing of every held-out prompt (embedding only, no generation)", "",
+           f"Bundle domains: {b['nearest_own']}/{b['prompts']} nearest an anchor of their own domain "
+           f"({b['accuracy']:.0%}); {b['own_configuration']:.0%} drafted with their own configuration "
+           "(the rest fell back to mixed). t-SNE: tsne.png.", "",
+           "| domain | prompts | nearest anchor of its domain | fallbacks to mixed | configurations used |",
+           "|---|---:|---:|---:|---|"]
+    for category, row in check["per_domain"].items():
+        label = f"{category} (not in the bundle)" if row["unseen"] else category
+        own = "—" if row["unseen"] else str(row["nearest_own"])
+        used = ", ".join(f"{c} {n}" for c, n in row["configurations"].items())
+        out.append(f"| {label} | {row['prompts']} | {own} | {row['fallbacks']} | {used} |")
+    return "\n".join(out) + "\n"
