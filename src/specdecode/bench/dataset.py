@@ -128,3 +128,20 @@ def load_prompts(
 ) -> list[BenchPrompt]:
     """Read ``path`` and select from it (see :func:`select_prompts`)."""
     return select_prompts(read_prompts(path), categories, per_category)
+
+
+def split_holdout(prompts: list[BenchPrompt], holdout: int) -> tuple[list[BenchPrompt], list[BenchPrompt]]:
+    """(training, held-out): the first ``holdout`` prompts of every category are held out, the rest train."""
+    held = select_prompts(prompts, per_category=holdout) if holdout else []
+    return [p for p in prompts if p not in held], held
+
+
+def held_out_per_category(held: list[BenchPrompt], per_category: int) -> list[BenchPrompt]:
+    """The first ``per_category`` held-out prompts of every task, in order."""
+    seen: dict[str, int] = {}
+    chosen = []
+    for prompt in held:
+        seen[prompt.task] = seen.get(prompt.task, 0) + 1
+        if seen[prompt.task] <= per_category:
+            chosen.append(prompt)
+    return chosen

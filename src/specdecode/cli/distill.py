@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from specdecode.bench.dataset import BenchPrompt, format_prompt, read_prompts, select_prompts
+from specdecode.bench.dataset import format_prompt, held_out_per_category, read_prompts, split_holdout
 from specdecode.distill.evaluate import forward_ms, greedy_agreement
 from specdecode.distill.recipe import distill_draft
 from specdecode.distill.train import TrainSettings
@@ -77,19 +77,3 @@ def run(args: argparse.Namespace) -> int:
     (Path(out) / "eval.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in report.items()), file=sys.stderr)
     return 0
-
-
-def split_holdout(prompts: list[BenchPrompt], holdout: int) -> tuple[list[BenchPrompt], list[BenchPrompt]]:
-    """(training, held-out): the first ``holdout`` prompts of every category are held out, the rest train."""
-    held = select_prompts(prompts, per_category=holdout) if holdout else []
-    return [p for p in prompts if p not in held], held
-
-
-def held_out_per_category(held: list[BenchPrompt], per_category: int) -> list[BenchPrompt]:
-    seen: dict[str, int] = {}
-    chosen = []
-    for prompt in held:
-        seen[prompt.task] = seen.get(prompt.task, 0) + 1
-        if seen[prompt.task] <= per_category:
-            chosen.append(prompt)
-    return chosen

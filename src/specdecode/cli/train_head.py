@@ -11,8 +11,7 @@ from pathlib import Path
 
 import torch
 
-from specdecode.bench.dataset import format_prompt, read_prompts
-from specdecode.cli.distill import held_out_per_category, split_holdout
+from specdecode.bench.dataset import format_prompt, held_out_per_category, read_prompts, split_holdout
 from specdecode.distill.evaluate import forward_ms, head_forward_ms
 from specdecode.distill.head_data import collect_head_data, load_feature_chunks
 from specdecode.distill.train_head import HeadTrainSettings, evaluate_head, train_head
