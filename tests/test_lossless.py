@@ -80,3 +80,15 @@ def test_eos_cuts_every_method_at_the_same_place():
             assert result.stop_reason == "eos"
     finally:
         target.model.generation_config.eos_token_id = None
+
+
+def test_the_time_of_a_step_is_split_into_its_parts():
+    """prefill + draft + verification + acceptance + the rest add up to the wall time, each part
+    measured where it happens (the per-round cost breakdown the bench reports)."""
+    target = tiny_model("llama", seed=2)
+    result = SpeculativeDecoder(target, "mtad", draft=perturbed_copy(target, 0.05), beams=2, gamma=3,
+                                tree=True).generate([3, 1, 4, 1, 5, 9], max_new_tokens=20, temperature=1.0, seed=0)
+    stats = result.stats
+    parts = (stats.prefill_s, stats.draft_s, stats.verify_s, stats.accept_s)
+    assert all(part > 0 for part in parts)
+    assert sum(parts) + stats.other_s == pytest.approx(stats.total_s)

@@ -80,13 +80,15 @@ class Generation:
                 t1 = _now(device)
                 fed = [sequence[-1], *draft.tokens]
                 out = runner.verify(kv, fed, draft.parents, self.rule.readout(draft))
+                t2 = _now(device)
                 verdict = self.rule(draft, out.logits)
                 kept = list(verdict.path or range(verdict.accepted + 1))
                 if draft.parents is not None:
                     keep_path(kv, len(sequence) - 1, kept)
-                t2 = _now(device)
+                t3 = _now(device)
                 stats.draft_s += t1 - t0
                 stats.verify_s += t2 - t1
+                stats.accept_s += t3 - t2
                 stats.target_forwards += 1
                 stats.proposed_tokens += len(draft)
                 stats.accepted_lengths.append(verdict.accepted)

@@ -23,7 +23,8 @@ class GenerationStats:
     accepted_lengths: list[int] = field(default_factory=list)
     prefill_s: float = 0.0
     draft_s: float = 0.0
-    verify_s: float = 0.0
+    verify_s: float = 0.0  # the target's verification forwards
+    accept_s: float = 0.0  # the acceptance rule and, for trees, compacting the cache to the kept path
     total_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -43,7 +44,7 @@ class GenerationStats:
 
     @property
     def other_s(self) -> float:
-        return max(0.0, self.total_s - self.prefill_s - self.draft_s - self.verify_s)
+        return max(0.0, self.total_s - self.prefill_s - self.draft_s - self.verify_s - self.accept_s)
 
     @property
     def tokens_per_second(self) -> float:
