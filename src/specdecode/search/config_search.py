@@ -27,27 +27,24 @@ A search stops after ``init_points + iterations`` evaluations or once ``budget_s
 spent (the seconds of an interrupted run count: the checkpoint keeps them), whichever comes
 first, but never before the starts are done. It checkpoints after every evaluation and resumes
 from a checkpoint of the same search (each stage's optimiser re-registers the evaluations so far).
+The loop, the checkpoints and the repeat rule are the engine's (:mod:`specdecode.search.bayes`);
+this module is the space and the two-stage strategy.
 """
 
 from __future__ import annotations
 
 import os
-import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bayes_opt import BayesianOptimization
-from sklearn.exceptions import ConvergenceWarning
-from tqdm import tqdm
 
 from specdecode.errors import InvalidSettingError
 from specdecode.models.layer_skip import SkipSet
 from specdecode.propose.self_draft import SelfDraftSettings
-from specdecode.search.checkpoint import load_search, save_search
+from specdecode.search.bayes import (Candidate, check_counts, optimizer, random_mask, register, run_search, skip_keys,
+                                     suggest)
 from specdecode.search.objective import Evaluation, Objective
 
 CHECKPOINT_FORMAT = "specdecode-draft-config-checkpoint"
@@ -130,41 +127,82 @@ class ConfigSearchResult:
 
 
 SKIP_STAGE, CHOICE_STAGE = "skips", "choices"
-
-
-def _skip_keys(layers: int) -> list[str]:
-    return [f"attn_{i:03d}" for i in range(layers)] + [f"mlp_{i:03d}" for i in range(layers)]
-
-
 CHOICE_KEYS = ["vocab_size", "vocab_source", "int8", "threshold", "max_draft"]
-
-
-def _random_mask(rng: np.random.Generator, layers: int, max_density: float) -> list[int]:
-    density = rng.uniform(0.0, max_density)
-    return [int(v) for v in rng.random(2 * layers) < density]
 
 
 def _random_choices(rng: np.random.Generator, space: DraftSpace) -> list[int]:
     return [int(rng.integers(low, high + 1)) for low, high in space.bounds().values()]
 
 
-def _optimizer(bounds: dict[str, tuple[int, int, type]], seed: int) -> BayesianOptimization:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Non-float parameters are experimental")
-        return BayesianOptimization(f=None, pbounds=bounds, random_state=seed, verbose=0)
+class ConfigStrategy:
+    """Stage 1 searches the five choices with nothing skipped, stage 2 the skip flags with the best
+    choices fixed (see the module docstring)."""
 
+    def __init__(self, layers: int, space: DraftSpace, iterations: int, init_points: int, seed: int,
+                 max_density: float) -> None:
+        self.layers, self.space, self.init_points, self.seed, self.max_density = layers, space, init_points, seed, max_density
+        self.skip_keys = skip_keys(layers)
+        self.choices = optimizer(space.bounds(), seed)
+        self.skips = optimizer({k: (0, 1) for k in self.skip_keys}, seed)
+        self.rng = np.random.default_rng(seed)
+        self.zeros = [0] * (2 * layers)
+        self.starts = [space.default_point(layers)] + [self.zeros + _random_choices(self.rng, space)
+                                                        for _ in range(init_points - 1)]
+        self.choice_quota = init_points + (iterations + 1) // 2
+        self.fixed: list[int] | None = None  # the skip stage's choices, once it has begun
 
-def _register(optimizer: BayesianOptimization, keys: list[str], values: Sequence[int], score: float) -> None:
-    with warnings.catch_warnings():  # GP length scales at their bounds: expected with few points
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        optimizer.register(dict(zip(keys, values)), score)
+    def _best_choice(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        """The best point of the choice stage (it skips nothing): where the skip stage starts."""
+        return max((e for e in history if e["stage"] == CHOICE_STAGE), key=lambda e: e["evaluation"]["score"])
 
+    def next(self, index: int, history: list[dict[str, Any]]) -> Candidate:
+        layers = self.layers
+        if index < self.init_points:
+            return Candidate(self.starts[index], "start" if index else "default", CHOICE_STAGE)
+        if index < self.choice_quota and self.fixed is None:
+            return Candidate(self.zeros + suggest(self.choices, CHOICE_KEYS), "suggested", CHOICE_STAGE)
+        if self.fixed is None:  # the skip stage begins: a random sparse mask on the best choices yet
+            point = random_mask(self.rng, layers, self.max_density) + self._best_choice(history)["point"][2 * layers:]
+            return Candidate(point, "start", SKIP_STAGE)
+        return Candidate(suggest(self.skips, self.skip_keys) + self.fixed, "suggested", SKIP_STAGE)
 
-def _suggest(optimizer: BayesianOptimization, keys: list[str]) -> list[int]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        suggestion = optimizer.suggest()
-    return [int(round(float(suggestion[k]))) for k in keys]
+    def unexplored(self, candidate: Candidate, index: int, known: set[tuple[int, ...]]) -> list[int]:
+        retry = np.random.default_rng([self.seed, index])
+        point = candidate.point
+        for _ in range(1000):
+            if candidate.stage == CHOICE_STAGE:
+                point = self.zeros + _random_choices(retry, self.space)
+            else:
+                point = random_mask(retry, self.layers, self.max_density) + point[2 * self.layers:]
+            if tuple(point) not in known:
+                break
+        return point
+
+    def settings(self, point: list[int]) -> SelfDraftSettings:
+        return self.space.settings(point, self.layers)
+
+    def learn(self, candidate: Candidate, score: float, history: list[dict[str, Any]]) -> None:
+        """Tell the stage's optimiser; the skip stage first learns its start, the best choice point,
+        which skips nothing."""
+        point, layers = candidate.point, self.layers
+        if candidate.stage == CHOICE_STAGE:
+            register(self.choices, CHOICE_KEYS, point[2 * layers:], score)
+            return
+        if self.fixed is None:
+            best = self._best_choice(history)
+            self.fixed = best["point"][2 * layers:]
+            register(self.skips, self.skip_keys, self.zeros, best["evaluation"]["score"])
+        register(self.skips, self.skip_keys, point[: 2 * layers], score)
+
+    def entry(self, candidate: Candidate, evaluation: Evaluation) -> dict[str, Any]:
+        return {"point": candidate.point, "stage": candidate.stage, "origin": candidate.origin,
+                "evaluation": evaluation.to_dict()}
+
+    def point_of(self, entry: dict[str, Any]) -> list[int]:
+        return entry["point"]
+
+    def candidate_of(self, entry: dict[str, Any]) -> Candidate:
+        return Candidate(entry["point"], entry["origin"], entry["stage"])
 
 
 def search_config(
@@ -183,97 +221,16 @@ def search_config(
     on_evaluation: Callable[[int, SelfDraftSettings, Evaluation], None] | None = None,
 ) -> ConfigSearchResult:
     """Maximise ``objective`` over ``space`` (see the module docstring)."""
-    if init_points < 1:
-        raise InvalidSettingError(f"the search needs at least 1 initial point, got {init_points}")
-    if iterations < 0:
-        raise InvalidSettingError(f"search iterations must be >= 0, got {iterations}")
-    if not 0 < max_density <= 1:
-        raise InvalidSettingError(f"max_density must be in (0, 1], got {max_density}")
+    check_counts(init_points, iterations, max_density)
     if budget_s is not None and budget_s <= 0:
         raise InvalidSettingError(f"a search budget must be > 0 seconds, got {budget_s}")
-    skip_keys = _skip_keys(layers)
-    choices = _optimizer({k: (low, high, int) for k, (low, high) in space.bounds().items()}, seed)
-    skips = _optimizer({k: (0, 1, int) for k in skip_keys}, seed)
+    strategy = ConfigStrategy(layers, space, iterations, init_points, seed, max_density)
     signature = {"identity": identity or {}, "objective": objective.name, "layers": layers, "seed": seed,
                  "init_points": init_points, "max_density": max_density, "space": space.to_dict(),
                  "stages": [CHOICE_STAGE, SKIP_STAGE]}
-    history: list[dict[str, Any]] = []
-    spent = 0.0
-    if checkpoint is not None and Path(checkpoint).exists():
-        resumed = load_search(Path(checkpoint), CHECKPOINT_FORMAT, "draft-config", signature, None)
-        history, spent = list(resumed["history"]), float(resumed.get("seconds", 0.0))
-    known = {tuple(entry["point"]) for entry in history}
-    rng = np.random.default_rng(seed)
-    zeros = [0] * (2 * layers)
-    starts = [space.default_point(layers)] + [zeros + _random_choices(rng, space) for _ in range(init_points - 1)]
-    total = init_points + iterations
-    choice_quota = init_points + (iterations + 1) // 2
-
-    fixed: list[int] | None = None  # the skip stage's choices, once it has begun
-
-    def best_choice() -> dict[str, Any]:
-        """The best point of the choice stage (it skips nothing): where the skip stage starts."""
-        return max((e for e in history if e["stage"] == CHOICE_STAGE), key=lambda e: e["evaluation"]["score"])
-
-    def record(stage: str, point: list[int], score: float) -> None:
-        """Tell the stage's optimiser; the skip stage first learns its start, the best choice
-        point, which skips nothing."""
-        nonlocal fixed
-        if stage == CHOICE_STAGE:
-            _register(choices, CHOICE_KEYS, point[2 * layers:], score)
-            return
-        if fixed is None:
-            best = best_choice()
-            fixed = best["point"][2 * layers:]
-            _register(skips, skip_keys, zeros, best["evaluation"]["score"])
-        _register(skips, skip_keys, point[: 2 * layers], score)
-
-    for entry in history:  # a resumed search: each stage's optimiser learns what was evaluated
-        record(entry["stage"], entry["point"], entry["evaluation"]["score"])
-    started = time.perf_counter() - spent
-    stopped_by = "iterations"
-    bar = tqdm(total=total, initial=min(len(history), total), desc=description, unit="eval", disable=not progress,
-               dynamic_ncols=True)
-    try:
-        while len(history) < total:
-            if budget_s is not None and len(history) >= init_points and time.perf_counter() - started >= budget_s:
-                stopped_by = "budget"
-                break
-            if len(history) < init_points:
-                stage, point, origin = CHOICE_STAGE, starts[len(history)], "start" if len(history) else "default"
-            elif len(history) < choice_quota and fixed is None:
-                stage, point, origin = CHOICE_STAGE, zeros + _suggest(choices, CHOICE_KEYS), "suggested"
-            elif fixed is None:  # the skip stage begins: a random sparse mask on the best choices yet
-                stage, origin = SKIP_STAGE, "start"
-                point = _random_mask(rng, layers, max_density) + best_choice()["point"][2 * layers:]
-            else:
-                stage, point, origin = SKIP_STAGE, _suggest(skips, skip_keys) + fixed, "suggested"
-            if tuple(point) in known:
-                retry = np.random.default_rng([seed, len(history)])
-                for _ in range(1000):
-                    if stage == CHOICE_STAGE:
-                        point = zeros + _random_choices(retry, space)
-                    else:
-                        point = _random_mask(retry, layers, max_density) + point[2 * layers:]
-                    if tuple(point) not in known:
-                        break
-                origin = "random (repeat)"
-            settings = space.settings(point, layers)
-            evaluation = objective(settings)
-            record(stage, point, evaluation.score)
-            history.append({"point": point, "stage": stage, "origin": origin, "evaluation": evaluation.to_dict()})
-            known.add(tuple(point))
-            if checkpoint is not None:
-                save_search(Path(checkpoint), CHECKPOINT_FORMAT, signature, history, None,
-                            seconds=time.perf_counter() - started)
-            if on_evaluation is not None:
-                on_evaluation(len(history), settings, evaluation)
-            best = max(e["evaluation"]["score"] for e in history)
-            bar.set_postfix(best=f"{best:.2f}", last=f"{evaluation.score:.2f}",
-                            spent=f"{time.perf_counter() - started:.0f}s" + (f"/{budget_s:.0f}s" if budget_s else ""))
-            bar.update(1)
-    finally:
-        bar.close()
-    top = max(history, key=lambda e: e["evaluation"]["score"])
+    run = run_search(objective, strategy, init_points + iterations, init_points, checkpoint, CHECKPOINT_FORMAT,
+                     "draft-config", signature, budget_s=budget_s, description=description, progress=progress,
+                     on_evaluation=on_evaluation)
+    top = max(run.history, key=lambda e: e["evaluation"]["score"])
     return ConfigSearchResult(space.settings(top["point"], layers), list(top["point"]), Evaluation(**top["evaluation"]),
-                              history, init_points, time.perf_counter() - started, stopped_by)
+                              run.history, init_points, run.seconds, run.stopped_by)
