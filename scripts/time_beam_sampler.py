@@ -8,6 +8,11 @@ tokens: with the same seed, a rewrite that keeps random-number consumption gives
     .venv/bin/python scripts/time_beam_sampler.py --prompts 4 --tokens 48 --threads 2
 
 Keep it small: on the 2-core dev box 4 prompts x 48 tokens x 2 methods takes ~1-2 minutes.
+
+``--micro``: the sampler alone, on a drafter that returns fixed random logits (no model), so the
+number is bookkeeping only, free of the model's (and a shared machine's) noise. ``--reference
+FILE`` times another version of ``beam_sampler.py`` the same way (e.g. ``git show
+24097a6:src/specdecode/propose/beam_sampler.py > /tmp/before.py``, the list-based sampler).
 """
 
 from __future__ import annotations
@@ -31,8 +36,14 @@ def main() -> None:
     parser.add_argument("--data", default="/work/shared/data/specbench_dev.jsonl")
     parser.add_argument("--methods", default="mtad,eagle-mtad")
     parser.add_argument("--options", default="", help="method options for every method, e.g. tree=true")
+    parser.add_argument("--micro", action="store_true", help="sampler bookkeeping alone, fake drafter")
+    parser.add_argument("--reference", help="a beam_sampler.py to time as well (--micro)")
+    parser.add_argument("--rounds", type=int, default=200)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.micro:
+        micro(args)
+        return
 
     from specdecode import SpeculativeDecoder, load_model
     from specdecode.methods import parse_option_value
@@ -94,6 +105,77 @@ def main() -> None:
               f"sampler bookkeeping {1e3 * bookkeeping / rounds:.2f} ms; tokens sha {digest.hexdigest()[:12]}")
         if extra:
             print("  stats.extra per round: " + ", ".join(f"{k} {1e3 * v / rounds:.2f} ms" for k, v in sorted(extra.items())))
+
+
+class FakeDrafter:
+    """Fixed random logits over ``vocab`` rows: ``wide`` returns them scattered into 262,144 columns
+    (``-inf`` elsewhere, as the shipped draft's head did before it was narrowed) with no vocab_ids."""
+
+    def __init__(self, vocab: int, wide: bool, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.vocab_ids = torch.randperm(262144, generator=generator)[:vocab]
+        self.table = torch.randn(64, vocab, generator=generator) * 3
+        self.wide = wide
+        self.calls = 0
+        if wide:
+            full = torch.full((64, 262144), float("-inf"))
+            full[:, self.vocab_ids] = self.table
+            self.table, self.vocab_ids = full, None
+
+    def to_target(self, local):
+        return local if self.vocab_ids is None else self.vocab_ids[local]
+
+    def _rows(self, n):
+        self.calls += 1
+        start = (7 * self.calls) % (64 - n)
+        return self.table[start:start + n]
+
+    def root(self, sequence):
+        return self._rows(1)[0]
+
+    def extend(self, rows, tokens, visible):
+        return self._rows(len(tokens))
+
+    def reset(self):
+        pass
+
+    def on_prefill(self, hidden):
+        pass
+
+    def observe_hidden(self, hidden):
+        pass
+
+
+def micro(args) -> None:
+    import importlib.util
+
+    from specdecode.propose import beam_sampler
+    from specdecode.sampling import SamplingSettings
+
+    versions = {"current": beam_sampler}
+    if args.reference:
+        spec = importlib.util.spec_from_file_location("reference_beam_sampler", args.reference)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        versions["reference"] = module
+    print(f"cpu: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}; "
+          f"fake drafter, B 4, gamma 4, {args.rounds} rounds")
+    for label, settings in (("T1 k10 p0.9", SamplingSettings(1.0, 10, 0.9)), ("greedy", SamplingSettings())):
+        for tree in (False, True):
+            for name, module in versions.items():
+                for vocab, wide in ((8192, True), (8192, False)):
+                    if wide and name == "current":
+                        continue  # the current sampler only ever sees a drafter's own ids
+                    proposer = module.BeamSampleProposer(FakeDrafter(vocab, wide), settings,
+                                                         torch.Generator().manual_seed(0), 4, 4, tree=tree)
+                    for _ in range(10):
+                        proposer.propose([1, 2, 3], 4)
+                    t0 = time.perf_counter()
+                    for _ in range(args.rounds):
+                        proposer.propose([1, 2, 3], 4)
+                    ms = 1e3 * (time.perf_counter() - t0) / args.rounds
+                    rows = "262144-wide rows" if wide else f"{vocab}-id rows"
+                    print(f"  {label:12s} {'tree ' if tree else 'chain'} {name:9s} {rows:17s}: {ms:7.3f} ms/round")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,12 @@ one works on the draft's own ids while the reference works on the widened rows.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+from specdecode.models.loading import LoadedModel
 from specdecode.models.vocab_map import VocabMap, apply_vocab_map
 from specdecode.propose.base import Draft
 from specdecode.propose.beam_sampler import BeamSampleProposer, ModelDrafter
@@ -168,10 +171,10 @@ def test_same_draws_with_replacement(tree):
 
 def _reduced_draft(vocab=97, kept=40, seed=5):
     """A tiny draft with a reduced vocabulary (``kept`` target ids + the "unknown" row), as the shipped draft."""
-    loaded = tiny_model("gemma3", seed=seed, vocab=kept + 1)
+    model = tiny_model("gemma3", seed=seed, vocab=kept + 1).model
     ids = tuple(int(i) for i in torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))[:kept])
-    apply_vocab_map(loaded.model, VocabMap(ids, vocab))
-    return loaded, ids
+    apply_vocab_map(model, VocabMap(ids, vocab))
+    return LoadedModel(model=model, tokenizer=None, name="tiny-reduced"), ids  # wrapped after the map, as loading does
 
 
 @pytest.mark.parametrize("settings", [s for s in SETTINGS if s.top_k or s.top_p < 1 or s.greedy],
@@ -233,3 +236,91 @@ def test_tree_draft_structure():
     assert result.parents[:3] == [0, 0, 0]
     for level in range(1, 4):
         assert all(3 * (level - 1) + 1 <= p <= 3 * level for p in result.parents[3 * level: 3 * level + 3])
+
+
+@pytest.mark.parametrize("options, error", [
+    (dict(min_joint=-0.1), "min_joint"), (dict(min_joint=1.0), "min_joint"),
+    (dict(min_share=-0.5), "min_share"), (dict(min_share=1.0), "min_share"),
+])
+def test_bad_adaptive_options(options, error):
+    from specdecode.errors import InvalidSettingError
+
+    with pytest.raises(InvalidSettingError, match=error) as caught:
+        BeamSampleProposer(_drafter(tiny_model("llama")), SamplingSettings(), None, 4, 4, **options)
+    assert "\n" not in str(caught.value)
+
+
+def _joint_by_level(draft: Draft, widths: list[int]) -> list[float]:
+    """The best joint draft log-probability among each level's nodes of a tree draft."""
+    joint = [0.0]
+    for parent, log_q in zip(draft.parents, draft.log_q.tolist()):
+        joint.append(joint[parent] + log_q)
+    out, start = [], 1
+    for width in widths:
+        out.append(max(joint[start:start + width]))
+        start += width
+    return out
+
+
+@pytest.mark.parametrize("settings", [SamplingSettings(), SamplingSettings(temperature=1.0, top_k=10, top_p=0.9)],
+                         ids=["greedy", "sampling"])
+def test_min_joint_stops_at_the_first_level_below_it(settings):
+    """The draws up to the stop are the unthresholded sampler's, so its tree truncated after the first
+    level whose best joint draft probability is below ``min_joint`` is what comes out."""
+    draft = tiny_model("llama", seed=9)
+    drafter = _drafter(draft)
+    for min_joint in (0.3, 0.05, 0.01, 0.002):
+        for seed in range(4):
+            full = BeamSampleProposer(drafter, settings, torch.Generator().manual_seed(seed), 3, 4, tree=True)
+            drafter.kv.crop(0)
+            reference = full.propose([1, 2, 3], 4)
+            best = _joint_by_level(reference, [3] * 4)
+            below = [level for level, value in enumerate(best) if value < math.log(min_joint)]
+            levels = below[0] + 1 if below else 4
+            cut = BeamSampleProposer(drafter, settings, torch.Generator().manual_seed(seed), 3, 4, tree=True,
+                                     min_joint=min_joint)
+            drafter.kv.crop(0)
+            result = cut.propose([1, 2, 3], 4)
+            assert result.tokens == reference.tokens[: 3 * levels] and result.parents == reference.parents[: 3 * levels]
+            assert cut.stats.extra["draft_levels"] == levels and cut.stats.forwards == levels
+
+
+def test_min_share_thins_the_beams():
+    draft = tiny_model("llama", seed=9)
+    drafter = _drafter(draft)
+    settings = SamplingSettings(temperature=1.0, top_k=10, top_p=0.9)
+    # at most one beam can hold half a level's mass: a single beam a level, i.e. a chain
+    single = BeamSampleProposer(drafter, settings, torch.Generator().manual_seed(0), 4, 4, tree=True, min_share=0.5)
+    for round_ in range(5):
+        result = single.propose([1, 2, 3, round_], 4)
+        assert result.parents == [0, 1, 2, 3]
+    assert single.stats.extra["draft_beams"] == 5 * 4
+    # a small share keeps some beams and drops others; every kept node still continues a kept one
+    thin = BeamSampleProposer(drafter, settings, torch.Generator().manual_seed(0), 4, 4, tree=True, min_share=0.15)
+    counts = []
+    for round_ in range(8):
+        result = thin.propose([4, 5, 6, round_], 4)
+        assert all(parent < node for node, parent in enumerate(result.parents, start=1))
+        counts.append(len(result.tokens))
+    assert 4 <= min(counts) and max(counts) <= 16 and thin.stats.extra["draft_beams"] == sum(counts)
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_adaptive_greedy_mtad_equals_ar(tree):
+    from specdecode import SpeculativeDecoder
+
+    target, draft = tiny_model("gemma3", seed=2), tiny_model("gemma3", seed=9)
+    ar = SpeculativeDecoder(target, "ar")
+    decoder = SpeculativeDecoder(target, "mtad", draft=draft, beams=3, gamma=4, tree=tree)
+    start = decoder._start
+
+    def adaptive_start(settings):
+        proposer, rule = start(settings)
+        proposer.min_joint, proposer.min_share = 0.05, 0.2
+        return proposer, rule
+
+    decoder._start = adaptive_start
+    for prompt in ([1, 2, 3], [5] * 9 + [6]):
+        result = decoder.generate(prompt, max_new_tokens=30)
+        assert result.token_ids == ar.generate(prompt, max_new_tokens=30).token_ids
+        assert result.stats.extra["draft_levels"] < 4 * result.stats.extra["draft_rounds"]

@@ -22,6 +22,7 @@ new tree token continues (it reads that output's predicted feature).
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -132,6 +133,18 @@ class BeamSampleProposer(Proposer):
     ``draft_tree_s`` (the sampler's tree bookkeeping: ancestry rows, node tables) and
     ``draft_bookkeeping_s`` (everything else in :meth:`propose`: candidates, picks, scores, the
     draft), and ``draft_rounds``.
+
+    Adaptive depth and width (both off by default; then every round is B beams × γ levels):
+    ``min_joint`` stops deepening after a level where even the best beam's joint draft probability
+    (Π q along it) is below ``min_joint`` — as ``min_confidence`` does for ``eagle``: a deeper token
+    would rarely pass the joint ratio and costs a drafter step and a verified row. ``min_share``
+    drops, after each level's draw, the beams whose share of the level's (renormalised) beam
+    probability is below ``min_share`` (the best beam always stays): where the draft is confident
+    the other beams carry little mass, and each costs a drafter row (and, for ``tree``, verified
+    nodes). Both only shorten or thin the draft; the acceptance rule is unchanged (greedy MTAD
+    still equals greedy decoding), but the draft distribution is no longer plain beam sampling's.
+    ``draft_levels`` and ``draft_beams`` in ``stats.extra`` count the levels drawn and the beams
+    kept over them.
     """
 
     def __init__(
@@ -143,19 +156,29 @@ class BeamSampleProposer(Proposer):
         depth: int = 4,
         with_replacement: bool = False,
         tree: bool = False,
+        min_joint: float = 0.0,
+        min_share: float = 0.0,
     ) -> None:
         super().__init__()
         if beams < 1:
             raise InvalidSettingError(f"beams (beam width B) must be >= 1, got {beams}")
         if depth < 1:
             raise InvalidSettingError(f"gamma (draft depth) must be >= 1, got {depth}")
+        if not 0 <= min_joint < 1:
+            raise InvalidSettingError(f"min_joint (stop deepening below this joint draft probability) must be in "
+                                      f"[0, 1), got {min_joint}")
+        if not 0 <= min_share < 1:
+            raise InvalidSettingError(f"min_share (drop beams below this share of the level) must be in [0, 1), "
+                                      f"got {min_share}")
         self.drafter, self.sampling, self.generator = drafter, sampling, generator
         self.beams, self.depth, self.with_replacement, self.tree = beams, depth, with_replacement, tree
+        self.min_joint, self.min_share = min_joint, min_share
         slots = (depth - 1) * beams
         self._ancestry = torch.zeros(slots, slots, dtype=torch.bool)  # [slot, slot]: sees (ancestor or itself)
         for key in ("draft_forward_s", "draft_bookkeeping_s", "draft_tree_s"):
             self.stats.extra[key] = 0.0
-        self.stats.extra["draft_rounds"] = 0
+        for key in ("draft_rounds", "draft_levels", "draft_beams"):
+            self.stats.extra[key] = 0
 
     def on_prefill(self, prompt_hidden: torch.Tensor) -> None:
         self.drafter.on_prefill(prompt_hidden)
@@ -203,12 +226,25 @@ class BeamSampleProposer(Proposer):
         return torch.multinomial(torch.softmax(flat, dim=-1), count, replacement=self.with_replacement,
                                  generator=self.generator)
 
+    def _thin(self, score: torch.Tensor, *columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``min_share``: keep the beams whose renormalised ``score`` (log share) reaches log min_share,
+        the best always; ``columns`` (per-beam tensors) follow. Returns the kept score, renormalised,
+        and columns."""
+        keep = score >= math.log(self.min_share)
+        keep[score.argmax()] = True
+        if bool(keep.all()):
+            return (score, *columns)
+        index = keep.nonzero().squeeze(1)
+        score = score[index]
+        return (score - torch.logsumexp(score, dim=0), *(column[index] for column in columns))
+
     def propose(self, sequence: list[int], max_tokens: int) -> Draft:
         clock = time.perf_counter
         started = clock()
         timing = [0.0, 0.0]  # drafter calls, tree bookkeeping
         try:
-            return self._propose(sequence, max_tokens, clock, timing)
+            with torch.no_grad():
+                return self._propose(sequence, max_tokens, clock, timing)
         finally:
             extra = self.stats.extra
             extra["draft_forward_s"] += timing[0]
@@ -229,16 +265,22 @@ class BeamSampleProposer(Proposer):
         log_q, local, subset = self._candidates(root[None])
         flat = log_q.reshape(-1)
         picks = self._pick(flat, subset)
-        width = picks.numel()
         step, chosen = flat[picks], local.reshape(-1)[picks]
+        score = step - torch.logsumexp(step, dim=0)
+        joint = step  # Π q along each beam, in log space (``score`` is it renormalised over the beams)
+        if self.min_share:
+            score, step, chosen, joint = self._thin(score, step, chosen, joint)
+        width = step.numel()
         # per level l and beam b: its token (a row of the drafter's vocabulary), parent beam at l − 1, log q
         local_ids = chosen.new_zeros(depth, self.beams)
         parent = torch.zeros(depth, self.beams, dtype=torch.long, device=chosen.device)
         step_log_q = step.new_zeros(depth, self.beams)
         local_ids[0, :width], step_log_q[0, :width] = chosen, step
         widths = [width]
-        score = step - torch.logsumexp(step, dim=0)
         tokens = self.drafter.to_target(chosen)
+        log_min_joint = math.log(self.min_joint) if self.min_joint else None
+        if log_min_joint is not None and float(joint.max()) < log_min_joint:
+            depth = 1
         ancestry = self._ancestry
         if depth > 1:
             ancestry.zero_()
@@ -262,13 +304,23 @@ class BeamSampleProposer(Proposer):
             picks = self._pick((score[:, None] + log_q).reshape(-1), subset)
             parents = picks // per_row
             step, chosen = log_q.reshape(-1)[picks], local.reshape(-1)[picks]
-            previous, fed, width = fed, fed + width, picks.numel()
-            parent[level, :width], local_ids[level, :width], step_log_q[level, :width] = parents, chosen, step
-            widths.append(width)
             score = score[parents] + step
             score = score - torch.logsumexp(score, dim=0)
+            joint = joint[parents] + step
+            if self.min_share:
+                score, step, chosen, parents, joint = self._thin(score, step, chosen, parents, joint)
+            previous, fed, width = fed, fed + width, step.numel()
+            parent[level, :width], local_ids[level, :width], step_log_q[level, :width] = parents, chosen, step
+            widths.append(width)
             tokens = self.drafter.to_target(chosen)
+            if log_min_joint is not None and level + 1 < depth and float(joint.max()) < log_min_joint:
+                depth = level + 1
+                break
+        t = clock()
         self.drafter.reset()
+        timing[0] += clock() - t
+        self.stats.extra["draft_levels"] += depth
+        self.stats.extra["draft_beams"] += sum(widths)
         if self.tree:
             t = clock()
             draft = self._tree_draft(local_ids, parent, step_log_q, widths)
