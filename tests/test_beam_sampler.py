@@ -324,3 +324,16 @@ def test_adaptive_greedy_mtad_equals_ar(tree):
         result = decoder.generate(prompt, max_new_tokens=30)
         assert result.token_ids == ar.generate(prompt, max_new_tokens=30).token_ids
         assert result.stats.extra["draft_levels"] < 4 * result.stats.extra["draft_rounds"]
+
+
+def test_generation_stats_carry_the_breakdown():
+    from specdecode import SpeculativeDecoder
+
+    target = tiny_model("llama", seed=2)
+    decoder = SpeculativeDecoder(target, "mtad", draft=tiny_model("llama", seed=9), beams=3, gamma=3)
+    stats = decoder.generate([1, 2, 3], max_new_tokens=12, seed=0, temperature=1.0, top_k=10).stats
+    breakdown = stats.draft_cost_breakdown
+    assert set(breakdown) == {"draft_forward_s", "draft_bookkeeping_s", "draft_tree_s"}
+    assert stats.extra["draft_rounds"] == stats.target_forwards
+    assert sum(breakdown.values()) * stats.extra["draft_rounds"] <= stats.draft_s
+    assert SpeculativeDecoder(target, "ar").generate([1, 2], max_new_tokens=3).stats.draft_cost_breakdown == {}

@@ -7,6 +7,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+DRAFT_COST_KEYS = (
+    "draft_forward_s",      # the draft model's / head's forwards (with the tree masks it builds)
+    "draft_bookkeeping_s",  # the sampler's own work: candidates, draws, scores, reading out the draft
+    "draft_tree_s",         # tree bookkeeping: which earlier slots each new one sees, the node tables
+)
+
+
 @dataclass
 class GenerationStats:
     """What a generation cost and how well its drafts did.
@@ -49,6 +56,17 @@ class GenerationStats:
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.total_s if self.total_s > 0 else 0.0
+
+    @property
+    def draft_cost_breakdown(self) -> dict[str, float]:
+        """Drafting time per drafting round by part, in seconds, from what the drafter recorded in
+        ``extra`` (:data:`DRAFT_COST_KEYS`; MTAD's beam sampler records all three and
+        ``draft_rounds``): empty for drafters that record none. The parts add up to the proposer's
+        own time; ``draft_s`` also holds the loop's overhead around it."""
+        rounds = self.extra.get("draft_rounds") or 0
+        if not rounds:
+            return {}
+        return {key: self.extra[key] / rounds for key in DRAFT_COST_KEYS if key in self.extra}
 
     @property
     def accepted_length_histogram(self) -> dict[int, int]:
