@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
 from specdecode import load_model
 from specdecode.models.runner import Readout
 from specdecode.models.runtime import cpu_description
+from specdecode.timing import clock, time_call
 
 TOKENS = (1, 2, 4, 5, 8, 9, 16)  # 5 and 9: a 4- and an 8-token draft plus the last token
 MODES = {  # label: load_model arguments
@@ -35,12 +35,7 @@ def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
     """Bytes per second a reduction over a buffer much larger than the caches reads (best of
     ``repeats``: the floor is what the machine can do, not what a busy moment gave)."""
     buffer = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        buffer.sum()
-        best = min(best, time.perf_counter() - start)
-    return buffer.numel() * 4 / best / 1e9
+    return buffer.numel() * 4 / time_call(buffer.sum, repeats, warmup=1, statistic=min) / 1e9
 
 
 def step_bytes(model: torch.nn.Module, mode: str) -> tuple[int, int]:
@@ -86,9 +81,9 @@ def main() -> None:
                 for mode, target in loaded.items():
                     kv, ids = caches[mode], [2] * n
                     for part, readout in (("step", Readout(top_k=1)), ("layers", Readout.hidden_only())):
-                        start = time.perf_counter()  # greedy reads the top 1, as the loop asks
+                        start = clock()  # greedy reads the top 1, as the loop asks
                         target.runner.forward(kv, ids, readout)
-                        times.setdefault((mode, n, part), []).append(time.perf_counter() - start)
+                        times.setdefault((mode, n, part), []).append(clock() - start)
                         kv.crop(args.context)
     print("| mode | tokens | layers ms | head ms | step ms | × 1-token step | floor ms | × floor |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -7,12 +7,9 @@ method registered later (mtad, ssd, knn-ssd, ...) is benchmarked with no change 
 
 from __future__ import annotations
 
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-import torch
 
 from specdecode import methods
 from specdecode.accept.rules import GreedyMatch, SpeculativeSampling
@@ -22,6 +19,7 @@ from specdecode.errors import InvalidSettingError
 from specdecode.models.loading import LoadedModel
 from specdecode.models.runtime import eager_kernels
 from specdecode.sampling import GenerationSettings, SamplingSettings, make_generator
+from specdecode.timing import clock
 
 # Rules whose output is distributed exactly as the target's (greedy: identical to ar). A new
 # rule declares itself with a class attribute ``lossless = True`` / ``False``.
@@ -82,13 +80,6 @@ class Contender(Protocol):
     def run(self, prompt_ids: list[int], settings: GenerationSettings) -> Outcome: ...
 
 
-def wall_clock(device: torch.device) -> float:
-    """Seconds, after the device has finished its queued work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 class OurMethod:
     """A method from our registry, run through the public :class:`SpeculativeDecoder`."""
 
@@ -108,9 +99,9 @@ class OurMethod:
     def run(self, prompt_ids: list[int], settings: GenerationSettings) -> Outcome:
         device = self.decoder.target.device
         with eager_kernels(*self.models) if self.eager else nullcontext():
-            start = wall_clock(device)
+            start = clock(device)
             result = self._generate(prompt_ids, settings)
-            seconds = wall_clock(device) - start
+            seconds = clock(device) - start
         return Outcome(result.token_ids, seconds, result.stats)
 
     def _generate(self, prompt_ids: list[int], settings: GenerationSettings) -> GenerationResult:

@@ -10,7 +10,6 @@ target: it is never part of the identity check.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from specdecode.engine.stats import GenerationStats
 from specdecode.errors import InvalidSettingError
 from specdecode.models.loading import DEFAULT_MODEL, LoadedModel
 from specdecode.sampling import GenerationSettings
+from specdecode.timing import clock
 
 LLAMACPP_PEERS = ("llama.cpp", "llama.cpp-pld")
 
@@ -81,12 +81,12 @@ class LlamaCppPeer:
         self.llm.reset()
         self.evals = 0
         tokens: list[int] = []
-        start = time.perf_counter()
+        start = clock()
         for token in self.llm.generate(prompt_ids, reset=True, **params):
             tokens.append(int(token))  # EOS does not stop it: every contender makes the same tokens
             if len(tokens) == settings.max_new_tokens:
                 break
-        seconds = time.perf_counter() - start
+        seconds = clock() - start
         # τ from the forward count (the first eval is the prefill); llama.cpp does not report
         # per-step acceptance, so accepted_lengths stays empty and acceptance reads "—"
         stats = GenerationStats(prompt_tokens=len(prompt_ids), new_tokens=len(tokens),

@@ -35,11 +35,12 @@ from typing import Any
 
 import torch
 
-from specdecode.bench.contenders import ContenderSpec, Outcome, wall_clock
+from specdecode.bench.contenders import ContenderSpec, Outcome
 from specdecode.engine.stats import GenerationStats
 from specdecode.errors import InvalidSettingError
 from specdecode.models.loading import LoadedModel, pair_draft
 from specdecode.models.runtime import eager_kernels
+from specdecode.timing import clock
 from specdecode.sampling import GenerationSettings, SamplingSettings
 
 
@@ -153,10 +154,10 @@ class _ForwardProbe:
             ids = kwargs.get("input_ids")
             length = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
             self.steps.append((cache.get_seq_length() if cache is not None else 0, length))
-        self._started = wall_clock(self._device)
+        self._started = clock(self._device)
 
     def _after(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-        elapsed = wall_clock(self._device) - self._started
+        elapsed = clock(self._device) - self._started
         if self._is_draft(module):
             self.draft_forwards += 1
             self.draft_s += elapsed
@@ -234,11 +235,11 @@ class HFPeer:
             stack.enter_context(probe.attached())
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)  # transformers samples from torch's global generator
-            start = wall_clock(self.target.device)
+            start = clock(self.target.device)
             with torch.inference_mode():
                 output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
                                         generation_config=config, assistant_model=assistant)
-            seconds = wall_clock(self.target.device) - start
+            seconds = clock(self.target.device) - start
         tokens = output[0, len(prompt_ids):].tolist()
         stats = probe.stats(len(prompt_ids), len(tokens))
         stats.total_s = seconds

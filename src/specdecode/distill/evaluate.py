@@ -7,7 +7,7 @@ forward yields (1 − α^(γ+1)) / (1 − α) tokens, so these two numbers predi
 
 from __future__ import annotations
 
-import time
+import itertools
 
 import torch
 
@@ -15,6 +15,7 @@ from specdecode.models.cache import KVCache
 from specdecode.models.draft_head import DraftHead
 from specdecode.models.loading import LoadedModel
 from specdecode.models.runner import Readout
+from specdecode.timing import time_call
 
 
 @torch.inference_mode()
@@ -52,10 +53,10 @@ def head_forward_ms(head: DraftHead, hidden: torch.Tensor, ids: list[int], repea
     hidden = hidden.to(head.fc.weight.dtype)
     context = min(len(ids) - 2, 200)
     head(hidden[None, :context], torch.tensor([ids[1: context + 1]]), kv)
-    times = []
-    for step in range(repeats + 3):
-        t = (context + step) % (len(ids) - 1)
-        begin = time.perf_counter()
+    positions = (step % (len(ids) - 1) for step in itertools.count(context))
+
+    def step() -> None:
+        t = next(positions)
         head.logits(head(hidden[None, t: t + 1], torch.tensor([[ids[t + 1]]]), kv)[0, -1]).argmax()
-        times.append(time.perf_counter() - begin)
-    return sorted(times[3:])[len(times[3:]) // 2] * 1000
+
+    return time_call(step, repeats, warmup=3) * 1000

@@ -37,6 +37,7 @@ from specdecode.models.loading import LoadedModel
 from specdecode.propose.self_draft import SelfDraftProposer, SelfDraftSettings
 from specdecode.sampling import SamplingSettings
 from specdecode.search.calibration import CalibrationSet
+from specdecode.timing import time_call
 
 
 @dataclass
@@ -105,13 +106,7 @@ def time_on_cache(step: Callable[[], Any], kv: KVCache, repeats: int,
     """Seconds ``step`` takes on what ``kv`` holds now: one warm-up run (dropped, it warms caches),
     then ``repeats`` runs, the cache cut back after each so every run sees the same context."""
     keep = len(kv)
-    samples = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        step()
-        samples.append(time.perf_counter() - start)
-        kv.crop(keep)
-    return statistic(samples[1:])
+    return time_call(step, repeats, warmup=1, statistic=statistic, after=lambda: kv.crop(keep))
 
 
 def time_verification(runner: TargetRunner, kv: KVCache, token: int, counts: list[int], repeats: int,
