@@ -38,12 +38,8 @@ def forward_ms(model: LoadedModel, context: list[int], repeats: int = 20) -> flo
     """Median wall time of one single-token forward (with the LM head) after ``context``."""
     kv = model.runner.new_cache()
     model.runner.forward(kv, context, Readout(rows=1))
-    times = []
-    for step in range(repeats + 3):
-        started = time.perf_counter()
-        model.runner.forward(kv, [context[step % len(context)]], Readout(rows=1))
-        times.append(time.perf_counter() - started)
-    return sorted(times[3:])[len(times[3:]) // 2] * 1000
+    tokens = itertools.cycle(context)
+    return time_call(lambda: model.runner.forward(kv, [next(tokens)], Readout(rows=1)), repeats, warmup=3) * 1000
 
 
 @torch.inference_mode()
