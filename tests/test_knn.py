@@ -16,7 +16,8 @@ from specdecode.bench.knn_eval import mixed_stream
 from specdecode.errors import InvalidSettingError, PromptError
 from specdecode.models.layer_skip import SkipSet
 from specdecode.propose.self_draft import SelfDraftSettings
-from specdecode.routing.build import build_bundle, embed_prompts, fallback_radius, fit_anchors
+from specdecode.routing.anchors import embed_prompts, fallback_radius, fit_anchors
+from specdecode.routing.build import build_bundle
 from test_search import _tiny_model_dir
 from tiny_models import ARCHITECTURES, VOCAB, tiny_model
 

@@ -34,7 +34,9 @@ from specdecode.bench.report import write_report
 from specdecode.bench.runner import BASELINE, BenchConfig, BenchResult, run_bench
 from specdecode.errors import InvalidSettingError
 from specdecode.models.loading import LoadedModel
-from specdecode.routing.build import BuiltBundle, embed_prompts, plot_tsne
+from specdecode.routing.anchors import embed_prompts
+from specdecode.routing.build import BuiltBundle
+from specdecode.routing.plot import plot_tsne
 from specdecode.search.calibration import load_labelled_prompts
 
 KNN = "knn-ssd"

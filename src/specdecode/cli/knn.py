@@ -22,8 +22,11 @@ from specdecode.cli.bench import IDENTITY_FAILURE
 from specdecode.cli.common import add_model_args, model_kwargs
 from specdecode.errors import InvalidSettingError
 from specdecode.models.loading import load_model
-from specdecode.routing.build import (VOCAB_SOURCES, BuildOptions, SearchSpace, _describe, add_domain, build_bundle,
-                                      check_categories, plot_tsne)
+from specdecode.routing.anchors import check_categories
+from specdecode.routing.build import add_domain, build_bundle
+from specdecode.routing.domain_search import describe
+from specdecode.routing.options import VOCAB_SOURCES, BuildOptions, SearchSpace
+from specdecode.routing.plot import plot_tsne
 from specdecode.search.calibration import load_labelled_prompts
 from specdecode.search.config_search import DraftSpace
 
@@ -232,7 +235,7 @@ def run_build(args: argparse.Namespace) -> int:
     print(f"wrote {out}: revision {bundle.revision}, {len(bundle.labels)} anchors over {len(bundle.categories)} "
           f"domains, t-SNE in {out / 'tsne.png'}", file=sys.stderr)
     for name, profile in [*bundle.profiles.items(), (MIXED, bundle.mixed)]:
-        print(f"  {name}: {_describe(profile.settings)}" + (" (reused)" if name in reuse else ""), file=sys.stderr)
+        print(f"  {name}: {describe(profile.settings)}" + (" (reused)" if name in reuse else ""), file=sys.stderr)
     return 0
 
 
@@ -257,7 +260,7 @@ def _run_add(args: argparse.Namespace) -> int:
                            progress=not args.no_progress, metadata=metadata, replace_existing=args.replace)
     edited.save(out)
     print(f"added {args.add!r} to {out}: revision {edited.revision}, domains {', '.join(edited.categories)}; "
-          f"{_describe(edited.profiles[args.add].settings)}", file=sys.stderr)
+          f"{describe(edited.profiles[args.add].settings)}", file=sys.stderr)
     return 0
 
 
