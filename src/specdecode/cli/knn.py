@@ -15,8 +15,8 @@ import torch
 from specdecode.artifacts.bundle import MIXED, load_bundle
 from specdecode.artifacts.profile import load_profile
 from specdecode.bench.dataset import DEFAULT_TEMPLATE, check_template, format_prompt
-from specdecode.bench.knn_eval import (category_prompts, contenders, evaluate, mixed_stream, render,
-                                       render_routing_check, routing_check, write)
+from specdecode.bench.knn_eval import category_prompts, contenders, evaluate, mixed_stream, routing_check
+from specdecode.bench.knn_report import render, render_routing_check, write
 from specdecode.bench.runner import BenchConfig
 from specdecode.cli.bench import IDENTITY_FAILURE
 from specdecode.cli.common import add_model_args, model_kwargs
