@@ -36,13 +36,19 @@ def main() -> None:
     parser.add_argument("--data", default="/work/shared/data/specbench_dev.jsonl")
     parser.add_argument("--methods", default="mtad,eagle-mtad")
     parser.add_argument("--options", default="", help="method options for every method, e.g. tree=true")
+    parser.add_argument("--adaptive", default="", help="BeamSampleProposer attributes set on every proposer, "
+                        "e.g. min_joint=0.05,min_share=0.1 (options methods.py may not pass on yet)")
     parser.add_argument("--micro", action="store_true", help="sampler bookkeeping alone, fake drafter")
-    parser.add_argument("--reference", help="a beam_sampler.py to time as well (--micro)")
+    parser.add_argument("--reference", help="a beam_sampler.py to time as well: with --micro on the fake "
+                        "drafter; else on the model, each prompt run by both versions in turn (paired)")
     parser.add_argument("--rounds", type=int, default=200)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.micro:
         micro(args)
+        return
+    if args.reference:
+        paired(args)
         return
 
     from specdecode import SpeculativeDecoder, load_model
@@ -83,6 +89,17 @@ def main() -> None:
     print(f"cpu: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}")
     for method in args.methods.split(","):
         decoder = SpeculativeDecoder(target, method, draft=draft if method == "mtad" else None, **options)
+        adaptive = {k: float(v) for k, v in (kv.split("=", 1) for kv in args.adaptive.split(",") if kv)}
+        if adaptive:
+            start = decoder._start
+
+            def adaptive_start(settings, start=start):
+                proposer, rule = start(settings)
+                for key, value in adaptive.items():
+                    setattr(proposer, key, value)
+                return proposer, rule
+
+            decoder._start = adaptive_start
         decoder.generate(prompts[0], max_new_tokens=8, seed=args.seed, temperature=1.0, top_k=10, top_p=0.9)  # warm
         acc.clear()
         rounds, new_tokens, total, extra = 0, 0, 0.0, defaultdict(float)
@@ -97,14 +114,96 @@ def main() -> None:
             for key, value in stats.extra.items():
                 if key.startswith("draft_") and isinstance(value, (int, float)):
                     extra[key] += value
+            extra["verify_s"] += stats.verify_s
+            extra["draft_total_s"] += stats.draft_s
             digest.update(str(result.token_ids).encode())
         bookkeeping = acc["propose_s"] - acc["forward_s"]
-        print(f"{method} {args.options or ''}: {rounds} rounds, {new_tokens} tokens, tau {new_tokens / rounds:.2f}, "
+        print(f"{method} {args.options or ''} {args.adaptive}: {rounds} rounds, {new_tokens} tokens, tau {new_tokens / rounds:.2f}, "
               f"total {total:.2f}s; per round: propose {1e3 * acc['propose_s'] / rounds:.2f} ms, "
               f"drafter calls {1e3 * acc['forward_s'] / rounds:.2f} ms, "
               f"sampler bookkeeping {1e3 * bookkeeping / rounds:.2f} ms; tokens sha {digest.hexdigest()[:12]}")
         if extra:
-            print("  stats.extra per round: " + ", ".join(f"{k} {1e3 * v / rounds:.2f} ms" for k, v in sorted(extra.items())))
+            counts = {k: extra.pop(k) for k in ("draft_rounds", "draft_levels", "draft_beams") if k in extra}
+            print("  per round: " + ", ".join(f"{k} {1e3 * v / rounds:.2f} ms" for k, v in sorted(extra.items()))
+                  + "".join(f", {k} {v / rounds:.2f}" for k, v in counts.items() if k != "draft_rounds")
+                  + f"; {new_tokens / total:.2f} tokens/s")
+
+
+def _prompts(args) -> list[str]:
+    with open(args.data) as handle:
+        rows = [json.loads(line) for line in handle]
+    step = max(1, len(rows) // args.prompts)  # spread over categories
+    return [row["turns"][0] for row in rows[::step][: args.prompts]]
+
+
+def paired(args) -> None:
+    """Current vs ``--reference`` sampler on the model, prompt by prompt in alternating order, so a
+    shared machine's load falls on both alike; the same seed must give the same tokens."""
+    import importlib.util
+
+    from specdecode import SpeculativeDecoder, load_model, methods
+    from specdecode.propose import beam_sampler
+    from specdecode.propose.eagle import HeadDrafter
+
+    spec = importlib.util.spec_from_file_location("reference_beam_sampler", args.reference)
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    versions = {"current": beam_sampler, "reference": reference}
+    clock = time.perf_counter
+    acc = {name: defaultdict(float) for name in versions}
+    running = ["current"]
+
+    def timed(cls, name, key):
+        inner = getattr(cls, name)
+
+        def wrapper(self, *a, **k):
+            t0 = clock()
+            try:
+                return inner(self, *a, **k)
+            finally:
+                acc[running[0]][key] += clock() - t0
+        setattr(cls, name, wrapper)
+
+    for module in versions.values():
+        timed(module.BeamSampleProposer, "propose", "propose_s")
+        timed(module.ModelDrafter, "root", "forward_s")
+        timed(module.ModelDrafter, "extend", "forward_s")
+    timed(HeadDrafter, "root", "forward_s")
+    timed(HeadDrafter, "extend", "forward_s")
+    target = load_model("default", threads=args.threads)
+    draft = load_model("default-draft", threads=args.threads)
+    prompts = _prompts(args)
+    print(f"cpu: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}; "
+          f"{len(prompts)} prompts x {args.tokens} tokens, T 1 top-k 10 top-p 0.9, paired")
+    for method in args.methods.split(","):
+        digests = {name: hashlib.sha256() for name in versions}
+        def run(name, prompt, tokens, seed):
+            running[0] = name
+            methods.BeamSampleProposer = versions[name].BeamSampleProposer
+            methods.ModelDrafter = versions[name].ModelDrafter
+            decoder = SpeculativeDecoder(target, method, draft=draft if method == "mtad" else None)
+            return decoder.generate(prompt, max_new_tokens=tokens, seed=seed, temperature=1.0, top_k=10, top_p=0.9)
+
+        for name in versions:  # warm-up
+            run(name, prompts[0], 8, args.seed)
+            acc[name].clear()
+        for i, prompt in enumerate(prompts):
+            for name in (list(versions) if i % 2 else list(reversed(versions))):
+                result = run(name, prompt, args.tokens, args.seed + i)
+                stats, mine = result.stats, acc[name]
+                mine["rounds"] += stats.target_forwards
+                mine["tokens"] += stats.new_tokens
+                mine["total_s"] += stats.total_s
+                mine["verify_s"] += stats.verify_s
+                digests[name].update(str(result.token_ids).encode())
+        for name in versions:
+            a = acc[name]
+            rounds = a["rounds"]
+            print(f"{method} {name:9s}: {rounds:.0f} rounds, tau {a['tokens'] / rounds:.2f}, "
+                  f"{a['tokens'] / a['total_s']:.2f} tokens/s; per round: verify {1e3 * a['verify_s'] / rounds:.1f} ms, "
+                  f"propose {1e3 * a['propose_s'] / rounds:.1f} ms = drafter calls {1e3 * a['forward_s'] / rounds:.1f}"
+                  f" + sampler {1e3 * (a['propose_s'] - a['forward_s']) / rounds:.1f} ms; "
+                  f"tokens sha {digests[name].hexdigest()[:12]}")
 
 
 class FakeDrafter:
