@@ -147,7 +147,7 @@ def build_speculative_sampling(
 ) -> tuple[Proposer, AcceptanceRule]:
     """Speculative decoding / sampling with a separate draft model."""
     draft = require_draft(ctx, "sps")
-    proposer = DraftModelProposer(draft.model, ctx.sampling, ctx.generator, gamma, adaptive_gamma)
+    proposer = DraftModelProposer(draft.runner, ctx.sampling, ctx.generator, gamma, adaptive_gamma)
     return proposer, default_rule(ctx)
 
 
@@ -159,7 +159,7 @@ def build_mtad(
     """Multi-token assisted decoding: beam-sampled joint drafts, joint-ratio verification. ``tree``:
     the multi-candidate variant, every level's beams verified together in one tree forward."""
     draft = require_draft(ctx, "mtad")
-    proposer = BeamSampleProposer(ModelDrafter(draft.model), ctx.sampling, ctx.generator, beams, gamma,
+    proposer = BeamSampleProposer(ModelDrafter(draft.runner), ctx.sampling, ctx.generator, beams, gamma,
                                   with_replacement, tree)
     return proposer, JointRatioAcceptance(ctx.sampling, ctx.generator, threshold)
 
@@ -175,7 +175,7 @@ def build_mtjd(
     if exact:
         proposer: Proposer = ExactJointProposer(ctx.target.model, ctx.sampling, ctx.generator, gamma)
     else:
-        proposer = BeamSampleProposer(ModelDrafter(ctx.target.model), ctx.sampling, ctx.generator, beams, gamma)
+        proposer = BeamSampleProposer(ModelDrafter(ctx.target.runner), ctx.sampling, ctx.generator, beams, gamma)
     return proposer, AcceptAll(ctx.sampling, ctx.generator)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from specdecode.bench.record import Record
-from specdecode.models.cache import KVCache, forward
+from specdecode.models.runner import Readout
 from specdecode.models.loading import LoadedModel
 
 
@@ -41,7 +41,8 @@ def generated_nll(target: LoadedModel, prompt_ids: list[int], generated: list[in
         return 0.0
     with torch.inference_mode():
         # the last prompt token's logits predict the first generated token; the last token predicts nothing
-        logits = forward(target.model, KVCache(), [*prompt_ids, *generated[:-1]], logits_to_keep=len(generated))
+        runner = target.runner
+        logits = runner.forward(runner.new_cache(), [*prompt_ids, *generated[:-1]], Readout(rows=len(generated))).logits
         log_probs = torch.log_softmax(logits.double(), dim=-1)
         picked = log_probs[torch.arange(len(generated)), torch.tensor(generated, device=log_probs.device)]
     return float(-picked.sum())

@@ -39,9 +39,8 @@ from specdecode.bench.contenders import ContenderSpec, Outcome
 from specdecode.engine.stats import GenerationStats
 from specdecode.errors import InvalidSettingError
 from specdecode.models.loading import LoadedModel, pair_draft
-from specdecode.models.runtime import eager_kernels
-from specdecode.timing import clock
 from specdecode.sampling import GenerationSettings, SamplingSettings
+from specdecode.timing import clock
 
 
 def _assistant_settings(num_tokens: int | None, schedule: str | None, confidence: float | None) -> dict[str, Any]:
@@ -231,7 +230,6 @@ class HFPeer:
                 stack.enter_context(_overridden(model.generation_config, dict(eos_token_id=None)))
             drafter = assistant if assistant is not None else model
             stack.enter_context(_overridden(drafter.generation_config, self.setup.assistant_config))
-            stack.enter_context(eager_kernels(model, assistant))  # transformers as users run it
             stack.enter_context(probe.attached())
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)  # transformers samples from torch's global generator

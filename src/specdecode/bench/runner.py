@@ -25,7 +25,7 @@ from specdecode.bench.peers import HFPeer, peer_names
 from specdecode.errors import InvalidSettingError, PromptError
 from specdecode.methods import method_names
 from specdecode.models.loading import LoadedModel, pair_draft
-from specdecode.models.runtime import cpu_description, eager_kernels, runtime_of
+from specdecode.models.runtime import cpu_description
 from specdecode.sampling import GenerationSettings, SamplingSettings
 
 BASELINE = "ar"
@@ -220,9 +220,9 @@ def run_bench(
                 record.identical = record.mismatch_at is None
     else:
         pairs = [(records[(i, c.label)], encoded[i]) for i in range(len(prompts)) for c in contenders]
-        with eager_kernels(target.model):  # perplexity under the float32 target, whatever ran
-            for record, ids in tqdm(pairs, desc="perplexity", disable=not progress, file=sys.stderr, leave=False):
-                record.nll = generated_nll(target, ids, record.token_ids)
+        reference = target.eager()  # perplexity under the float32 target, whatever ran
+        for record, ids in tqdm(pairs, desc="perplexity", disable=not progress, file=sys.stderr, leave=False):
+            record.nll = generated_nll(reference, ids, record.token_ids)
 
     result = BenchResult(
         config=config,
@@ -243,13 +243,12 @@ def _environment(target: LoadedModel, draft: LoadedModel | None, meter: EnergyMe
     import transformers
 
     dtype = next(target.model.parameters()).dtype
-    runtime = runtime_of(target.model)
     return {
         "model": target.name,
         "model_fingerprint": target.fingerprint,
         "exact": dtype in (torch.float32, torch.float64) and target.quantize is None,
         "quantize": target.quantize,
-        "runtime": runtime.describe() if runtime is not None else "eager (transformers kernels)",
+        "runtime": target.runtime.describe() if target.runtime is not None else "eager (transformers kernels)",
         **cpu_description(),
         "draft": draft.name if draft is not None else None,
         "device": str(target.device),
