@@ -28,8 +28,7 @@ import time
 import torch
 
 from specdecode.errors import InvalidSettingError
-from specdecode.models.cache import KVCache, forward
-from specdecode.models.tree import forward_tree
+from specdecode.models.runner import Readout, TargetRunner
 from specdecode.models.vocab_map import MappedHead
 from specdecode.propose.base import Draft, Proposer
 from specdecode.sampling import SamplingSettings, _beyond_top_p, process_logits
@@ -84,10 +83,10 @@ class ModelDrafter(TreeDrafter):
     narrowed back to ``vocab_ids`` (its head widens them to the target's 262k with ``-inf``
     elsewhere; the sampler never touches a 262k-wide row)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.kv = KVCache()
-        self.vocab_ids = _reduced_vocabulary(model)
+    def __init__(self, runner: TargetRunner) -> None:
+        self.runner = runner
+        self.kv = runner.new_cache()
+        self.vocab_ids = _reduced_vocabulary(runner.model)
         self.context_len = 0
         self.level = 0                            # tree levels fed since the last root
         self.tree_positions: list[int] = []
@@ -97,12 +96,13 @@ class ModelDrafter(TreeDrafter):
 
     def root(self, sequence: list[int]) -> torch.Tensor:
         self.context_len, self.tree_positions, self.level = len(sequence), [], 0
-        return self._narrow(forward(self.model, self.kv, self.kv.sync(sequence), logits_to_keep=1)[-1])
+        return self._narrow(self.runner.forward(self.kv, self.kv.sync(sequence), Readout(rows=1)).logits[-1])
 
     def extend(self, rows: list[int], tokens: list[int], visible: torch.Tensor) -> torch.Tensor:
         level, self.level = self.level, self.level + 1
         positions = [self.context_len + level] * len(tokens)
-        logits = forward_tree(self.model, self.kv, tokens, positions, visible, self.context_len, self.tree_positions)
+        logits = self.runner.forward_tree(self.kv, tokens, positions, visible, self.context_len,
+                                          self.tree_positions).logits
         self.tree_positions += positions
         return self._narrow(logits)
 
