@@ -8,12 +8,16 @@ cache, keyed by the file's sha256; later loads read that copy in a few seconds.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import statistics
+import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +26,8 @@ import torch
 
 from specdecode.errors import ModelLoadError, VocabularyMismatchError
 from specdecode.models.int8 import calibration_ids
-from specdecode.models.runner import TargetRunner
-from specdecode.models.runtime import RuntimePlan, auto_dtype, build_runtime
+from specdecode.models.runner import Readout, TargetRunner
+from specdecode.models.runtime import RuntimePlan, auto_dtype, build_runtime, cpu_description
 from specdecode.models.vocab_map import VocabMap, apply_vocab_map, pair_target_embedding, tokenizer_digest, vocab_map_of
 
 DEFAULT_MODEL = "default"
@@ -31,6 +35,7 @@ DEFAULT_DRAFT = "default-draft"  # the distilled draft shipped for the embedded 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "float64": torch.float64}
+AUTO_CANDIDATES = (torch.float32, torch.bfloat16)  # what ``--dtype auto`` times against each other on a CPU
 
 
 @dataclass
@@ -116,18 +121,30 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPECDECODE_CACHE", Path.home() / ".cache" / "specdecode"))
 
 
+def runnable_dtypes(device: torch.device) -> list[str]:
+    """The ``--dtype`` names ``device`` runs (bf16 on a CPU without AVX-512 BF16 / AMX runs, emulated)."""
+    names = ["auto", "float32", "bfloat16", "float16", "float64"]
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        names.remove("bfloat16")
+    return names
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | None = None) -> torch.dtype:
-    """``None`` is float32; ``"auto"`` the fastest format ``device`` runs natively."""
+    """``None`` is float32; ``"auto"`` bf16 on CUDA and, on a CPU, the format :func:`load_model`
+    measures fastest (float32 here, where there is no model to measure); a name ``device`` cannot
+    run is refused in one line naming what it can."""
+    device = device or torch.device("cpu")
     if dtype is None:
         return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
     if dtype == "auto":
-        return auto_dtype(device or torch.device("cpu"))
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES) + ['auto']}") from None
+        return auto_dtype(device) if device.type == "cuda" else torch.float32
+    resolved = dtype if isinstance(dtype, torch.dtype) else _DTYPES.get(dtype)
+    runnable = ", ".join(runnable_dtypes(device))
+    if resolved is None:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; this machine ({device.type}) runs --dtype {runnable}")
+    if str(resolved).removeprefix("torch.") not in runnable_dtypes(device):
+        raise ModelLoadError(f"dtype {dtype!r} does not run on this {device.type}; it runs --dtype {runnable}")
+    return resolved
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -153,18 +170,22 @@ def load_model(
 ) -> LoadedModel:
     """Load ``spec`` — ``"default"``, a ``.gguf`` file, a local directory or a hub id.
 
-    ``dtype`` defaults to float32 (``"auto"``: bf16 where the device runs it natively), ``device``
-    to CUDA when present else CPU; ``threads`` sets torch's CPU thread count. ``fast`` installs
-    the CPU runtime of ``models/runtime.py`` on float32 models (exact: same tokens, faster
-    kernels); ``quantize="fp16"`` / ``"int8"`` runs the linear layers on float16 / int8 weights (a
-    different target).
+    ``dtype`` defaults to float32; ``"auto"`` is bf16 on CUDA and, on a CPU, whichever of float32
+    and bf16 runs this model's steps faster here — timed once per CPU, thread count, torch and
+    model (:func:`choose_cpu_dtype`, cached beside the kernel plans), so an AVX2-only CPU, which
+    emulates bf16, keeps float32. ``device`` defaults to CUDA when present else CPU; ``threads``
+    sets torch's CPU thread count. ``fast`` installs the CPU runtime of ``models/runtime.py``
+    (float32: exact, same tokens with faster kernels; bf16: the bf16 target on bf16 kernels);
+    ``quantize="fp16"`` / ``"int8"`` runs the linear layers on float16 / int8 weights (a different
+    target; float32 models only, so ``auto`` is float32 with it).
     """
     if threads is not None:
         if threads < 1:
             raise ModelLoadError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    measure = dtype == "auto" and torch_device.type == "cpu" and quantize is None
+    torch_dtype = resolve_dtype(dtype, torch_device)  # float32 where auto is measured below
     spec_str = str(spec)
     if spec_str == DEFAULT_MODEL:
         directory, name = _embedded_default_dir(), "gemma-3-270m (embedded default)"
@@ -181,12 +202,94 @@ def load_model(
             raise ModelLoadError(f"model path not found: {spec_str}")
     model, tokenizer, fingerprint = _load_transformers(directory, torch_dtype, torch_device)
     runtime = None
-    if fast or quantize is not None:
+    if measure:
+        model, runtime = choose_cpu_dtype(model, fingerprint, fast)
+    elif fast or quantize is not None:
         calibration = calibration_ids(tokenizer, model.config.get_text_config().vocab_size) if quantize == "int8" else None
         runtime = build_runtime(model, quantize, plan_cache=cache_dir() / "kernel-plans.json",
                                 calibration_ids=calibration)
     return LoadedModel(model, tokenizer, name=name, fingerprint=fingerprint, quantize=quantize, source=spec_str,
                        runtime=runtime)
+
+
+def _dtype_key(fingerprint: str, fast: bool) -> str:
+    cpu = cpu_description()
+    return (f"{cpu['cpu']}|{'+'.join(cpu['features'])}|threads={cpu['threads']}|torch={torch.__version__}|"
+            f"{fingerprint}|{'fast' if fast else 'eager'}")
+
+
+def step_ms(runners: dict[str, TargetRunner], vocab: int, repeats: int = 5, context: int = 48) -> dict[str, float]:
+    """Milliseconds of a greedy 1-token step plus a 5-token verification on ``context`` tokens, per
+    runner: the median of ``repeats`` rounds after a warm-up one, the runners interleaved in every
+    round so that machine drift hits them alike."""
+    ids = [(7 * i + 3) % vocab for i in range(context)]
+    caches, samples = {}, {name: [] for name in runners}
+    with torch.inference_mode():
+        for name, runner in runners.items():
+            caches[name] = runner.new_cache()
+            runner.forward(caches[name], ids, Readout.hidden_only())
+        for round_ in range(repeats + 1):
+            for name, runner in runners.items():
+                total = 0.0
+                for n in (1, 5):
+                    start = time.perf_counter()
+                    runner.forward(caches[name], ids[:n], Readout(top_k=1))
+                    total += time.perf_counter() - start
+                    caches[name].crop(context)
+                if round_:
+                    samples[name].append(total)
+    return {name: 1000 * statistics.median(times) for name, times in samples.items()}
+
+
+def choose_cpu_dtype(model: torch.nn.Module, fingerprint: str, fast: bool,
+                     cache: Path | None = None) -> tuple[torch.nn.Module, RuntimePlan | None]:
+    """``--dtype auto`` on a CPU: the float32 ``model`` or a bf16 copy, whichever runs a 1-token
+    step plus a 5-token verification faster here (each with its runtime when ``fast``). The choice
+    is timed once per CPU (name and features), thread count, torch and model, and kept in
+    ``cache`` (default: ``dtype-choices.json`` beside the kernel plans); the plan of the chosen
+    one says how it was chosen."""
+    cache = cache or cache_dir() / "dtype-choices.json"
+    key = _dtype_key(fingerprint, fast)
+    stored: dict[str, Any] = {}
+    if cache.is_file():
+        try:
+            stored = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            stored = {}
+    entry = stored.get(key)
+    names = {str(d).removeprefix("torch."): d for d in AUTO_CANDIDATES}
+    plan_cache = cache.parent / "kernel-plans.json"
+
+    def build(candidate: torch.nn.Module) -> RuntimePlan | None:
+        return build_runtime(candidate, plan_cache=plan_cache) if fast else None
+
+    if isinstance(entry, dict) and entry.get("dtype") in names:
+        chosen = names[entry["dtype"]]
+        model = model if chosen == torch.float32 else model.to(chosen)
+        runtime = build(model)
+        note = _choice_note(chosen, entry.get("ms", {}), cached=True)
+        return model, dataclasses.replace(runtime, chosen_by=note) if runtime is not None else None
+    print("--dtype auto: timing float32 against bf16 for this model on this CPU (once; cached in "
+          f"{cache})", file=sys.stderr, flush=True)
+    candidates = {"float32": model, "bfloat16": copy.deepcopy(model).to(torch.bfloat16)}
+    plans = {name: build(m) for name, m in candidates.items()}
+    vocab = model.config.get_text_config().vocab_size
+    measured = step_ms({name: TargetRunner(m, plans[name]) for name, m in candidates.items()}, vocab)
+    best = min(measured, key=measured.get)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        stored[key] = {"dtype": best, "ms": {name: round(ms, 2) for name, ms in measured.items()}}
+        cache.write_text(json.dumps(stored, indent=1))
+    except OSError:
+        pass  # a read-only home only costs a re-measurement next time
+    runtime = plans[best]
+    note = _choice_note(names[best], measured, cached=False)
+    return candidates[best], dataclasses.replace(runtime, chosen_by=note) if runtime is not None else None
+
+
+def _choice_note(chosen: torch.dtype, measured: dict[str, float], cached: bool) -> str:
+    times = " vs ".join(f"{name} {ms:.1f} ms" for name, ms in measured.items())
+    return f"dtype auto: {str(chosen).removeprefix('torch.')} ({times} for a 1+5-token step{', cached' if cached else ''})"
 
 
 def _load_transformers(directory: str | Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any, str]:

@@ -56,16 +56,15 @@ class _Norm:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # the hot path: one fused op, the same floats as the four-op form
             return F.rms_norm(x, self.scale.shape, self.scale, self.eps)
+        if self.gemma:  # bf16 / float16: normalise and scale in float32, round once (three ops)
+            return F.rms_norm(x.float(), self.scale.shape, self.scale, self.eps).to(x.dtype)
         return _scaled(_normalized(x, self.eps), self.scale, self.gemma, x.dtype)
 
 
 def _normalized(x: torch.Tensor, eps: float) -> torch.Tensor:
     """``x`` over its root mean square, in float32 (for float32 ``F.rms_norm`` without a weight: the
     same floats as the four-op form, and multiplying by the weight afterwards equals passing it)."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, x.shape[-1:], None, eps)
-    wide = x.float()
-    return wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
+    return F.rms_norm(x.float(), x.shape[-1:], None, eps)  # .float() is a no-op on float32
 
 
 def _scaled(normed: torch.Tensor, scale: torch.Tensor, gemma: bool, dtype: torch.dtype) -> torch.Tensor:

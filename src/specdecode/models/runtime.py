@@ -18,6 +18,17 @@ embedded Gemma 3 270M, see docs/perf.md), and by one product above all: the 262k
   model's own linear layers for 1, 2, 4, 8 and 16 rows; each row count uses the fastest (the plan
   is cached per CPU, thread count and layer shapes, and recorded in every result).
 
+On a bf16 model (``--dtype bfloat16``, or ``auto`` where it measures faster) the same seam runs
+the bf16 target: every linear layer and the LM head on the kernel that is fastest for the row
+count (timed at load, cached as float32's plans are: MKL's ``F.linear`` or oneDNN on a weight
+prepacked for bf16 — on AVX-512 BF16 / AMX these run the native bf16 dot products), fused q/k/v
+and gate/up products, and the native decoder. The head is the bf16 target's own product (the
+consumer's top-k is read from it: bf16 is a different target from float32 anyway, and on this
+hardware a bf16 head costs what the float16 screen does, see docs/perf.md). The bf16 kernels
+accumulate in float32 and round each output once, but their blocking over the inner dimension
+depends on the row count for some shapes (e.g. 640×2048 at ≥ 5 rows on AVX-512 BF16): a k-token
+bf16 verification can round differently from k 1-token steps, as `transformers`' own bf16 does.
+
 and two that do (explicit, reported as another target): ``quantize="fp16"`` runs every linear
 layer on float16 weights (fbgemm, float32 activations and accumulation); ``quantize="int8"`` on
 per-channel int8 weights with smoothed activations on a calibrated static int8 grid (fbgemm: half
@@ -58,6 +69,9 @@ from specdecode.models.vocab_map import awaits_target_embedding
 
 QUANTIZE_CHOICES = ("fp16", "int8")
 KERNELS = ("mkl", "wxt", "onednn")  # x @ Wᵀ (MKL), W @ xᵀ, oneDNN on a prepacked weight
+# bf16 candidates: F.linear (oneDNN's bf16 matmul behind it) and oneDNN on a prepacked bf16 weight;
+# W @ xᵀ is 1.5–2.5× slower than either in bf16 on AVX-512 BF16 (docs/perf.md)
+BF16_KERNELS = ("mkl", "onednn")
 ROW_BUCKETS = (1, 2, 4, 8, 16)
 HEAD_BLOCK_ROWS = 4  # the fp16 head screen is memory-bound up to ~4 rows on this CPU
 
@@ -147,14 +161,21 @@ def _onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def candidate_kernels(dtype: torch.dtype) -> tuple[str, ...]:
+    """The product kernels the tuner may choose for weights of ``dtype``."""
+    return BF16_KERNELS if dtype == torch.bfloat16 else KERNELS
+
+
 def tune_kernels(linears: Sequence[TunedLinear], repeats: int = 3) -> KernelPlan:
     """Time every kernel on ``linears`` (the whole stack, as a step runs it) for each row bucket;
     keep the fastest. Takes ~2–4 s on a 270M model."""
-    kernels = KERNELS if all(m.packed is not None for m in linears) else KERNELS[:2]
+    dtype = linears[0].weight.dtype
+    kernels = tuple(k for k in candidate_kernels(dtype)
+                    if k != "onednn" or all(m.packed is not None for m in linears))
     chosen, measured = [], []
     with torch.inference_mode():
         for bucket in ROW_BUCKETS:
-            inputs = {m.in_features: torch.randn(bucket, m.in_features) for m in linears}
+            inputs = {m.in_features: torch.randn(bucket, m.in_features).to(dtype) for m in linears}
             times = []
             for kernel in kernels:
                 plan = KernelPlan(tuple(kernel for _ in ROW_BUCKETS))
@@ -174,7 +195,9 @@ def tune_kernels(linears: Sequence[TunedLinear], repeats: int = 3) -> KernelPlan
 def _plan_key(linears: Sequence[nn.Linear]) -> str:
     shapes = hashlib.sha256(repr([tuple(m.weight.shape) for m in linears]).encode()).hexdigest()[:12]
     cpu = cpu_description()
-    return f"{cpu['cpu']}|threads={cpu['threads']}|torch={torch.__version__}|{shapes}"
+    dtype = linears[0].weight.dtype
+    suffix = "" if dtype == torch.float32 else f"|{str(dtype).removeprefix('torch.')}"  # float32 keys as before
+    return f"{cpu['cpu']}|threads={cpu['threads']}|torch={torch.__version__}|{shapes}{suffix}"
 
 
 def _cached_plan(linears: Sequence[TunedLinear], plan_cache: Path | None) -> KernelPlan:
@@ -187,7 +210,8 @@ def _cached_plan(linears: Sequence[TunedLinear], plan_cache: Path | None) -> Ker
         except (OSError, ValueError):
             stored = {}
         kernels = stored.get(key)
-        if isinstance(kernels, list) and len(kernels) == len(ROW_BUCKETS) and set(kernels) <= set(KERNELS):
+        allowed = set(candidate_kernels(linears[0].weight.dtype))
+        if isinstance(kernels, list) and len(kernels) == len(ROW_BUCKETS) and set(kernels) <= allowed:
             if "onednn" not in kernels or all(m.packed is not None for m in linears):
                 return KernelPlan(tuple(kernels))
     plan = tune_kernels(linears)
@@ -305,6 +329,30 @@ class ScreenedHead:
         return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
 
 
+class TunedHead:
+    """The LM head of a bf16 model: the bf16 target's own product, on the kernel its own tuned plan
+    finds fastest per row count (a :class:`TunedLinear` over the head weight). Its logits are what
+    the eager runner returns (the bf16 product, softcapped in bf16, then float32); a consumer's top
+    k is read from all of them, so :meth:`top` is :meth:`full`."""
+
+    def __init__(self, linear: TunedLinear, softcap: float | None) -> None:
+        self.linear, self.softcap = linear, softcap
+        self.weight, self.bias = linear.weight, linear.bias
+
+    @property
+    def plan(self) -> KernelPlan:
+        return self.linear.plan
+
+    def full(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.linear(hidden.to(self.weight.dtype))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def top(self, hidden: torch.Tensor, k: int, until_mismatch: Sequence[int] | None = None) -> torch.Tensor:
+        return self.full(hidden)
+
+
 @dataclass(frozen=True)
 class RuntimePlan:
     """How the fast runtime runs one model; ``describe()`` goes into every result.
@@ -314,18 +362,22 @@ class RuntimePlan:
     native decoder over that tree (None: `transformers`' forward of ``model``)."""
 
     model: nn.Module
-    head: ScreenedHead | None
-    kernels: KernelPlan | None  # float32 products (None with quantized weights)
+    head: ScreenedHead | TunedHead | None
+    kernels: KernelPlan | None  # float32 / bf16 products (None with quantized weights)
     quantize: str | None
     decoder: NativeDecoder | None
+    chosen_by: str = ""  # how the dtype was chosen, where ``--dtype auto`` measured it
 
     def describe(self) -> str:
-        parts = []
+        parts = [self.chosen_by] if self.chosen_by else []
         if self.quantize:
             parts.append(f"{self.quantize} weights (fbgemm)")
         elif self.kernels is not None:
-            parts.append(f"float32 products by rows {self.kernels.describe()}")
-        if self.head is not None:
+            dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+            parts.append(f"{dtype} products by rows {self.kernels.describe()}")
+        if isinstance(self.head, TunedHead):
+            parts.append(f"bf16 head by rows {self.head.plan.describe()}")
+        elif self.head is not None:
             parts.append("fp16-screened exact head")
         if self.decoder is not None:
             parts.append("native decoder")
@@ -339,9 +391,9 @@ def build_runtime(
     plan_cache: Path | None = None,
     calibration_ids: Sequence[int] | None = None,
 ) -> RuntimePlan | None:
-    """The fast CPU runtime of ``model`` (which it leaves as it is): the kernels on float32 models,
-    the native decoder (``models/native.py``) on supported families in any CPU dtype; None where
-    nothing applies (CUDA, unsupported float64 architectures).
+    """The fast CPU runtime of ``model`` (which it leaves as it is): the kernels on float32 and bf16
+    models, the native decoder (``models/native.py``) on supported families in any CPU dtype; None
+    where nothing applies (CUDA, unsupported float64 architectures).
 
     ``kernels`` is ``"auto"`` (time the candidates, or reuse the plan stored in ``plan_cache``) or
     one of :data:`KERNELS` for every row count. ``calibration_ids`` (``quantize="int8"``): the
@@ -354,6 +406,8 @@ def build_runtime(
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     native = runs_natively(model)
+    if device.type == "cpu" and dtype == torch.bfloat16 and quantize is None:
+        return _bf16_runtime(model, kernels, plan_cache, native)
     if device.type != "cpu" or dtype != torch.float32 or not fbgemm_fp16_available():
         if quantize is not None:
             raise InvalidSettingError(f"quantize={quantize!r} needs a float32 model on a CPU with fbgemm")
@@ -379,13 +433,30 @@ def build_runtime(
     return RuntimePlan(fast, head=head, kernels=plan, quantize=quantize, decoder=decoder)
 
 
+def _bf16_runtime(model: nn.Module, kernels: str, plan_cache: Path | None, native: bool) -> RuntimePlan:
+    """The bf16 target's runtime: tuned bf16 products (fused where the native decoder runs), the
+    head as a tuned bf16 product of its own, the native decoder."""
+    if kernels == "wxt":
+        raise InvalidSettingError(f"kernel 'wxt' is not a bf16 kernel; choose auto or one of {', '.join(BF16_KERNELS)}")
+    head_module = model.get_output_embeddings()
+    linears = [m for m in model.modules() if type(m) is nn.Linear and m is not head_module]
+    plan, replacements = _tuned_linears(linears, kernels, plan_cache)
+    fast = shallow_replace(model, replacements)
+    head = None
+    if family_or_none(model) is not None and type(head_module) is nn.Linear and hasattr(model, "base_model"):
+        _, tuned = _tuned_linears([head_module], kernels, plan_cache)
+        head = TunedHead(tuned[head_module], getattr(model.config, "final_logit_softcapping", None))
+    decoder = NativeDecoder(fast, _fused_projections(fast)) if native else None
+    return RuntimePlan(fast, head=head, kernels=plan, quantize=None, decoder=decoder)
+
+
 def _fused_projections(model: nn.Module) -> dict[tuple[int, str], FusedGroup]:
     """One product for q/k/v and one for gate/up in every layer, each run by the same kind of
     kernel as its parts, for the native decoder (the parts stay: `transformers`' forward and the
     state dict see the original model).
 
-    Only the float32 runtime's kernels are fused: their columns come out bit-identical to the
-    parts' (tested), while e.g. MKL's float64 product rounds a wider matrix differently."""
+    Only the float32 and bf16 runtimes' kernels are fused: their columns come out bit-identical to
+    the parts' (tested), while e.g. MKL's float64 product rounds a wider matrix differently."""
     fused: dict[tuple[int, str], FusedGroup] = {}
     for index, layer in enumerate(decoder_layers(model)):
         for name, parts in projection_groups(layer).items():

@@ -1,0 +1,166 @@
+"""The bf16 fast runtime: tuned bf16 products and head, fused projections, the native decoder; and
+``--dtype auto``, which times float32 against bf16 on the machine it runs on.
+
+Exactness, stated per mode (as the README does): bf16 is a different target from float32, and
+within bf16 a k-token forward is not bit-equal to k 1-token forwards: the bf16 kernels block the
+inner dimension by row count for some shapes, and torch's bf16 ``scaled_dot_product_attention``
+rounds a k-query call differently from k one-query calls at some context lengths (in `transformers`'
+eager bf16 as much as in ours). So a lossless method on the bf16 target can part from bf16 ``ar``
+at a near-tie — no more often than bf16 ``ar`` parts from float32 ``ar`` (tested below, as for
+float16 weights in test_runtime.py). What is exact: with ``kernels="mkl"`` (``F.linear``, what
+`transformers` calls) the bf16 runtime computes the eager bf16 forward bit for bit (Llama family).
+"""
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from specdecode import SpeculativeDecoder
+from specdecode.errors import InvalidSettingError, ModelLoadError
+from specdecode.models.cache import KVCache
+from specdecode.models.loading import LoadedModel, load_model, resolve_dtype
+from specdecode.models.native import NativeDecoder
+from specdecode.models.runner import Readout, TargetRunner
+from specdecode.models.runtime import BF16_KERNELS, KernelPlan, TunedHead, TunedLinear, build_runtime, tune_kernels
+from tiny_models import VOCAB, tiny_config
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the bf16 kernels need oneDNN")
+
+
+def _tiny_bf16(arch: str, seed: int = 0, vocab: int = VOCAB) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab), dtype=torch.float32)
+    model.generation_config.eos_token_id = None
+    return model.to(torch.bfloat16).eval()
+
+
+def test_every_bf16_kernel_computes_the_bf16_product():
+    """Each candidate is the bf16 product within bf16 rounding of the exact one."""
+    torch.manual_seed(0)
+    weight = (torch.randn(96, 48) * 0.2).bfloat16()
+    bias = torch.randn(96).bfloat16()
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 8)
+    with torch.inference_mode():
+        for kernel in BF16_KERNELS:
+            linear = TunedLinear(weight, bias, KernelPlan((kernel,) * 5), packed)
+            for rows in (1, 3, 8, 16, 40):
+                x = torch.randn(1, rows, 48).bfloat16()
+                exact = x.double() @ weight.double().t() + bias.double()
+                out = linear(x)
+                assert out.dtype == torch.bfloat16 and out.shape == (1, rows, 96)
+                torch.testing.assert_close(out.double(), exact, rtol=2 ** -7, atol=2 ** -7 * exact.abs().max().item())
+    plan = tune_kernels([TunedLinear(weight, bias, KernelPlan(("mkl",) * 5), packed)])
+    assert set(plan.kernels) <= set(BF16_KERNELS) and len(plan.measured_ms) == 5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_bf16_runtime_tunes_products_and_head_and_leaves_the_model_alone(arch, tmp_path):
+    model = _tiny_bf16(arch, seed=1)
+    before = {name: p.data_ptr() for name, p in model.named_parameters()}
+    types = [type(m) for m in model.modules()]
+    plan = build_runtime(model, plan_cache=tmp_path / "plans.json")
+    assert plan is not None and plan.quantize is None and plan.decoder is not None
+    assert set(plan.kernels.kernels) <= set(BF16_KERNELS)
+    assert isinstance(plan.head, TunedHead) and set(plan.head.plan.kernels) <= set(BF16_KERNELS)
+    assert "bfloat16 products" in plan.describe() and "bf16 head" in plan.describe()
+    assert any(isinstance(m, TunedLinear) for m in plan.model.modules())
+    assert [type(m) for m in model.modules()] == types  # the loaded model keeps its own modules
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == before
+    stored = json.loads((tmp_path / "plans.json").read_text())
+    assert all(key.endswith("|bfloat16") for key in stored) and len(stored) == 2  # layers, head
+    with pytest.raises(InvalidSettingError, match="not a bf16 kernel"):
+        build_runtime(model, kernels="wxt")
+
+
+@pytest.mark.parametrize("kernels", BF16_KERNELS)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_bf16_fast_runtime_computes_the_bf16_eager_forward(arch, kernels):
+    """With ``F.linear`` products the Llama family bit for bit (the same products, norms and
+    attention in fewer ops); oneDNN's prepacked products, and Gemma 3's sliding layers (which read
+    only their window), up to bf16 rounding."""
+    model = _tiny_bf16(arch, seed=2)
+    fast, eager = TargetRunner(model, build_runtime(model, kernels=kernels)), TargetRunner(model)
+    exact = dict(rtol=0, atol=0) if kernels == "mkl" and arch != "gemma3" else dict(rtol=0.05, atol=0.05)
+    context = [(7 * i + 3) % VOCAB for i in range(13)]
+
+    def run(runner):
+        kv = KVCache()
+        out = [runner.forward(kv, context, Readout(rows=1))]
+        for chunk in ([5], [6, 7, 8], [9] * 9):
+            out.append(runner.forward(kv, chunk, Readout(top_k=1)))
+        return [t for f in out for t in (f.logits, f.hidden)]
+
+    for a, b in zip(run(fast), run(eager)):
+        torch.testing.assert_close(a, b, **exact)
+
+
+def test_bf16_fused_projections_equal_their_parts():
+    model = _tiny_bf16("llama", seed=4)
+    runner = TargetRunner(model, build_runtime(model, kernels="onednn"))
+    decoder = runner.decoder
+    context = torch.tensor([[(5 * i + 1) % VOCAB for i in range(9)]])
+    layer = decoder.module.model.layers[0]
+    calls = []
+    layer.self_attn.q_proj.register_forward_hook(lambda *args: calls.append(1))
+    fused = decoder(KVCache().cache, context)
+    assert not calls
+    parts = NativeDecoder(decoder.module)(KVCache().cache, context)
+    assert calls
+    torch.testing.assert_close(fused, parts, rtol=0.05, atol=0.05)
+
+
+def test_speculation_on_the_bf16_runtime_adds_no_divergence_beyond_bf16_ar():
+    """bf16 parts greedy outputs from float32 ``ar`` at near-ties; lossless methods on the bf16
+    runtime may part from its own ``ar`` (attention rounding, see the module docstring), but not
+    measurably more often than bf16 ``ar`` parts from float32 ``ar``."""
+    fp32_model = _tiny_bf16("llama", seed=8, vocab=509).float()
+    fp32 = LoadedModel(fp32_model, None, "fp32")
+    model = _tiny_bf16("llama", seed=8, vocab=509)
+    bf16 = LoadedModel(model, None, "bf16", runtime=build_runtime(model))
+    rng = random.Random(0)
+    prompts = [[rng.randrange(509) for _ in range(rng.randint(3, 10))] for _ in range(30)]
+    reference, own_ar = SpeculativeDecoder(fp32, "ar"), SpeculativeDecoder(bf16, "ar")
+    contenders = {"pld": SpeculativeDecoder(bf16, "pld", gamma=6), "sps": SpeculativeDecoder(bf16, "sps", draft=fp32, gamma=4)}
+    base, parted = 0, dict.fromkeys(contenders, 0)
+    for prompt in prompts:
+        bf16_ar = own_ar.generate(prompt, max_new_tokens=30).token_ids
+        base += bf16_ar != reference.generate(prompt, max_new_tokens=30).token_ids
+        for name, decoder in contenders.items():
+            parted[name] += decoder.generate(prompt, max_new_tokens=30).token_ids != bf16_ar
+    n = len(prompts)
+    slack = 3 * max(1.0, (base * (1 - base / n)) ** 0.5)
+    assert base > 0  # bf16 is another target: the test has divergence to compare against
+    for name in contenders:
+        assert parted[name] <= base + slack, (parted, base)
+
+
+def test_dtype_auto_is_chosen_by_timing_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDECODE_CACHE", str(tmp_path / "cache"))
+    directory = tmp_path / "model"
+    _tiny_bf16("llama", seed=6).float().save_pretrained(directory)
+    auto = load_model(str(directory), dtype="auto")
+    choices = json.loads((tmp_path / "cache" / "dtype-choices.json").read_text())
+    (key, entry), = choices.items()
+    assert set(entry["ms"]) == {"float32", "bfloat16"} and all(ms > 0 for ms in entry["ms"].values())
+    assert entry["dtype"] == min(entry["ms"], key=entry["ms"].get)  # the faster one, as measured
+    assert str(next(auto.model.parameters()).dtype) == f"torch.{entry['dtype']}"
+    assert auto.runner.describe().startswith(f"dtype auto: {entry['dtype']}")
+    assert auto.fingerprint == load_model(str(directory)).fingerprint
+    other = "float32" if entry["dtype"] == "bfloat16" else "bfloat16"
+    (tmp_path / "cache" / "dtype-choices.json").write_text(json.dumps({key: {**entry, "dtype": other}}))
+    again = load_model(str(directory), dtype="auto")  # read from the cache, not measured again
+    assert str(next(again.model.parameters()).dtype) == f"torch.{other}" and "cached" in again.runner.describe()
+    quantized = load_model(str(directory), dtype="auto", quantize="fp16")  # quantized weights are float32's
+    assert next(quantized.model.parameters()).dtype == torch.float32
+
+
+def test_dtype_names_the_machine_cannot_run_get_one_line():
+    for bad in ("int4", "bf8", "float8"):
+        with pytest.raises(ModelLoadError) as info:
+            resolve_dtype(bad, torch.device("cpu"))
+        message = str(info.value)
+        assert "\n" not in message and "float32" in message and "bfloat16" in message and "auto" in message
+    assert resolve_dtype("bf16") == torch.bfloat16 and resolve_dtype("auto") == torch.float32
