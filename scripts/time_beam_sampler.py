@@ -11,8 +11,13 @@ Keep it small: on the 2-core dev box 4 prompts x 48 tokens x 2 methods takes ~1-
 
 ``--micro``: the sampler alone, on a drafter that returns fixed random logits (no model), so the
 number is bookkeeping only, free of the model's (and a shared machine's) noise. ``--reference
-FILE`` times another version of ``beam_sampler.py`` the same way (e.g. ``git show
-24097a6:src/specdecode/propose/beam_sampler.py > /tmp/before.py``, the list-based sampler).
+FILE`` times another sampler the same way: ``tests/test_beam_sampler.py`` (its ``_Reference``, the
+list-based sampler as it was before the rewrite, with the drafter's logits widened to the
+target's 262,144 ids as the shipped draft's were), or a ``beam_sampler.py`` on the current model
+API.
+
+    .venv/bin/python scripts/time_beam_sampler.py --micro --reference tests/test_beam_sampler.py --threads 1
+    .venv/bin/python scripts/time_beam_sampler.py --reference tests/test_beam_sampler.py --prompts 3 --tokens 32
 """
 
 from __future__ import annotations
@@ -129,6 +134,30 @@ def main() -> None:
                   + f"; {new_tokens / total:.2f} tokens/s")
 
 
+def _load_reference(path: str):
+    """(proposer class, model drafter class) of the sampler in ``path``."""
+    import importlib.util
+    import os
+    import sys
+
+    from specdecode.propose.beam_sampler import ModelDrafter
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))  # tests/ for tiny_models
+    spec = importlib.util.spec_from_file_location("reference_beam_sampler", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if hasattr(module, "_Reference"):
+        class WideModelDrafter(ModelDrafter):
+            """The drafter as the list-based sampler had it: logits over the target's whole vocabulary."""
+
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                self.vocab_ids = None
+
+        return module._Reference, WideModelDrafter
+    return module.BeamSampleProposer, module.ModelDrafter
+
+
 def _prompts(args) -> list[str]:
     with open(args.data) as handle:
         rows = [json.loads(line) for line in handle]
@@ -139,16 +168,15 @@ def _prompts(args) -> list[str]:
 def paired(args) -> None:
     """Current vs ``--reference`` sampler on the model, prompt by prompt in alternating order, so a
     shared machine's load falls on both alike; the same seed must give the same tokens."""
-    import importlib.util
+    from types import SimpleNamespace
 
     from specdecode import SpeculativeDecoder, load_model, methods
     from specdecode.propose import beam_sampler
     from specdecode.propose.eagle import HeadDrafter
 
-    spec = importlib.util.spec_from_file_location("reference_beam_sampler", args.reference)
-    reference = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reference)
-    versions = {"current": beam_sampler, "reference": reference}
+    proposer_cls, drafter_cls = _load_reference(args.reference)
+    versions = {"current": beam_sampler,
+                "reference": SimpleNamespace(BeamSampleProposer=proposer_cls, ModelDrafter=drafter_cls)}
     clock = time.perf_counter
     acc = {name: defaultdict(float) for name in versions}
     running = ["current"]
@@ -164,10 +192,12 @@ def paired(args) -> None:
                 acc[running[0]][key] += clock() - t0
         setattr(cls, name, wrapper)
 
-    for module in versions.values():
-        timed(module.BeamSampleProposer, "propose", "propose_s")
-        timed(module.ModelDrafter, "root", "forward_s")
-        timed(module.ModelDrafter, "extend", "forward_s")
+    timed(beam_sampler.BeamSampleProposer, "propose", "propose_s")
+    if proposer_cls.propose is not beam_sampler.BeamSampleProposer.propose:
+        timed(proposer_cls, "propose", "propose_s")
+    for cls in {beam_sampler.ModelDrafter, drafter_cls}:
+        timed(cls, "root", "forward_s")
+        timed(cls, "extend", "forward_s")
     timed(HeadDrafter, "root", "forward_s")
     timed(HeadDrafter, "extend", "forward_s")
     target = load_model("default", threads=args.threads)
@@ -246,17 +276,12 @@ class FakeDrafter:
 
 
 def micro(args) -> None:
-    import importlib.util
-
     from specdecode.propose import beam_sampler
     from specdecode.sampling import SamplingSettings
 
-    versions = {"current": beam_sampler}
+    versions = {"current": beam_sampler.BeamSampleProposer}
     if args.reference:
-        spec = importlib.util.spec_from_file_location("reference_beam_sampler", args.reference)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        versions["reference"] = module
+        versions["reference"] = _load_reference(args.reference)[0]
     print(f"cpu: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}; "
           f"fake drafter, B 4, gamma 4, {args.rounds} rounds")
     for label, settings in (("T1 k10 p0.9", SamplingSettings(1.0, 10, 0.9)), ("greedy", SamplingSettings())):
@@ -265,7 +290,7 @@ def micro(args) -> None:
                 for vocab, wide in ((8192, True), (8192, False)):
                     if wide and name == "current":
                         continue  # the current sampler only ever sees a drafter's own ids
-                    proposer = module.BeamSampleProposer(FakeDrafter(vocab, wide), settings,
+                    proposer = module(FakeDrafter(vocab, wide), settings,
                                                          torch.Generator().manual_seed(0), 4, 4, tree=tree)
                     for _ in range(10):
                         proposer.propose([1, 2, 3], 4)
