@@ -15,7 +15,7 @@ from specdecode.bench.dataset import BenchPrompt
 from specdecode.bench.knn_eval import mixed_stream
 from specdecode.errors import InvalidSettingError, PromptError
 from specdecode.models.layer_skip import SkipSet
-from specdecode.propose.self_draft import SelfDraftSettings
+from specdecode.artifacts.profile import SelfDraftSettings
 from specdecode.routing.anchors import embed_prompts, fallback_radius, fit_anchors
 from specdecode.routing.build import build_bundle
 from test_search import _tiny_model_dir

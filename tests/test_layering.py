@@ -33,7 +33,7 @@ from specdecode import SpeculativeDecoder
 from specdecode.artifacts.bundle import ProfileBundle
 from specdecode.artifacts.profile import SkipProfile
 from specdecode.models.layer_skip import SkipSet
-from specdecode.propose.self_draft import SelfDraftSettings
+from specdecode.artifacts.profile import SelfDraftSettings
 from tiny_models import tiny_model
 
 target, draft = tiny_model("llama", seed=0), tiny_model("llama", seed=1)

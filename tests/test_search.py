@@ -10,7 +10,7 @@ from specdecode import SpeculativeDecoder
 from specdecode.artifacts.profile import load_profile
 from specdecode.errors import InvalidSettingError
 from specdecode.models.layer_skip import SkipSet
-from specdecode.propose.self_draft import SelfDraftSettings
+from specdecode.artifacts.profile import SelfDraftSettings
 from specdecode.search.calibration import calibrate, load_prompts
 from specdecode.search.objective import CostModel, SimulatedObjective
 from specdecode.search.skip_search import search_skip_set

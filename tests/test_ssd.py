@@ -13,7 +13,8 @@ from specdecode.models.cache import KVCache
 from specdecode.models.families import decoder_layers
 from specdecode.models.layer_skip import SkipSet
 from specdecode.models.runner import Readout
-from specdecode.propose.self_draft import SelfDraftProposer, SelfDraftSettings
+from specdecode.artifacts.profile import SelfDraftSettings
+from specdecode.propose.self_draft import SelfDraftProposer
 from specdecode.sampling import GenerationSettings, SamplingSettings
 from test_sampling import SMALL_VOCAB, _first_tokens, _pooled_chisquare, _target_pair_distribution
 from tiny_models import ARCHITECTURES, VOCAB, tiny_model

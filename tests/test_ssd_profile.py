@@ -8,7 +8,7 @@ from specdecode import SpeculativeDecoder
 from specdecode.artifacts.profile import PROFILE_VERSION, SkipProfile, load_profile, self_draft_settings
 from specdecode.errors import InvalidSettingError
 from specdecode.models.layer_skip import SkipSet
-from specdecode.propose.self_draft import SelfDraftSettings
+from specdecode.artifacts.profile import SelfDraftSettings
 from tiny_models import tiny_model
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from specdecode.cli.common import add_model_args, model_kwargs
 from specdecode.errors import InvalidSettingError
 from specdecode.models.loading import load_model
-from specdecode.propose.self_draft import SelfDraftSettings
+from specdecode.artifacts.profile import SelfDraftSettings
 from specdecode.search.build import OBJECTIVES, build_profile, draft_vocabulary
 from specdecode.search.calibration import calibrate, load_prompts
 

@@ -16,48 +16,17 @@ costs (see :mod:`specdecode.models.layer_skip` for int8 weights):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from specdecode.errors import InvalidSettingError
 from specdecode.models.cache import KVCache
-from specdecode.models.frequent_vocab import SubVocabHead, expand_logits, validate_token_ids
+from specdecode.artifacts.profile import SelfDraftSettings
+from specdecode.models.frequent_vocab import SubVocabHead, expand_logits
 from specdecode.models.families import num_layers
 from specdecode.models.layer_skip import SkipSet
 from specdecode.models.loading import LoadedModel
 from specdecode.models.runner import Readout
 from specdecode.propose.base import Draft, Proposer
 from specdecode.sampling import SamplingSettings, process_logits, sample
-
-
-@dataclass(frozen=True)
-class SelfDraftSettings:
-    """Everything that defines a self-draft; what a skip profile stores."""
-
-    skip: SkipSet = SkipSet()
-    threshold: float = 0.8
-    max_draft: int = 12
-    vocab_ids: tuple[int, ...] | None = None  # reduced-vocabulary head; None = full head
-    int8: bool = False  # int8 weights for the draft's kept sub-layers and its head
-
-    def validate(self, layers: int, vocab_size: int | None = None) -> None:
-        """Refuse out-of-range values; ``vocab_size`` None skips the upper bound on vocabulary ids."""
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not (
-            0 < self.threshold <= 1
-        ):
-            raise InvalidSettingError(f"ssd threshold must be in (0, 1], got {self.threshold!r}")
-        if isinstance(self.max_draft, bool) or not isinstance(self.max_draft, int) or self.max_draft < 1:
-            raise InvalidSettingError(f"ssd max_draft must be an integer >= 1, got {self.max_draft!r}")
-        if not isinstance(self.int8, bool):
-            raise InvalidSettingError(f"ssd int8 must be True or False, got {self.int8!r}")
-        self.skip.check(layers)
-        if self.vocab_ids is not None:
-            if any(isinstance(t, bool) or not isinstance(t, int) for t in self.vocab_ids):
-                raise InvalidSettingError("draft vocabulary must be a list of integer token ids")
-            ids = torch.tensor(self.vocab_ids, dtype=torch.long)
-            upper = vocab_size if vocab_size is not None else int(ids.max()) + 1 if len(ids) else 1
-            validate_token_ids(ids, upper, "draft vocabulary")
 
 
 class SelfDraftProposer(Proposer):

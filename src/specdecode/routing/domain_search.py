@@ -9,7 +9,7 @@ from typing import Any
 
 from specdecode.models.families import num_layers
 from specdecode.models.loading import LoadedModel
-from specdecode.propose.self_draft import SelfDraftSettings
+from specdecode.artifacts.profile import SelfDraftSettings
 from specdecode.routing.options import BuildOptions
 from specdecode.routing.progress import BuildLog, Checkpoints, digest
 from specdecode.search.calibration import CalibrationSet

@@ -26,7 +26,7 @@ from sklearn.exceptions import ConvergenceWarning
 from tqdm import tqdm
 
 from specdecode.errors import InvalidSettingError
-from specdecode.propose.self_draft import SelfDraftSettings
+from specdecode.artifacts.profile import SelfDraftSettings
 from specdecode.search.checkpoint import load_search, save_search
 from specdecode.search.objective import Evaluation, Objective
 

@@ -17,7 +17,7 @@ from specdecode.errors import InvalidSettingError
 from specdecode.models.frequent_vocab import frequent_token_ids
 from specdecode.models.families import num_layers
 from specdecode.models.loading import LoadedModel
-from specdecode.propose.self_draft import SelfDraftSettings
+from specdecode.artifacts.profile import SelfDraftSettings
 from specdecode.search.calibration import CalibrationSet
 from specdecode.search.objective import CostModel, MeasuredObjective, Objective, SimulatedObjective
 from specdecode.search.skip_search import search_skip_set

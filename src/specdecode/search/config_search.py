@@ -42,7 +42,7 @@ import numpy as np
 
 from specdecode.errors import InvalidSettingError
 from specdecode.models.layer_skip import SkipSet
-from specdecode.propose.self_draft import SelfDraftSettings
+from specdecode.artifacts.profile import SelfDraftSettings
 from specdecode.search.bayes import (Candidate, check_counts, optimizer, random_mask, register, run_search, skip_keys,
                                      suggest)
 from specdecode.search.objective import Evaluation, Objective

@@ -34,7 +34,8 @@ from specdecode.models.runner import Readout, TargetRunner
 from specdecode.models.families import sublayers
 from specdecode.models.layer_skip import SkipSet
 from specdecode.models.loading import LoadedModel
-from specdecode.propose.self_draft import SelfDraftProposer, SelfDraftSettings
+from specdecode.artifacts.profile import SelfDraftSettings
+from specdecode.propose.self_draft import SelfDraftProposer
 from specdecode.sampling import SamplingSettings
 from specdecode.search.calibration import CalibrationSet
 from specdecode.timing import time_call
