@@ -137,8 +137,13 @@ class NativeLayer:
         ``x·cos + roll(x, d/2)·signed_sin`` with ``signed_sin = (−sin₁, sin₂)``: ``rotate_half(x)·sin``
         element for element, since negating a factor negates a product exactly.
         """
-        n, head_dim, heads, kv_heads = x.shape[1], self.head_dim, self.heads, self.kv_heads
-        qkv = self.qkv(x)
+        return self.split_heads(self.qkv(x), cos, signed_sin)
+
+    def split_heads(self, qkv: torch.Tensor, cos: torch.Tensor,
+                    signed_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`attention_inputs` after the projection: ``qkv [1, n, ...]`` (one request's rows of
+        a batched product, ``models/batch.py``) normed, rotated and split into heads."""
+        n, head_dim, heads, kv_heads = qkv.shape[1], self.head_dim, self.heads, self.kv_heads
         qk = qkv[..., :(heads + kv_heads) * head_dim].view(1, n, heads + kv_heads, head_dim)
         v = qkv[..., (heads + kv_heads) * head_dim:].view(1, n, kv_heads, head_dim).transpose(1, 2)
         if self.qk_norm is not None:
