@@ -15,7 +15,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--draft", default=None,
                        help="draft model for sps / mtad: 'default-draft' (shipped for the default target) or the forms of --model")
     group.add_argument("--dtype", default=None,
-                       help="float32 (default), bfloat16, float16, or auto (bf16 where the device runs it natively)")
+                       help="float32 (default), bfloat16, float16, float64, or auto: bf16 on CUDA; on a CPU "
+                            "whichever of float32 and bf16 runs this model faster here (timed once, cached)")
     group.add_argument("--quantize", default=None, choices=["fp16", "int8"],
                        help="run the linear layers on float16 or int8 weights (CPU, fbgemm): faster, a different target")
     group.add_argument("--eager", action="store_true",

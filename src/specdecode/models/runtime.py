@@ -49,6 +49,7 @@ import hashlib
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -197,7 +198,8 @@ def _plan_key(linears: Sequence[nn.Linear]) -> str:
     cpu = cpu_description()
     dtype = linears[0].weight.dtype
     suffix = "" if dtype == torch.float32 else f"|{str(dtype).removeprefix('torch.')}"  # float32 keys as before
-    return f"{cpu['cpu']}|threads={cpu['threads']}|torch={torch.__version__}|{shapes}{suffix}"
+    # the features too: one model name ("AMD EPYC") covers an AVX2 Zen 3 and an AVX-512 BF16 Zen 4
+    return f"{cpu['cpu']}|{'+'.join(cpu['features'])}|threads={cpu['threads']}|torch={torch.__version__}|{shapes}{suffix}"
 
 
 def _cached_plan(linears: Sequence[TunedLinear], plan_cache: Path | None) -> KernelPlan:
@@ -214,6 +216,9 @@ def _cached_plan(linears: Sequence[TunedLinear], plan_cache: Path | None) -> Ker
         if isinstance(kernels, list) and len(kernels) == len(ROW_BUCKETS) and set(kernels) <= allowed:
             if "onednn" not in kernels or all(m.packed is not None for m in linears):
                 return KernelPlan(tuple(kernels))
+    if plan_cache is not None:  # a load's one-time work, said where it happens (not inside a timed run)
+        print(f"tuning {str(linears[0].weight.dtype).removeprefix('torch.')} product kernels for this CPU "
+              f"({len(linears)} weights; once, cached in {plan_cache})", file=sys.stderr, flush=True)
     plan = tune_kernels(linears)
     if plan_cache is not None:
         try:
