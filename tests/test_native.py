@@ -32,7 +32,7 @@ def test_native_forward_equals_transformers(arch, dtype):
     `transformers` runs them); for Gemma 3, whose sliding layers read only their window, up to the
     rounding of a shorter attention sum; bf16 up to bf16 rounding."""
     model = tiny_model(arch, seed=1).model.to(dtype)
-    native, eager = TargetRunner(model, build_runtime(model, kernels="mkl")), TargetRunner(model)
+    native, eager = TargetRunner(model, build_runtime(model, kernels="mkl", attention="model")), TargetRunner(model)
     assert native.native and not eager.native
     exact = dict(rtol=0, atol=0)
     if arch == "gemma3":

@@ -180,11 +180,17 @@ def _chain_mask(past: int, n: int, window: int | None, device: torch.device) -> 
 
 class NativeDecoder:
     """The decoder stack of ``model`` (a supported family, see ``models/families.py``) run in the
-    fewest ops; ``fused[(layer index, "qkv" | "gate_up")]`` are the runtime's fused products."""
+    fewest ops; ``fused[(layer index, "qkv" | "gate_up")]`` are the runtime's fused products.
+    ``attention_dtype``: attention runs on queries, keys and values upcast to it (exactly) and its
+    output is rounded back once — the bf16 runtime's choice where torch's bf16 attention kernel is
+    slower than its float32 one (7–9× for one query on AVX-512 BF16, docs/perf.md); None: the
+    model's dtype, as `transformers` runs it."""
 
-    def __init__(self, model: nn.Module, fused: dict[tuple[int, str], FusedGroup] | None = None) -> None:
+    def __init__(self, model: nn.Module, fused: dict[tuple[int, str], FusedGroup] | None = None,
+                 attention_dtype: torch.dtype | None = None) -> None:
         family = family_of(model, "the native decoder")
         fused = fused or {}
+        self.attention_dtype = attention_dtype
         self.module = model  # the module tree it reads
         base = model.base_model
         self.embed_tokens, self.rotary_emb, self.norm = base.embed_tokens, base.rotary_emb, _Norm.of(
@@ -199,19 +205,20 @@ class NativeDecoder:
     def __call__(
         self,
         cache: DynamicCache,
-        input_ids: torch.Tensor,  # [1, n]
+        input_ids: torch.Tensor | None,  # [1, n]; None where inputs_embeds are given
         position_ids: torch.Tensor | None = None,  # [1, n]; None: the n positions after the cache
         attention_mask: torch.Tensor | dict[str, torch.Tensor] | None = None,  # a tree mask (models/tree.py)
         skip: SkipSet | None = None,
+        inputs_embeds: torch.Tensor | None = None,  # [1, n, H]: inputs not from the token embedding (a draft head's)
     ) -> torch.Tensor:
         """Final (post-norm) hidden states ``[1, n, H]`` of ``input_ids`` on top of ``cache``, which it
         extends — what ``model.base_model(...)`` returns as ``last_hidden_state``."""
-        hidden = self.embed_tokens(input_ids)
-        n = input_ids.shape[1]
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        n = hidden.shape[1]
         past = cache.get_seq_length()
         chain = position_ids is None
         if chain:
-            position_ids = torch.arange(past, past + n, device=input_ids.device)[None]
+            position_ids = torch.arange(past, past + n, device=hidden.device)[None]
         types = self.types
         rotary, masks, starts = {}, {}, dict.fromkeys(types, 0)
         for layer_type in set(types):
@@ -225,7 +232,7 @@ class NativeDecoder:
                 masks[layer_type] = attention_mask
             else:
                 window = getattr(self.config, "sliding_window", None) if layer_type == "sliding_attention" else None
-                masks[layer_type] = _chain_mask(past, n, window, input_ids.device)
+                masks[layer_type] = _chain_mask(past, n, window, hidden.device)
                 starts[layer_type] = _window_start(past, window)
         skipped_attention, skipped_mlp = (skip.attention, skip.mlp) if skip is not None else ((), ())
         for index, layer in enumerate(self.layers):
@@ -238,8 +245,13 @@ class NativeDecoder:
                 start = starts[types[index]]
                 if start:
                     k, v = k[..., start:, :], v[..., start:, :]
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[types[index]],
-                                                     scale=layer.scaling, enable_gqa=True)
+                if self.attention_dtype is not None and q.dtype != self.attention_dtype:
+                    wide = self.attention_dtype  # exact upcasts; one rounding of the output back
+                    out = F.scaled_dot_product_attention(q.to(wide), k.to(wide), v.to(wide), attn_mask=masks[types[index]],
+                                                         scale=layer.scaling, enable_gqa=True).to(q.dtype)
+                else:
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[types[index]],
+                                                         scale=layer.scaling, enable_gqa=True)
                 out = layer.o_proj(out.transpose(1, 2).reshape(1, n, -1))
                 sandwich = layer.pre_feedforward_norm is not None
                 hidden = hidden + (layer.post_attention_norm(out) if sandwich else out)

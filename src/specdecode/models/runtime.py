@@ -74,6 +74,7 @@ KERNELS = ("mkl", "wxt", "onednn")  # x @ Wᵀ (MKL), W @ xᵀ, oneDNN on a prep
 # W @ xᵀ is 1.5–2.5× slower than either in bf16 on AVX-512 BF16 (docs/perf.md)
 BF16_KERNELS = ("mkl", "onednn")
 ROW_BUCKETS = (1, 2, 4, 8, 16)
+ATTENTION_CHOICES = ("auto", "float32", "model")  # the bf16 runtime's attention dtype
 HEAD_BLOCK_ROWS = 4  # the fp16 head screen is memory-bound up to ~4 rows on this CPU
 
 
@@ -384,6 +385,8 @@ class RuntimePlan:
             parts.append(f"bf16 head by rows {self.head.plan.describe()}")
         elif self.head is not None:
             parts.append("fp16-screened exact head")
+        if self.decoder is not None and self.decoder.attention_dtype is not None:
+            parts.append("float32 attention")
         if self.decoder is not None:
             parts.append("native decoder")
         return ", ".join(parts) or "eager"
@@ -395,6 +398,7 @@ def build_runtime(
     kernels: str = "auto",
     plan_cache: Path | None = None,
     calibration_ids: Sequence[int] | None = None,
+    attention: str = "auto",
 ) -> RuntimePlan | None:
     """The fast CPU runtime of ``model`` (which it leaves as it is): the kernels on float32 and bf16
     models, the native decoder (``models/native.py``) on supported families in any CPU dtype; None
@@ -403,7 +407,12 @@ def build_runtime(
     ``kernels`` is ``"auto"`` (time the candidates, or reuse the plan stored in ``plan_cache``) or
     one of :data:`KERNELS` for every row count. ``calibration_ids`` (``quantize="int8"``): the
     tokens the static activation ranges are calibrated on (default: a fixed pseudo-random sequence).
+    ``attention`` (bf16 models): ``"auto"`` upcasts attention to float32 where a timing at load
+    finds it faster, ``"float32"`` always, ``"model"`` never (the model's own dtype, as
+    `transformers` runs it).
     """
+    if attention not in ATTENTION_CHOICES:
+        raise InvalidSettingError(f"unknown attention choice {attention!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise InvalidSettingError(f"unknown quantize choice {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}")
     if kernels != "auto" and kernels not in KERNELS:
@@ -412,7 +421,7 @@ def build_runtime(
     dtype = next(model.parameters()).dtype
     native = runs_natively(model)
     if device.type == "cpu" and dtype == torch.bfloat16 and quantize is None:
-        return _bf16_runtime(model, kernels, plan_cache, native)
+        return _bf16_runtime(model, kernels, plan_cache, native, attention)
     if device.type != "cpu" or dtype != torch.float32 or not fbgemm_fp16_available():
         if quantize is not None:
             raise InvalidSettingError(f"quantize={quantize!r} needs a float32 model on a CPU with fbgemm")
@@ -438,9 +447,11 @@ def build_runtime(
     return RuntimePlan(fast, head=head, kernels=plan, quantize=quantize, decoder=decoder)
 
 
-def _bf16_runtime(model: nn.Module, kernels: str, plan_cache: Path | None, native: bool) -> RuntimePlan:
+def _bf16_runtime(model: nn.Module, kernels: str, plan_cache: Path | None, native: bool,
+                  attention: str) -> RuntimePlan:
     """The bf16 target's runtime: tuned bf16 products (fused where the native decoder runs), the
-    head as a tuned bf16 product of its own, the native decoder."""
+    head as a tuned bf16 product of its own, the native decoder, attention upcast to float32 where
+    that is faster (``attention="auto"``, timed) or asked for (``"float32"``)."""
     if kernels == "wxt":
         raise InvalidSettingError(f"kernel 'wxt' is not a bf16 kernel; choose auto or one of {', '.join(BF16_KERNELS)}")
     head_module = model.get_output_embeddings()
@@ -451,8 +462,46 @@ def _bf16_runtime(model: nn.Module, kernels: str, plan_cache: Path | None, nativ
     if family_or_none(model) is not None and type(head_module) is nn.Linear and hasattr(model, "base_model"):
         _, tuned = _tuned_linears([head_module], kernels, plan_cache)
         head = TunedHead(tuned[head_module], getattr(model.config, "final_logit_softcapping", None))
-    decoder = NativeDecoder(fast, _fused_projections(fast)) if native else None
+    wide_attention = attention == "float32" or (attention == "auto" and native and upcast_attention_pays(model))
+    decoder = NativeDecoder(fast, _fused_projections(fast), torch.float32 if wide_attention else None) if native else None
     return RuntimePlan(fast, head=head, kernels=plan, quantize=None, decoder=decoder)
+
+
+def upcast_attention_pays(model: nn.Module, context: int = 256, repeats: int = 20) -> bool:
+    """Whether one query's attention over ``context`` keys (this model's head shapes, one layer)
+    runs faster upcast to float32 than in the model's dtype, timed here (~10 ms): torch's bf16
+    flash-attention kernel is 7–9× slower than float32 for one query on AVX-512 BF16 (docs/perf.md)."""
+    text = model.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    dtype = next(model.parameters()).dtype
+    q = torch.randn(1, heads, 1, head_dim).to(dtype)
+    k, v = (torch.randn(1, kv_heads, context, head_dim).to(dtype) for _ in range(2))
+
+    def own() -> None:
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    def wide() -> None:
+        F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True).to(dtype)
+
+    times = {}
+    with torch.inference_mode():
+        for name, step in (("own", own), ("wide", wide), ("own", own), ("wide", wide)):  # interleaved
+            step()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                step()
+            times[name] = min(times.get(name, float("inf")), time.perf_counter() - start)
+    return times["wide"] < times["own"]
+
+
+def tuned_linear(linear: nn.Linear, kernels: KernelPlan | None) -> nn.Module:
+    """``linear`` on the product kernels of ``kernels`` (a plan tuned for the model it sits beside);
+    itself where there is no plan (reduced precision, no oneDNN)."""
+    if kernels is None:
+        return linear
+    packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 8) if "onednn" in kernels.kernels else None
+    return TunedLinear(linear.weight, linear.bias, kernels, packed)
 
 
 def _fused_projections(model: nn.Module) -> dict[tuple[int, str], FusedGroup]:
