@@ -5,7 +5,11 @@ in each mode (weights of the layers and of the head as that mode stores them), t
 floor, and the median cost of a forward of 1, 2, 4, 8 and 16 tokens — layers and head apart — on
 top of a context of ``--context`` tokens.
 
+The floor is the dtype's own: float32 modes read float32 layers (the fast mode's screened head reads
+float16), bf16 modes read bf16 layers and a bf16 head; ``× floor`` is how far each forward is from it.
+
 Usage: python scripts/forward_cost.py [--model default] [--context 200] [--repeats 7] [--threads N]
+       [--modes "float32 fast (exact)" "bf16 fast"]
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ MODES = {  # label: load_model arguments
     "float32 fast (exact)": dict(fast=True),
     "fp16 weights": dict(quantize="fp16"),
     "int8 weights": dict(quantize="int8"),
+    "bf16 eager": dict(dtype="bfloat16", fast=False),
+    "bf16 fast": dict(dtype="bfloat16", fast=True),
 }
-LAYER_BYTES_PER_PARAM = {"fp16 weights": 2, "int8 weights": 1}  # float32 otherwise
+LAYER_BYTES_PER_PARAM = {"fp16 weights": 2, "int8 weights": 1, "bf16 eager": 2, "bf16 fast": 2}  # float32 otherwise
 
 
 def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
@@ -44,7 +50,7 @@ def step_bytes(model: torch.nn.Module, mode: str) -> tuple[int, int]:
     embed = model.get_input_embeddings().weight
     layer_params = sum(p.numel() for p in model.parameters() if p is not head and p is not embed)
     layer_bytes = layer_params * LAYER_BYTES_PER_PARAM.get(mode, 4)
-    head_bytes = head.numel() * (4 if mode == "float32 eager" else 2)  # the screened head reads float16
+    head_bytes = head.numel() * (4 if mode == "float32 eager" else 2)  # the screened head reads float16, bf16 bf16
     return layer_bytes, head_bytes
 
 
@@ -55,6 +61,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+                        help="the modes to measure (default: all)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,7 +73,7 @@ def main() -> None:
     report: dict = {"cpu": cpu, "bandwidth_gbs": bandwidth, "context": args.context, "modes": {}}
     # every mode loaded first, then measured interleaved (repeat × tokens × mode), so machine drift
     # hits the modes alike
-    loaded = {mode: load_model(args.model, **kwargs) for mode, kwargs in MODES.items()}
+    loaded = {mode: load_model(args.model, **MODES[mode]) for mode in args.modes}
     for mode, target in loaded.items():
         report["modes"][mode] = {"runtime": target.runner.describe()}
         print(f"{mode}: {report['modes'][mode]['runtime']}")
