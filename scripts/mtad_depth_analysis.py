@@ -6,8 +6,8 @@ tests/test_beam_sampler.py::test_min_joint_stops_at_the_first_level_below_it) an
 verdict restricted to them: the deepest passing node of depth <= L (a node's pass depends only on
 its own path and the best draft joint at its depth, which truncation keeps). So one full-depth run
 gives, per round and for every threshold, the levels drafted and the tokens accepted — paired, on
-the same contexts, free of timing noise. Costs are left as counts: head steps (levels) and
-verified tree tokens.
+the same contexts, free of timing noise; likewise every smaller fixed depth (a depth-d run draws
+the same first d levels). Costs are left as counts: head steps (levels) and verified tree tokens.
 
     .venv/bin/python scripts/mtad_depth_analysis.py --prompts 6 --tokens 48 --method eagle-mtad
 """
@@ -72,21 +72,21 @@ def main() -> None:
     full = [r for r in rounds if len(r[0]) == args.gamma]  # rounds cut short by max_new_tokens left out
     print(f"{args.method} tree B {args.beams} gamma {args.gamma}: {len(prompts)} prompts x {args.seeds} seeds, "
           f"{len(full)} full-depth rounds of {len(rounds)}; T 1 top-k 10 top-p 0.9")
-    print("min_joint  levels  tree tokens  tau (1 + accepted)")
-    for threshold in (float(t) for t in args.thresholds.split(",")):
-        levels_sum = accepted_sum = 0
-        for best, passing in full:
-            levels = args.gamma
-            if threshold:
-                below = [d for d, value in enumerate(best, start=1) if value < math.log(threshold)]
-                levels = below[0] if below else args.gamma
-            levels_sum += levels
-            accepted_sum += max((d for d in passing if d <= levels), default=0)
-        n = len(full)
-        levels = levels_sum / n
-        tau = 1 + accepted_sum / n
-        print(f"{threshold:9g}  {levels:6.2f}  {1 + args.beams * levels:11.2f}  {tau:18.3f}")
-
+    print("gamma  min_joint  levels  tree tokens  tau (1 + accepted)")
+    for cap in range(1, args.gamma + 1):  # a depth-cap run draws the same first levels: exact too
+        for threshold in (float(t) for t in args.thresholds.split(",")):
+            levels_sum = accepted_sum = 0
+            for best, passing in full:
+                levels = cap
+                if threshold:
+                    below = [d for d, value in enumerate(best[:cap], start=1) if value < math.log(threshold)]
+                    levels = below[0] if below else cap
+                levels_sum += levels
+                accepted_sum += max((d for d in passing if d <= levels), default=0)
+            n = len(full)
+            levels = levels_sum / n
+            tau = 1 + accepted_sum / n
+            print(f"{cap:5d}  {threshold:9g}  {levels:6.2f}  {1 + args.beams * levels:11.2f}  {tau:18.3f}")
 
 if __name__ == "__main__":
     main()
