@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 from specdecode import methods
+from specdecode.engine.batch import BatchStepper
 from specdecode.engine.loop import Generation
 from specdecode.engine.stats import GenerationResult
 from specdecode.errors import InvalidSettingError, PromptError
@@ -73,8 +74,29 @@ class SpeculativeDecoder:
         proposer, rule = self._start(gen_settings)
         return Generation(self.target, ids, proposer, rule, gen_settings, self.method)
 
-    def generate(self, prompt: str | list[int], **settings: Any) -> GenerationResult:
+    @overload
+    def generate(self, prompt: str | list[int], **settings: Any) -> GenerationResult: ...
+
+    @overload
+    def generate(self, prompt: list[str] | list[list[int]], **settings: Any) -> list[GenerationResult]: ...
+
+    def generate(self, prompt: str | list[int] | list[str] | list[list[int]],
+                 **settings: Any) -> GenerationResult | list[GenerationResult]:
+        """One result for one prompt (text or token ids); for a list of prompts, one result per
+        prompt, in order, decoded together: each step verifies every request's draft in one target
+        forward (``engine/batch.py``), each with its own cache, rule and statistics. Greedy output
+        equals each prompt decoded alone."""
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            return self.generate_batch(prompt, **settings)
         return self.start(prompt, **settings).result()
+
+    def generate_batch(self, prompts: list[str] | list[list[int]], max_batch_rows: int | None = None,
+                       **settings: Any) -> list[GenerationResult]:
+        """:meth:`generate` of several prompts in one batch (``max_batch_rows``: see
+        :class:`~specdecode.engine.batch.BatchStepper`)."""
+        generations = [self.start(p, **settings) for p in prompts]
+        BatchStepper(generations, max_batch_rows=max_batch_rows).run()
+        return [generation.result() for generation in generations]
 
 
 def make_settings(

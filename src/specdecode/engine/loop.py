@@ -8,12 +8,17 @@ the cache to its accepted path, which restores the same invariant. The target's 
 states at the kept positions go to the drafter (feature-level heads read them). Drafters keep
 their own caches and sync them the same way, or (self-drafts) borrow the target's cache during
 ``propose`` and leave it as they found it.
+
+A step is three calls — :meth:`Generation.propose`, the verification forward,
+:meth:`Generation.accept` — so that ``engine/batch.py`` can verify several generations' steps in
+one forward; iterating a generation runs its steps alone (a batch of one).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -21,9 +26,10 @@ from specdecode.accept.rules import AcceptanceRule
 from specdecode.engine.stats import GenerationResult, GenerationStats
 from specdecode.engine.stopping import StopChecker
 from specdecode.models.loading import LoadedModel
-from specdecode.models.runner import Readout
+from specdecode.models.cache import KVCache
+from specdecode.models.runner import Forward, Readout
 from specdecode.models.tree import keep_path
-from specdecode.propose.base import Proposer
+from specdecode.propose.base import Draft, Proposer
 from specdecode.sampling import GenerationSettings
 
 
@@ -32,6 +38,15 @@ def _now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+@dataclass
+class Step:
+    """A proposed step: the draft, the ids it feeds (``[last token, *draft]``), what the rule reads."""
+
+    draft: Draft
+    fed: list[int]
+    readout: Readout
 
 
 class Generation:
@@ -61,64 +76,87 @@ class Generation:
         self.generated: list[int] = []
         self.stats = GenerationStats(prompt_tokens=len(self.prompt_ids))
         self.stop_reason: str | None = None
+        self.kv: KVCache | None = None  # the target's cache, made by :meth:`prefill`
+        self.sequence = list(self.prompt_ids)
+        self._emitted = ""  # text streamed so far
         self._steps = self._run()
 
-    def _run(self) -> Iterator[list[int]]:
-        runner, device, stats = self.target.runner, self.target.device, self.stats
-        kv = runner.new_cache()
-        self.proposer.bind_target_cache(kv)
-        start = _now(device)
+    # One step in three parts, so that engine/batch.py can verify several generations in one forward.
+
+    def prefill(self) -> None:
+        """Make the target's cache and fill it with the prompt but its last token (the invariant)."""
+        runner, self.kv = self.target.runner, self.target.runner.new_cache()
+        self.proposer.bind_target_cache(self.kv)
+        self._start = _now(self.target.device)
         with torch.inference_mode():
             if len(self.prompt_ids) > 1:
-                self.proposer.on_prefill(runner.forward(kv, self.prompt_ids[:-1], Readout.hidden_only()).hidden)
-            stats.prefill_s = _now(device) - start
-            sequence = list(self.prompt_ids)
-            while self.stop_reason is None:
-                t0 = _now(device)
-                room = self.settings.max_new_tokens - len(self.generated)
-                draft = self.proposer.propose(sequence, max_tokens=room - 1)
-                t1 = _now(device)
-                fed = [sequence[-1], *draft.tokens]
-                out = runner.verify(kv, fed, draft.parents, self.rule.readout(draft))
-                t2 = _now(device)
-                verdict = self.rule(draft, out.logits)
-                kept = list(verdict.path or range(verdict.accepted + 1))
-                if draft.parents is not None:
-                    keep_path(kv, len(sequence) - 1, kept)
-                t3 = _now(device)
-                stats.draft_s += t1 - t0
-                stats.verify_s += t2 - t1
-                stats.accept_s += t3 - t2
-                stats.target_forwards += 1
-                stats.proposed_tokens += len(draft)
-                stats.accepted_lengths.append(verdict.accepted)
-                self.proposer.observe(len(draft), verdict.accepted)
-                self.proposer.observe_hidden(out.hidden[kept])
-                new = [*(fed[i] for i in kept[1:]), verdict.next_token]
-                kv.crop(len(sequence) + verdict.accepted)
-                new, self.stop_reason = self.stopper.cut(self.generated, new)
-                self.generated.extend(new)
-                sequence.extend(new)
-                yield new
-        stats.new_tokens = len(self.generated)
-        stats.draft_forwards = self.proposer.stats.forwards
-        stats.extra.update(self.proposer.stats.extra)
-        stats.total_s = _now(device) - start
+                self.proposer.on_prefill(runner.forward(self.kv, self.prompt_ids[:-1], Readout.hidden_only()).hidden)
+        self.stats.prefill_s = _now(self.target.device) - self._start
+
+    def propose(self) -> Step:
+        """Draft; the step feeds ``[last token] + draft`` and the rule reads ``step.readout``."""
+        t0 = _now(self.target.device)
+        with torch.inference_mode():
+            room = self.settings.max_new_tokens - len(self.generated)
+            draft = self.proposer.propose(self.sequence, max_tokens=room - 1)
+        self.stats.draft_s += _now(self.target.device) - t0
+        return Step(draft, [self.sequence[-1], *draft.tokens], self.rule.readout(draft))
+
+    def accept(self, step: Step, out: Forward, verify_s: float) -> list[int]:
+        """Apply the rule to the verification ``out`` of ``step``; cut the cache; return the new tokens."""
+        t2, stats, draft, kv = _now(self.target.device), self.stats, step.draft, self.kv
+        with torch.inference_mode():
+            verdict = self.rule(draft, out.logits)
+            kept = list(verdict.path or range(verdict.accepted + 1))
+            if draft.parents is not None:
+                keep_path(kv, len(self.sequence) - 1, kept)
+            stats.accept_s += _now(self.target.device) - t2
+            stats.verify_s += verify_s
+            stats.target_forwards += 1
+            stats.proposed_tokens += len(draft)
+            stats.accepted_lengths.append(verdict.accepted)
+            self.proposer.observe(len(draft), verdict.accepted)
+            self.proposer.observe_hidden(out.hidden[kept])
+            kv.crop(len(self.sequence) + verdict.accepted)
+        new = [*(step.fed[i] for i in kept[1:]), verdict.next_token]
+        new, self.stop_reason = self.stopper.cut(self.generated, new)
+        self.generated.extend(new)
+        self.sequence.extend(new)
+        if self.stop_reason is not None:
+            stats.new_tokens = len(self.generated)
+            stats.draft_forwards = self.proposer.stats.forwards
+            stats.extra.update(self.proposer.stats.extra)
+            stats.total_s = _now(self.target.device) - self._start
+        return new
+
+    def _run(self) -> Iterator[list[int]]:
+        """The single-request path: a batch of one (see :meth:`prefill`, :meth:`propose`, :meth:`accept`)."""
+        if self.kv is None:  # a batch (engine/batch.py) may have started it
+            self.prefill()
+        runner = self.target.runner
+        while self.stop_reason is None:
+            step = self.propose()
+            t1 = _now(self.target.device)
+            with torch.inference_mode():
+                out = runner.verify(self.kv, step.fed, step.draft.parents, step.readout)
+            yield self.accept(step, out, _now(self.target.device) - t1)
+
+    def new_text(self) -> str:
+        """The text decoded since the last call ("" while a trailing partial UTF-8 character waits)."""
+        text = self.target.tokenizer.decode(self.generated, skip_special_tokens=True)
+        if text.endswith("\ufffd") and self.stop_reason is None:  # hold back a partial character
+            return ""
+        emitted = self._emitted
+        if len(text) <= len(emitted) or not text.startswith(emitted):
+            return ""
+        self._emitted = text
+        return text[len(emitted):]
 
     def __iter__(self) -> Iterator[str]:
         """Yield newly decoded text as it is generated (needs a tokenizer)."""
-        tokenizer = self.target.tokenizer
-        emitted = ""
         for _ in self._steps:
-            if tokenizer is None:
-                continue
-            text = tokenizer.decode(self.generated, skip_special_tokens=True)
-            # hold back a trailing partial UTF-8 character until its other bytes arrive
-            if text.endswith("\ufffd") and self.stop_reason is None:
-                continue
-            if len(text) > len(emitted) and text.startswith(emitted):
-                yield text[len(emitted):]
-                emitted = text
+            if self.target.tokenizer is not None and (text := self.new_text()):
+                yield text
 
     def result(self) -> GenerationResult:
         for _ in self._steps:

@@ -169,6 +169,14 @@ class TargetRunner:
         hidden = hidden[-rows:]
         return Forward(self.logits(hidden, readout), hidden)
 
+    def forward_batch(self, kvs: Sequence[KVCache], id_lists: Sequence[Sequence[int]],
+                      readouts: Sequence[Readout]) -> list[Forward]:
+        """:meth:`forward` of several requests' chains (each on its own cache, which it extends) in
+        one forward: every product reads its weights once for all rows (``models/batch.py``)."""
+        from specdecode.models.batch import forward_batch
+
+        return forward_batch(self, kvs, id_lists, readouts)
+
     def logits(self, hidden: torch.Tensor, readout: Readout = Readout()) -> torch.Tensor:
         """The LM head on final hidden states ``[n, H]``: logits ``[n, V]``, float32 or wider."""
         if self._head is not None:

@@ -1,0 +1,124 @@
+"""Several generations stepped together: every one proposes, one target forward verifies all,
+each rule accepts its own rows (issue 28).
+
+:class:`BatchStepper` keeps the generations in progress; they join (:meth:`BatchStepper.add`) and
+leave (finished, or :meth:`BatchStepper.remove` — a client that went away) between steps
+(continuous batching). A step is :meth:`Generation.propose` for each, then the chains of all
+generations that share a target runner verified by one :meth:`TargetRunner.forward_batch`, then
+:meth:`Generation.accept` for each — the loop's invariant holds per generation after every step,
+as it does alone. A tree draft is verified in a forward of its own (tree attention in a batch is
+not built yet). A generation joining is prefilled, alone, before the step that first includes it.
+
+Batch-aware speculation: with ``max_batch_rows`` a step caps the rows it feeds; when the
+generations' ``[last token] + draft`` rows exceed it, drafts are cut (longest first, never below
+the last token) — each row past the first costs the whole batch, and a row that is rejected
+costs the other requests too. See docs/serving.md for the measured cost of rows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+
+from specdecode.engine.loop import Generation, Step
+from specdecode.propose.base import Draft
+
+
+class BatchStepper:
+    def __init__(self, generations: Iterable[Generation] = (), max_batch_rows: int | None = None) -> None:
+        self.active: list[Generation] = []
+        self.max_batch_rows = max_batch_rows
+        # generations whose prefill or drafting raised (a bug in a method), taken out of the batch
+        # before any shared forward: the others go on; the caller reads and clears this
+        self.failed: dict[Generation, Exception] = {}
+        for generation in generations:
+            self.add(generation)
+
+    def __len__(self) -> int:
+        return len(self.active)
+
+    def add(self, generation: Generation) -> None:
+        """Join the batch at the next step (prefilled then, if it was not yet)."""
+        if generation.stop_reason is None and generation not in self.active:
+            self.active.append(generation)
+
+    def remove(self, generation: Generation) -> None:
+        """Leave the batch (its cache is left as the last step left it)."""
+        if generation in self.active:
+            self.active.remove(generation)
+
+    def prefill_pending(self) -> list[Generation]:
+        """Prefill the generations that joined since the last step; return them."""
+        joined = [g for g in self.active if g.kv is None]
+        for generation in joined:
+            self._guarded(generation, generation.prefill)
+        return joined
+
+    def _guarded(self, generation: Generation, call):  # noqa: ANN001, ANN202
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - reported to the caller in ``failed``
+            self.failed[generation] = exc
+            self.remove(generation)
+            return None
+
+    def step(self) -> dict[Generation, list[int]]:
+        """One step of every active generation: the tokens each added. Finished ones leave."""
+        self.prefill_pending()
+        steps = {g: step for g in list(self.active) if (step := self._guarded(g, g.propose)) is not None}
+        self._cap_rows(steps)
+        added: dict[Generation, list[int]] = {}
+        by_runner: dict[int, list[Generation]] = {}
+        for generation, step in steps.items():
+            if step.draft.parents is None:
+                by_runner.setdefault(id(generation.target.runner), []).append(generation)
+            else:  # a tree: its own forward
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    out = generation.target.runner.verify(generation.kv, step.fed, step.draft.parents, step.readout)
+                added[generation] = generation.accept(step, out, time.perf_counter() - t0)
+        for members in by_runner.values():
+            runner = members[0].target.runner
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                outs = runner.forward_batch([g.kv for g in members], [steps[g].fed for g in members],
+                                            [steps[g].readout for g in members])
+            verify_s = time.perf_counter() - t0  # every member waited for the whole forward
+            rows = sum(len(steps[g].fed) for g in members)
+            for generation, out in zip(members, outs):
+                extra = generation.stats.extra
+                extra["batch_steps"] = extra.get("batch_steps", 0) + 1
+                extra["batch_requests_sum"] = extra.get("batch_requests_sum", 0) + len(members)
+                extra["batch_rows_sum"] = extra.get("batch_rows_sum", 0) + rows
+                added[generation] = generation.accept(steps[generation], out, verify_s)
+        self.active = [g for g in self.active if g.stop_reason is None]
+        return {g: added[g] for g in steps}
+
+    def run(self) -> None:
+        """Step until every generation has finished."""
+        while self.active:
+            self.step()
+
+    def _cap_rows(self, steps: dict[Generation, Step]) -> None:
+        """Cut chain drafts (longest first) until the step feeds at most ``max_batch_rows`` rows."""
+        if self.max_batch_rows is None:
+            return
+        total = sum(len(s.fed) for s in steps.values())
+        while total > self.max_batch_rows:
+            longest = max((g for g, s in steps.items() if s.draft.parents is None and len(s.draft)),
+                          key=lambda g: len(steps[g].draft), default=None)
+            if longest is None:
+                return
+            steps[longest] = _shorter(longest, steps[longest])
+            total -= 1
+
+
+def _shorter(generation: Generation, step: Step) -> Step:
+    """``step`` with its chain draft one token shorter (the rule reads the shorter draft)."""
+    draft = step.draft
+    keep = len(draft) - 1
+    shorter = Draft(draft.tokens[:keep], draft.probs[:keep] if draft.probs is not None else None,
+                    draft.log_q[:keep] if draft.log_q is not None else None, None)
+    return Step(shorter, step.fed[:keep + 1], generation.rule.readout(shorter))

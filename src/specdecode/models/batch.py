@@ -1,0 +1,117 @@
+"""Several requests' chains in one target forward (issue 28): :func:`forward_batch`.
+
+On a CPU a decode step is bound by reading the weights; a forward over a few more rows costs far
+less than a second forward. The batched forward packs the rows of every request side by side —
+ragged, no padding: ``[1, N_total, H]`` — and runs each layer's norms and products (q/k/v, o_proj,
+gate/up, down) once on all of them, so each weight is read once per step. What depends on the
+request runs on its own slice: rotary at its own positions, its own cache update, its own causal
+(and sliding-window) mask and attention. The LM head runs once on the kept rows of every request
+that reads the same top ``k``.
+
+Per row the arithmetic is that of the request's own forward (same norms, same rotary, same
+attention over the same keys); only the products see more rows, and each row of a product is the
+same dot product — the tests check greedy output token for token against each request alone.
+
+Without the native decoder (eager mode, a family outside the table, a self-draft runner) it is
+one forward per request: correct, not faster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from specdecode.models.cache import KVCache
+from specdecode.models.native import NativeDecoder, _chain_mask, _rotary_factors, _window_start
+
+if TYPE_CHECKING:
+    from specdecode.models.runner import Forward, Readout, TargetRunner
+
+
+def forward_batch(runner: TargetRunner, kvs: Sequence[KVCache], id_lists: Sequence[Sequence[int]],
+                  readouts: Sequence[Readout]) -> list[Forward]:
+    """:meth:`TargetRunner.forward` of each ``(kv, ids, readout)`` chain, in one forward where the
+    runner has the native decoder; each ``kv`` is extended by its ``ids``."""
+    from specdecode.models.runner import Forward, Readout
+
+    if not (len(kvs) == len(id_lists) == len(readouts)):
+        raise ValueError("forward_batch needs one cache, one id list and one readout per request")
+    if len({id(kv) for kv in kvs}) != len(kvs):
+        raise ValueError("forward_batch needs a distinct cache per request")
+    if runner.decoder is None or runner.skip is not None or len(kvs) == 1 or any(not ids for ids in id_lists):
+        return [runner.forward(kv, ids, readout) for kv, ids, readout in zip(kvs, id_lists, readouts)]
+    hidden = batched_hidden(runner.decoder, [kv.cache for kv in kvs], id_lists, runner.device)  # [N, H]
+    spans, offset = [], 0
+    for kv, ids in zip(kvs, id_lists):
+        kv.token_ids.extend(ids)
+        spans.append((offset, offset + len(ids)))
+        offset += len(ids)
+    outs: list[Forward | None] = [None] * len(kvs)
+    groups: dict[int | None, list[int]] = {}  # requests that read the same top k share one head call
+    for index, ((start, end), readout) in enumerate(zip(spans, readouts)):
+        rows = end - start if readout.rows is None else readout.rows
+        if rows == 0:
+            outs[index] = Forward(None, hidden[start:end])
+        else:
+            spans[index] = (end - rows, end)
+            groups.setdefault(readout.top_k, []).append(index)
+    for top_k, members in groups.items():
+        kept = torch.cat([hidden[spans[i][0]:spans[i][1]] for i in members])
+        logits = runner.logits(kept, Readout(top_k=top_k))
+        at = 0
+        for i in members:
+            n = spans[i][1] - spans[i][0]
+            outs[i] = Forward(logits[at:at + n], kept[at:at + n])
+            at += n
+    return outs  # type: ignore[return-value]
+
+
+def batched_hidden(decoder: NativeDecoder, caches: Sequence, id_lists: Sequence[Sequence[int]],
+                   device: torch.device) -> torch.Tensor:
+    """Final hidden states ``[N_total, H]`` of every request's chain ``ids`` after its cache (which
+    it extends): :class:`NativeDecoder`'s forward with the products on all rows at once."""
+    lengths = [len(ids) for ids in id_lists]
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    input_ids = torch.tensor([[t for ids in id_lists for t in ids]], dtype=torch.long, device=device)
+    hidden = decoder.embed_tokens(input_ids)  # [1, N, H]
+    pasts = [cache.get_seq_length() for cache in caches]
+    positions = torch.cat([torch.arange(p, p + n, device=device) for p, n in zip(pasts, lengths)])[None]
+    config, types = decoder.config, decoder.types
+    rotary, masks, starts = {}, {}, {}
+    for layer_type in set(types):
+        # rotary is elementwise in the positions: all rows at once give each request's own factors
+        if decoder.gemma_rotary:
+            rotary[layer_type] = _rotary_factors(*decoder.rotary_emb(hidden, positions, layer_type))
+        else:
+            rotary[layer_type] = _rotary_factors(*decoder.rotary_emb(hidden, positions))
+        window = getattr(config, "sliding_window", None) if layer_type == "sliding_attention" else None
+        masks[layer_type] = [_chain_mask(p, n, window, device) for p, n in zip(pasts, lengths)]
+        starts[layer_type] = [_window_start(p, window) for p in pasts]
+    requests = list(zip(range(len(caches)), caches, bounds, bounds[1:]))
+    for index, layer in enumerate(decoder.layers):
+        layer_type = types[index]
+        cos, signed_sin = rotary[layer_type]
+        qkv = layer.qkv(layer.input_norm(hidden))  # every request's rows: the weights read once
+        outs = []
+        for r, cache, a, b in requests:
+            q, k, v = layer.split_heads(qkv[:, a:b], cos[:, a:b], signed_sin[:, a:b])
+            k, v = cache.update(k, v, index)
+            start = starts[layer_type][r]
+            if start:
+                k, v = k[..., start:, :], v[..., start:, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[layer_type][r], scale=layer.scaling,
+                                                 enable_gqa=True)
+            outs.append(out.transpose(1, 2).reshape(1, b - a, -1))
+        out = layer.o_proj(torch.cat(outs, dim=1))
+        sandwich = layer.pre_feedforward_norm is not None
+        hidden = hidden + (layer.post_attention_norm(out) if sandwich else out)
+        x = (layer.pre_feedforward_norm if sandwich else layer.post_attention_norm)(hidden)
+        gate, up = layer.gate_up(x).split(layer.intermediate, dim=-1)
+        out = layer.down_proj(layer.act_fn(gate) * up)
+        hidden = hidden + (layer.post_feedforward_norm(out) if sandwich else out)
+    return decoder.norm(hidden)[0]

@@ -1,0 +1,144 @@
+"""Batched speculative decoding (issue 28): several requests verified in one target forward.
+
+Every request in a batch must decode exactly what it decodes alone (greedy): on every tiny
+architecture, float64 eager (one forward per request: the fallback) and float32 on the fast
+runtime (the native decoder's ragged batched forward), for the methods that batch; requests of
+different lengths join and leave mid-batch; one leaving mid-batch corrupts no other's cache.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from specdecode import SpeculativeDecoder
+from specdecode.engine.batch import BatchStepper
+from specdecode.models.loading import LoadedModel
+from specdecode.models.runner import Readout
+from specdecode.models.runtime import build_runtime
+from test_draft_head import _head
+from tiny_models import ARCHITECTURES, VOCAB, tiny_model
+
+
+def _target(arch: str, fast: bool) -> LoadedModel:
+    loaded = tiny_model(arch, seed=0)
+    if not fast:
+        return loaded
+    model = loaded.model.float()
+    return LoadedModel(model, None, loaded.name, runtime=build_runtime(model))
+
+
+def _prompts(seed: int, count: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(count):
+        motif = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 5))]
+        prompts.append(motif * rng.randint(1, 4) + [rng.randrange(VOCAB) for _ in range(rng.randint(0, 9))])
+    return prompts
+
+
+def _methods(target: LoadedModel) -> list[tuple[str, dict]]:
+    methods = [("ar", {}), ("pld", dict(gamma=4)), ("pld", dict(gamma=8, max_ngram=2)),
+               ("ssd", dict(skip_attention=[1], skip_mlp=[2], max_draft=4)),
+               ("eagle", dict(head=_head(target, vocab_ids=list(range(VOCAB))), gamma=3))]
+    return methods
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["float64-eager", "float32-fast"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_batched_greedy_equals_each_request_alone(arch, fast):
+    target = _target(arch, fast)
+    if fast and arch != "gpt2":
+        assert target.runner.native  # the batched forward, not the fallback
+    prompts = _prompts(hash(arch) % 997, 5)
+    lengths = [1, 7, 40, 23, 12]  # leave at different steps; 40 crosses Gemma's window of 8 often
+    for method, options in _methods(target):
+        decoder = SpeculativeDecoder(target, method, **options)
+        alone = [decoder.generate(p, max_new_tokens=n).token_ids for p, n in zip(prompts, lengths)]
+        generations = [decoder.start(p, max_new_tokens=n) for p, n in zip(prompts, lengths)]
+        BatchStepper(generations).run()
+        batched = [g.result() for g in generations]
+        assert [r.token_ids for r in batched] == alone, (method, options)
+        assert all(r.stats.new_tokens == n for r, n in zip(batched, lengths))
+
+
+def test_generate_takes_a_list_of_prompts_and_returns_one_result_each():
+    target = _target("llama", fast=True)
+    decoder = SpeculativeDecoder(target, "pld", gamma=4)
+    prompts = _prompts(3, 4)
+    results = decoder.generate(prompts, max_new_tokens=20)
+    assert [r.token_ids for r in results] == [decoder.generate(p, max_new_tokens=20).token_ids for p in prompts]
+    for result in results:
+        assert result.stats.new_tokens == 20 and result.stats.target_forwards >= 1
+        assert result.stats.extra["batch_steps"] == result.stats.target_forwards
+    assert results[0].stats.extra["batch_requests_sum"] > results[0].stats.target_forwards  # batched with others
+    single = decoder.generate(prompts[0], max_new_tokens=5)  # one prompt (token ids): one result
+    assert single.token_ids == results[0].token_ids[:5]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_requests_join_and_leave_mid_batch_and_a_removed_one_corrupts_nothing(arch):
+    target = _target(arch, fast=True)
+    decoder = SpeculativeDecoder(target, "pld", gamma=5)
+    prompts = _prompts(11, 6)
+    lengths = [30, 9, 25, 40, 3, 18]
+    alone = [decoder.generate(p, max_new_tokens=n).token_ids for p, n in zip(prompts, lengths)]
+    generations = [decoder.start(p, max_new_tokens=n) for p, n in zip(prompts, lengths)]
+    stepper = BatchStepper(generations[:2])
+    steps = 0
+    while stepper.active or steps < 6:
+        if steps == 2:
+            stepper.add(generations[2])
+            stepper.add(generations[3])
+        if steps == 3:
+            stepper.remove(generations[3])  # its client went away mid-batch
+        if steps == 5:
+            stepper.add(generations[4])
+            stepper.add(generations[5])
+        stepper.step()
+        steps += 1
+    for index, (generation, expected) in enumerate(zip(generations, alone)):
+        if index == 3:
+            assert generation.stop_reason is None and generation.generated == expected[:len(generation.generated)]
+        else:
+            assert generation.result().token_ids == expected, index
+
+
+def test_a_row_cap_cuts_drafts_and_stays_lossless():
+    target = _target("qwen2", fast=True)
+    decoder = SpeculativeDecoder(target, "pld", gamma=8, max_ngram=1)
+    prompts = [[5, 6, 7] * 6, [9, 9, 9, 9, 9, 9], [1, 2, 3, 4] * 3, [8, 1] * 5]
+    alone = [decoder.generate(p, max_new_tokens=24).token_ids for p in prompts]
+    generations = [decoder.start(p, max_new_tokens=24) for p in prompts]
+    stepper = BatchStepper(generations, max_batch_rows=6)
+    while stepper.active:
+        added = stepper.step()
+        assert sum(len(v) for v in added.values()) <= 6 + len(added)  # each row adds at most one token
+    assert [g.result().token_ids for g in generations] == alone
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_forward_batch_rows_equal_each_requests_forward(arch):
+    target = _target(arch, fast=True)
+    runner = target.runner
+    rng = random.Random(arch)
+    contexts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (3, 17, 1, 9)]
+    feeds = [[rng.randrange(VOCAB) for _ in range(n)] for n in (1, 5, 3, 12)]
+    with torch.inference_mode():
+        solo, batch_kvs = [], []
+        for context, feed in zip(contexts, feeds):
+            kv = runner.new_cache()
+            runner.forward(kv, context, Readout.hidden_only())
+            solo.append(runner.forward(kv, feed, Readout()))
+            kv.crop(len(context))
+            batch_kvs.append(kv)
+        outs = runner.forward_batch(batch_kvs, feeds, [Readout()] * len(feeds))
+        for kv, context, feed, alone, out in zip(batch_kvs, contexts, feeds, solo, outs):
+            assert kv.token_ids == context + feed and len(kv) == kv.cache.get_seq_length()
+            torch.testing.assert_close(out.hidden, alone.hidden, rtol=1e-5, atol=1e-5)
+            assert torch.equal(out.logits.argmax(-1), alone.logits.argmax(-1))
+        top = runner.forward_batch([runner.new_cache(), runner.new_cache()], [[1, 2], [3]],
+                                   [Readout(top_k=1), Readout.hidden_only()])
+        assert top[0].logits.shape == (2, VOCAB) and top[1].logits is None and top[1].hidden.shape[0] == 1
