@@ -353,7 +353,7 @@ class TunedHead:
         logits = self.linear(hidden.to(self.weight.dtype))
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return logits.float()  # bf16 → float32, as the eager runner widens it
 
     def top(self, hidden: torch.Tensor, k: int, until_mismatch: Sequence[int] | None = None) -> torch.Tensor:
         return self.full(hidden)
