@@ -1,5 +1,6 @@
 """Feature-level draft heads: lossless chains and trees, exact caches, exact sampling, pairing, files."""
 
+import copy
 import random
 
 import pytest
@@ -10,7 +11,7 @@ from specdecode.errors import InvalidSettingError, VocabularyMismatchError
 from specdecode.models.cache import KVCache
 from specdecode.models.runner import Readout
 from specdecode.models.draft_head import DraftHead, load_head, pair_head
-from specdecode.models.tree import keep_path
+from specdecode.models.tree import keep_path, tree_attention_mask
 from specdecode.propose.eagle import HeadDrafter
 from specdecode.sampling import SamplingSettings
 from test_sampling import SMALL_VOCAB, _first_tokens, _pooled_chisquare, _target_pair_distribution
@@ -72,6 +73,37 @@ def test_head_cache_follows_the_target_exactly(arch):
         hidden = target.model.base_model(input_ids=torch.tensor([sequence])).last_hidden_state[0, :-1]
         fresh = head.logits(head(hidden[None], torch.tensor([sequence[1:]]))[0, -1])
     torch.testing.assert_close(cached, fresh, rtol=1e-9, atol=1e-9)  # over the head's own ids
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_frozen_head_drafts_on_the_fast_runtime_with_the_same_features(arch):
+    """freeze() runs the head's layers on the native decoder (where the family has one): the same
+    features as `transformers`' forward over a chain and then a tree level on the head's cache, and
+    greedy eagle / multi-candidate eagle-mtad with it still equal ar."""
+    target = tiny_model(arch, seed=3)
+    head = _head(target, noise=0.05)
+    frozen = copy.deepcopy(head).freeze()
+    pair_head(target, frozen)
+    assert (frozen.runtime is not None and frozen.runtime.decoder is not None) == (arch != "gpt2")
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 11, head.hidden_size, dtype=torch.float64, generator=generator)  # past Gemma's window
+    ids = torch.tensor([[(7 * i + 2) % VOCAB for i in range(11)]])
+    positions = torch.tensor([11, 11, 11])
+    mask = tree_attention_mask(head.layers, 11, positions, torch.eye(3, dtype=torch.bool), positions)
+    outputs = []
+    with torch.inference_mode():
+        for drafter in (head, frozen):
+            kv = KVCache()
+            chain = drafter(hidden, ids, kv)
+            level = drafter(chain[:, -1:].expand(1, 3, -1), torch.tensor([[1, 2, 3]]), kv,
+                            position_ids=positions[None], attention_mask=mask)
+            outputs.append(torch.cat([chain, level], dim=1))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-9, atol=1e-9)
+    prompt = [4, 8, 15, 16, 23, 42, 4, 8, 15]
+    expected = SpeculativeDecoder(target, "ar").generate(prompt, max_new_tokens=30).token_ids
+    for method, options in (("eagle", dict(gamma=4)), ("eagle-mtad", dict(beams=3, gamma=3, tree=True))):
+        result = SpeculativeDecoder(target, method, head=frozen, **options).generate(prompt, max_new_tokens=30)
+        assert result.token_ids == expected, method
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from specdecode.errors import ModelLoadError, VocabularyMismatchError
 from specdecode.models.cache import KVCache
 from specdecode.models.frequent_vocab import validate_token_ids
 from specdecode.models.loading import LoadedModel
+from specdecode.models.native import NativeDecoder
 
 FORMAT = "specdecode-draft-head/1"
 DEFAULT_HEAD = "default-head"  # the head shipped for the embedded default target (see drafts/)
@@ -43,6 +45,17 @@ def shipped_head_dir() -> Path:
 def _layer_source(model: nn.Module) -> nn.ModuleList:
     base = model.base_model
     return base.layers if hasattr(base, "layers") else base.h
+
+
+@dataclass(frozen=True)
+class _HeadRuntime:
+    """What a frozen head drafts with on a CPU: the native decoder over its layers (None where the
+    family has none) and its input projection on the tuned product kernels."""
+
+    decoder: NativeDecoder | None
+    fc: nn.Module
+    dtype: torch.dtype  # what it was built for: a head moved or cast afterwards runs `transformers`' forward
+    device: torch.device
 
 
 class DraftHead(nn.Module):
@@ -77,6 +90,7 @@ class DraftHead(nn.Module):
         self.register_buffer("vocab_ids", torch.tensor(vocab_ids, dtype=torch.long), persistent=False)
         object.__setattr__(self, "embedding", None)  # lent by the target (kept out of state_dict and .to())
         object.__setattr__(self, "rows", None)
+        object.__setattr__(self, "runtime", None)  # the fast runtime of a frozen head (freeze())
 
     # -- building and pairing -------------------------------------------------------------------
 
@@ -121,13 +135,37 @@ class DraftHead(nn.Module):
         """Predicted features ``[B, n, H]`` for inputs ``hidden [B, n, H]`` and ``token_ids [B, n]``.
 
         With ``kv`` (batch 1) the entries are appended to it (the caller keeps ``kv.token_ids``).
+        A frozen head (:meth:`freeze`) drafts on the fast runtime, as the target runs.
         """
-        fused = self.fc(torch.cat([hidden.to(self.fc.weight.dtype), self.embed(token_ids)], dim=-1))
-        out = self.layers(inputs_embeds=fused, past_key_values=None if kv is None else kv.cache,
-                          use_cache=kv is not None, position_ids=position_ids, attention_mask=attention_mask)
+        plan = self.runtime
+        if plan is None or kv is None or torch.is_grad_enabled() or (plan.dtype, plan.device) != (
+                self.fc.weight.dtype, self.fc.weight.device):
+            plan = None
+        fc = self.fc if plan is None else plan.fc
+        fused = fc(torch.cat([hidden.to(self.fc.weight.dtype), self.embed(token_ids)], dim=-1))
+        if plan is not None and plan.decoder is not None:
+            out = plan.decoder(kv.cache, None, position_ids, attention_mask, inputs_embeds=fused)
+        else:
+            out = self.layers(inputs_embeds=fused, past_key_values=None if kv is None else kv.cache,
+                              use_cache=kv is not None, position_ids=position_ids,
+                              attention_mask=attention_mask).last_hidden_state
         if kv is not None:
             kv.token_ids.extend(token_ids[0].tolist())
-        return out.last_hidden_state
+        return out
+
+    def freeze(self) -> DraftHead:
+        """Mark the head's weights final: on a CPU its drafting then runs on the fast runtime (the
+        native decoder and tuned products of ``models/runtime.py``, built here over the same
+        weights); a head still being trained keeps `transformers`' forward."""
+        from specdecode.models.runtime import build_runtime, tuned_linear
+
+        plan = build_runtime(self.layers) if self.fc.weight.device.type == "cpu" else None
+        runtime = None
+        if plan is not None:
+            runtime = _HeadRuntime(plan.decoder, tuned_linear(self.fc, plan.kernels), self.fc.weight.dtype,
+                                   self.fc.weight.device)
+        object.__setattr__(self, "runtime", runtime)
+        return self
 
     # -- files ----------------------------------------------------------------------------------
 
@@ -170,7 +208,7 @@ def load_head(spec: str | Path) -> DraftHead:
     if unexpected or any(not _unused(k) for k in missing):
         raise ModelLoadError(f"draft head {str(spec)!r} does not match its config (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
-    return head.to(torch.float32).eval()
+    return head.to(torch.float32).eval().freeze()
 
 
 def pair_head(target: LoadedModel, head: DraftHead) -> None:

@@ -71,8 +71,9 @@ def runs_natively(model: nn.Module) -> bool:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM, or of a bare decoder stack (a draft head's layers)."""
     family = family_of(model, "layer skipping")
-    return getattr(getattr(model, family.stack), family.layers)
+    return getattr(getattr(model, family.stack, model), family.layers)
 
 
 def num_layers(model: nn.Module) -> int:

@@ -49,9 +49,11 @@ class _Norm:
 
     @classmethod
     def of(cls, module: nn.Module, gemma: bool) -> _Norm:
-        weight = module.weight.detach().float()
+        weight = module.weight.detach()
         eps = float(getattr(module, "eps", None) or module.variance_epsilon)
-        return cls((1.0 + weight) if gemma else weight, eps, gemma)
+        # Gemma adds 1 in float32; Llama multiplies by its weight as stored (float64 stays float64)
+        return cls((1.0 + weight.float()) if gemma else weight.to(torch.promote_types(weight.dtype, torch.float32)),
+                   eps, gemma)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # the hot path: one fused op, the same floats as the four-op form
