@@ -52,6 +52,8 @@ def test_invalid_generation_settings(target, settings, error):
         ("pld", dict(gamma=2.5), "takes an integer"),
         ("mtad", dict(threshold="high"), "threshold .* takes a number"),
         ("mtad", dict(with_replacement=1), "with_replacement .* takes true or false"),
+        ("mtad", dict(min_joint=1.5), r"min_joint .* must be in \[0, 1\)"),
+        ("mtad", dict(min_share=-0.1), r"min_share .* must be in \[0, 1\)"),
     ],
 )
 def test_invalid_method_options(target, method, options, error):

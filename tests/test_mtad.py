@@ -157,3 +157,18 @@ def test_bad_options(options, error):
 def test_vocabulary_mismatch_refused():
     with pytest.raises(VocabularyMismatchError):
         SpeculativeDecoder(tiny_model("llama"), "mtad", draft=tiny_model("llama", vocab=31))
+
+
+def test_adaptive_depth_and_width_through_the_method_keep_greedy_exact():
+    """min_joint / min_share reach the beam sampler from the method's options (and the CLI's);
+    greedy MTAD with them still equals ar, and they do cut levels and beams."""
+    target = tiny_model("llama", seed=3)
+    draft = tiny_model("llama", seed=4)
+    prompt = [5, 9, 13, 5, 9, 13, 2]
+    expected = SpeculativeDecoder(target, "ar").generate(prompt, max_new_tokens=20).token_ids
+    plain = SpeculativeDecoder(target, "mtad", draft=draft, beams=3, gamma=4).generate(prompt, max_new_tokens=20)
+    adaptive = SpeculativeDecoder(target, "mtad", draft=draft, beams=3, gamma=4, min_joint=0.5,
+                                  min_share=0.3).generate(prompt, max_new_tokens=20)
+    assert plain.token_ids == adaptive.token_ids == expected
+    assert adaptive.stats.extra["draft_levels"] < plain.stats.extra["draft_levels"]
+

@@ -154,13 +154,15 @@ def build_speculative_sampling(
 @register("mtad")
 def build_mtad(
     ctx: MethodContext, beams: int = 4, gamma: int = 4, threshold: float = 0.5, with_replacement: bool = False,
-    tree: bool = False,
+    tree: bool = False, min_joint: float = 0.0, min_share: float = 0.0,
 ) -> tuple[Proposer, AcceptanceRule]:
     """Multi-token assisted decoding: beam-sampled joint drafts, joint-ratio verification. ``tree``:
-    the multi-candidate variant, every level's beams verified together in one tree forward."""
+    the multi-candidate variant, every level's beams verified together in one tree forward.
+    ``min_joint`` (adaptive depth): stop after a level whose best beam's joint draft probability is
+    below it; ``min_share`` (adaptive width): drop beams below that share of their level."""
     draft = require_draft(ctx, "mtad")
     proposer = BeamSampleProposer(ModelDrafter(draft.runner), ctx.sampling, ctx.generator, beams, gamma,
-                                  with_replacement, tree)
+                                  with_replacement, tree, min_joint=min_joint, min_share=min_share)
     return proposer, JointRatioAcceptance(ctx.sampling, ctx.generator, threshold)
 
 
@@ -280,12 +282,12 @@ def build_eagle_tree(
 @register("eagle-mtad")
 def build_eagle_mtad(
     ctx: MethodContext, head: HeadSpec = DEFAULT_HEAD, beams: int = 4, gamma: int = 4, threshold: float = 0.5,
-    with_replacement: bool = False, tree: bool = False,
+    with_replacement: bool = False, tree: bool = False, min_joint: float = 0.0, min_share: float = 0.0,
 ) -> tuple[Proposer, AcceptanceRule]:
     """MTAD with the draft head as its auxiliary model: beam sampling over the head, joint-ratio
-    verification (``tree``: multi-candidate, as ``mtad``)."""
+    verification (``tree``, ``min_joint``, ``min_share``: as ``mtad``)."""
     proposer = BeamSampleProposer(HeadDrafter(require_head(ctx, head)), ctx.sampling, ctx.generator, beams, gamma,
-                                  with_replacement, tree)
+                                  with_replacement, tree, min_joint=min_joint, min_share=min_share)
     return proposer, JointRatioAcceptance(ctx.sampling, ctx.generator, threshold)
 
 
