@@ -4,6 +4,8 @@ Phase "load": CLIENTS concurrent streaming clients, REQUESTS requests each, mixe
 methods; reports every status code, p50/p95 time to first token and tokens/s.
 Phase "starvation": a short request sent one second after a long one (run it against
 ``--max-batch 1`` too to see what the step-level interleaving buys).
+Phase "concurrency": 1, 4, 16 clients (``--concurrency``) streaming one method each
+(``--concurrency-methods pld,ar``): aggregate tokens/s, TTFT and inter-token latency p50/p99.
 Phase "disconnect": clients that walk away mid-stream, then as many normal requests, which
 must all be served (the abandoned generations' slots were freed); the server must stay healthy.
 
@@ -46,7 +48,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, prompt: str, max_token
     """One streaming completion; its status, time to first token, tokens and duration."""
     body = {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "speculative": {"method": method}}
-    start, ttft, chunks, stats = time.perf_counter(), None, 0, None
+    start, ttft, chunks, stats, times = time.perf_counter(), None, 0, None, []
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
             if response.status_code != 200:
@@ -59,7 +61,8 @@ async def stream_one(client: httpx.AsyncClient, url: str, prompt: str, max_token
                 if "error" in chunk:
                     return {"status": "stream_error", "method": method, "error": chunk["error"]["message"]}
                 if chunk["choices"] and chunk["choices"][0]["text"]:
-                    ttft = ttft or time.perf_counter() - start
+                    times.append(time.perf_counter() - start)
+                    ttft = ttft or times[0]
                     chunks += 1
                 stats = chunk.get("speculative_stats", stats)
                 if disconnect_after is not None and chunks >= disconnect_after:
@@ -68,8 +71,12 @@ async def stream_one(client: httpx.AsyncClient, url: str, prompt: str, max_token
         return {"status": f"transport:{type(exc).__name__}", "method": method}
     elapsed = time.perf_counter() - start
     tokens = stats["new_tokens"] if stats else 0
+    # inter-token latency: the time after the first text over the tokens after the first one (a
+    # speculative step streams several tokens in one chunk), and the gaps between chunks
+    itl = (times[-1] - times[0]) / (tokens - 1) if tokens > 1 and len(times) > 1 else None
     return {"status": 200, "method": method, "ttft": ttft, "elapsed": elapsed, "tokens": tokens,
-            "max_tokens": max_tokens, "tau": stats["tokens_per_target_forward"] if stats else None}
+            "max_tokens": max_tokens, "tau": stats["tokens_per_target_forward"] if stats else None,
+            "itl": itl, "chunk_gaps": [b - a for a, b in zip(times, times[1:])]}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -92,6 +99,11 @@ def summarise(results: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
             "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p95_s": percentile(ttfts, 0.95),
             "tokens": tokens, "aggregate_tokens_per_s": round(tokens / wall_s, 2),
             "per_request_tokens_per_s_p50": percentile([r["tokens"] / r["elapsed"] for r in done], 0.5),
+            "ttft_p99_s": percentile(ttfts, 0.99),
+            "itl_p50_s": percentile(itls := [r["itl"] for r in done if r.get("itl") is not None], 0.5),
+            "itl_p99_s": percentile(itls, 0.99),
+            "chunk_gap_p50_s": percentile(gaps := [g for r in done for g in r.get("chunk_gaps", [])], 0.5),
+            "chunk_gap_p99_s": percentile(gaps, 0.99),
             "per_method": per_method}
 
 
@@ -109,6 +121,29 @@ async def load_phase(url: str, clients: int, requests: int, lengths: list[int]) 
         start = time.perf_counter()
         batches = await asyncio.gather(*(client_task(i, client) for i in range(clients)))
         return summarise([r for batch in batches for r in batch], time.perf_counter() - start)
+
+
+async def concurrency_phase(url: str, levels: list[int], method: str, max_tokens: int,
+                            requests: int) -> dict[str, Any]:
+    """Throughput against concurrency (issue 28): for each level, that many clients each stream
+    greedy completions of ``max_tokens`` tokens with one method, back to back: ``requests`` times
+    as many as make every level send each prompt equally often (1 client: every prompt in turn)."""
+    out: dict[str, Any] = {}
+    async with httpx.AsyncClient(timeout=600) as client:
+        await stream_one(client, url, PROMPTS[0], 4, method)  # warm-up
+        for level in levels:
+            per_client = requests * -(-len(PROMPTS) // level)
+
+            async def client_task(index: int) -> list[dict[str, Any]]:
+                return [await stream_one(client, url, PROMPTS[(index * per_client + j) % len(PROMPTS)], max_tokens,
+                                         method) for j in range(per_client)]
+
+            start = time.perf_counter()
+            batches = await asyncio.gather(*(client_task(i) for i in range(level)))
+            summary = summarise([r for batch in batches for r in batch], time.perf_counter() - start)
+            summary["load_average_1m"] = round(os.getloadavg()[0], 2)
+            out[f"{method}_c{level}"] = summary
+    return out
 
 
 async def disconnect_phase(url: str, clients: int) -> dict[str, Any]:
@@ -159,6 +194,11 @@ def run_server_test(args: argparse.Namespace) -> dict[str, Any]:
         result["starvation"] = asyncio.run(starvation_phase(args.url))
     if "load" in phases:
         result["load"] = asyncio.run(load_phase(args.url, args.clients, args.requests, lengths))
+    if "concurrency" in phases:
+        levels = [int(x) for x in args.concurrency.split(",")]
+        for method in args.concurrency_methods.split(","):
+            result.update(asyncio.run(concurrency_phase(args.url, levels, method, args.concurrency_tokens,
+                                                        args.concurrency_requests)))
     if "disconnect" in phases:
         result["disconnect"] = asyncio.run(disconnect_phase(args.url, args.clients // 2))
     result["health_after"] = health(args.url)
@@ -218,15 +258,17 @@ async def kill_phase(url: str, clients: int, lengths: list[int], ray: Any, app_n
 
 def markdown(result: dict[str, Any], command: str) -> str:
     lines = ["# specdecode serve load test", "", f"Command: `{command}`", "", f"Machine: {machine()}", "",
-             "| phase | requests | statuses | wall s | TTFT p50 s | TTFT p95 s | tokens | aggregate tok/s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| phase | requests | statuses | wall s | TTFT p50 s | TTFT p95 s | ITL p50 s | ITL p99 s | tokens "
+             "| aggregate tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(value: Any) -> str:
         return f"{value:.2f}" if isinstance(value, float) else str(value)
 
     def row(name: str, s: dict[str, Any]) -> None:
         lines.append(f"| {name} | {s['requests']} | {s['statuses']} | {s['wall_s']} | {fmt(s['ttft_p50_s'])} | "
-                     f"{fmt(s['ttft_p95_s'])} | {s['tokens']} | {s['aggregate_tokens_per_s']} |")
+                     f"{fmt(s['ttft_p95_s'])} | {fmt(s.get('itl_p50_s'))} | {fmt(s.get('itl_p99_s'))} | {s['tokens']} "
+                     f"| {s['aggregate_tokens_per_s']} |")
 
     for key, value in result.items():
         if isinstance(value, dict) and "statuses" in value:
@@ -247,6 +289,11 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="max_tokens cycled over requests")
     parser.add_argument("--phases", default="starvation,load,disconnect", help="server phases to run")
+    parser.add_argument("--concurrency", default="1,4,16", help="phase 'concurrency': client counts")
+    parser.add_argument("--concurrency-methods", default="pld,ar", help="phase 'concurrency': one run per method")
+    parser.add_argument("--concurrency-tokens", type=int, default=48, help="phase 'concurrency': max_tokens")
+    parser.add_argument("--concurrency-requests", type=int, default=1,
+                        help="phase 'concurrency': rounds of requests (each level sends every prompt equally often)")
     parser.add_argument("--ray-replicas", default=None, help="e.g. 1,2: deploy on a local Ray and compare")
     parser.add_argument("--server-command", default="", help="how the server was started (recorded in COMMAND.txt)")
     parser.add_argument("--out", type=Path, default=None, help="directory for result.json, result.md, COMMAND.txt")

@@ -192,7 +192,8 @@ def test_models_health_and_metrics(server, client):
     for name in ("specdecode_requests_total", "specdecode_generated_tokens_total",
                  "specdecode_tokens_per_target_forward_bucket", "specdecode_acceptance_rate_bucket",
                  "specdecode_time_to_first_token_seconds_bucket", "specdecode_inter_token_latency_seconds_bucket",
-                 "specdecode_queue_depth"):
+                 "specdecode_queue_depth", "specdecode_kv_budget_tokens", "specdecode_kv_reserved_tokens",
+                 "specdecode_kv_used_tokens"):
         assert name in text, name
     assert re.search(r'specdecode_requests_total\{method="ar",route="/v1/completions",status="200"\} [1-9]', text)
 
@@ -334,3 +335,34 @@ def test_full_queue_gets_429_and_the_deadline_cuts_a_long_generation():
         assert response["speculative_stats"]["timed_out"] is True
         assert 0 < response["usage"]["completion_tokens"] < 400
         assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_batched_requests_equal_the_library_alone_and_the_kv_budget_admits_and_refuses(real_model):
+    """Issue 28: concurrent requests are verified in one forward per step; each greedy text equals
+    the request decoded alone. A KV budget of 100 tokens admits about three of these at once (the
+    rest wait, none is refused) and refuses one that can never fit."""
+    prompts = [PROMPT, CODE_PROMPT, "Once upon a time, in a small village by the sea,", "The weather today"]
+    cases = [(p, m) for p in prompts for m in ("pld", "ar")]
+    expected = {(p, m): SpeculativeDecoder(real_model, m).generate(p, max_new_tokens=12).text for p, m in cases}
+    with running_server("--method", "pld", "--method", "ar", "--max-batch", "8", "--max-kv-tokens", "100") as url:
+        got: dict = {}
+
+        def ask(prompt: str, method: str) -> None:
+            body = {**GOOD, "prompt": prompt, "max_tokens": 12, "speculative": {"method": method}}
+            response = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+            got[(prompt, method)] = (response.status_code, response.json())
+
+        threads = [threading.Thread(target=ask, args=case) for case in cases]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert {case: status for case, (status, _) in got.items()} == dict.fromkeys(cases, 200)
+        assert {case: body["choices"][0]["text"] for case, (_, body) in got.items()} == expected
+        batched = [body["speculative_stats"] for _, body in got.values()]
+        assert max(s["extra"]["batch_requests_sum"] / s["extra"]["batch_steps"] for s in batched) > 1.5  # batched
+        too_big = httpx.post(f"{url}/v1/completions", json={**GOOD, "max_tokens": 200}, timeout=60)
+        assert too_big.status_code == 400 and "KV budget" in too_big.json()["error"]["message"]
+        metrics = httpx.get(f"{url}/metrics").text
+        assert "specdecode_kv_budget_tokens 100.0" in metrics
+        assert "specdecode_kv_reserved_tokens 0.0" in metrics and "specdecode_active_generations 0.0" in metrics

@@ -27,7 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default=None, help="the id clients pass as 'model' (default: --model)")
-    parser.add_argument("--max-batch", type=int, default=4, help="requests decoded at once, step by step")
+    parser.add_argument("--max-batch", type=int, default=16,
+                        help="requests decoded at once: each step verifies all of them in one forward")
+    parser.add_argument("--max-kv-tokens", type=int, default=None,
+                        help="KV budget: the active requests' prompt + max_tokens stay within it; the rest wait")
+    parser.add_argument("--max-batch-rows", type=int, default=None,
+                        help="rows one batched step feeds at most: drafts are cut to fit (default: no cap)")
     parser.add_argument("--max-queue", type=int, default=16, help="requests waiting for a slot before 429")
     parser.add_argument("--request-timeout", type=float, default=600.0,
                         help="seconds from arrival after which a generation is cut (finish_reason 'length')")
@@ -52,7 +57,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         raise InvalidSettingError(f"option(s) {', '.join(sorted(unused))} not taken by any served method")
     config = EngineConfig(model=args.model, draft=args.draft, methods=served, served_name=args.served_model_name,
                           dtype=args.dtype, device=args.device, threads=args.threads, quantize=args.quantize,
-                          fast=not args.eager, max_batch=args.max_batch,
+                          fast=not args.eager, max_batch=args.max_batch, max_kv_tokens=args.max_kv_tokens,
+                          max_batch_rows=args.max_batch_rows,
                           max_queue=args.max_queue, request_timeout=args.request_timeout)
     config.validate()
     return config

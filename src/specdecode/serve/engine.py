@@ -34,8 +34,10 @@ class EngineConfig:
     threads: int | None = None
     quantize: str | None = None
     fast: bool = True  # the fast CPU runtime (models/runtime.py); False: the model's own kernels
-    max_batch: int = 4
+    max_batch: int = 16  # requests decoded at once, verified in one forward per step
     max_queue: int = 16
+    max_kv_tokens: int | None = None  # KV budget over the active requests (prompt + max_tokens each)
+    max_batch_rows: int | None = None  # cap on the rows one step feeds (drafts cut to fit)
     request_timeout: float | None = 600.0
 
     @property
@@ -50,6 +52,10 @@ class EngineConfig:
             methods.validate_options(name, options)
         if self.max_batch < 1 or self.max_queue < 0:
             raise InvalidSettingError("--max-batch must be >= 1 and --max-queue >= 0")
+        if self.max_kv_tokens is not None and self.max_kv_tokens < 1:
+            raise InvalidSettingError("--max-kv-tokens must be >= 1")
+        if self.max_batch_rows is not None and self.max_batch_rows < self.max_batch:
+            raise InvalidSettingError("--max-batch-rows must be >= --max-batch (one row per request at least)")
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise InvalidSettingError("--request-timeout must be > 0")
 
@@ -67,7 +73,8 @@ class Engine:
         self.decoders = {name: SpeculativeDecoder(self.target, name, self.draft, **options)
                          for name, options in config.methods.items()}
         self.metrics = ServerMetrics()
-        self.scheduler = Scheduler(self.metrics, config.max_batch, config.max_queue)
+        self.scheduler = Scheduler(self.metrics, config.max_batch, config.max_queue, config.max_kv_tokens,
+                                   config.max_batch_rows)
 
     @property
     def method_names(self) -> list[str]:

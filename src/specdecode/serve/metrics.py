@@ -32,6 +32,11 @@ class ServerMetrics:
                              registry=r)
         self.queue_depth = Gauge("specdecode_queue_depth", "Requests waiting for a slot", registry=r)
         self.active = Gauge("specdecode_active_generations", "Requests being decoded", registry=r)
+        self.kv_budget = Gauge("specdecode_kv_budget_tokens", "KV tokens the active requests may reserve "
+                               "(--max-kv-tokens; 0: no budget)", registry=r)
+        self.kv_reserved = Gauge("specdecode_kv_reserved_tokens", "KV tokens the active requests reserve "
+                                 "(prompt + max_tokens each)", registry=r)
+        self.kv_used = Gauge("specdecode_kv_used_tokens", "KV tokens the active requests' caches hold", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,20 +1,27 @@
-"""One worker thread decodes every request, one speculative step per request per round.
+"""One worker thread decodes every request; each step verifies every active request in one
+target forward (issue 28: batched speculative decoding).
 
 Why one thread: torch forwards from several threads at once fight over the same CPU cores (and
-the same tokenizer), so concurrency comes from interleaving instead. The worker keeps up to
-``max_batch`` generations active and round-robins them: each round advances every active
-generation by one step of its text stream, so a short request submitted after a long one gets
-its first token after at most one step of each other active request, not after the long request
-has finished. Requests beyond ``max_batch`` wait in a bounded queue; beyond ``max_queue`` waiting
-requests, :meth:`Scheduler.submit` refuses (the server answers 429).
+the same tokenizer), so concurrency comes from batching instead. The worker keeps up to
+``max_batch`` generations active in a :class:`~specdecode.engine.batch.BatchStepper`: each step
+every active generation drafts, one forward of the target verifies all their drafts (the rows of
+every request side by side: each weight is read once per step, not once per request), and each
+request's rule accepts its own rows. Requests join and leave between steps (continuous
+batching), whatever method they use: every served method shares the target. A joining request
+is prefilled alone before the step that first includes it.
 
-Every generation keeps its own KV cache (one :class:`~specdecode.engine.loop.Generation` each);
-nothing is shared between requests but the model weights, which are only read.
+Admission: a request needs ``prompt + max_tokens`` KV tokens; with ``max_kv_tokens`` the active
+requests' reservations stay within that budget (one that can never fit is refused, 400); the
+others wait in arrival order, and beyond ``max_queue`` waiting requests :meth:`Scheduler.submit`
+refuses (the server answers 429). The budget, the reserved and the used tokens are in /metrics.
+
+Every generation keeps its own KV cache; nothing is shared between requests but the model
+weights, which are only read.
 
 The handlers talk to the worker through a :class:`Job`: the worker reports :class:`Started`
 (or :class:`Failed` when the library refuses the request), then :class:`Text` chunks, then
 :class:`Finished`. A handler whose client went away calls :meth:`Job.cancel`; the worker drops
-the job before its next step, freeing its slot.
+the job before its next step, freeing its slot and its rows in the batch.
 """
 
 from __future__ import annotations
@@ -23,14 +30,15 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from specdecode.engine.batch import BatchStepper
 from specdecode.engine.loop import Generation
-from specdecode.errors import SpecDecodeError
+from specdecode.errors import PromptError, SpecDecodeError
 from specdecode.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -81,7 +89,7 @@ class Job:
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     generation: Generation | None = None
-    chunks: Iterator[str] | None = None
+    kv_tokens: int = 0  # what it reserves of the KV budget: prompt + max_tokens
     admitted: float | None = None
     last_text_at: float | None = None
     tokens_reported: int = 0
@@ -112,12 +120,18 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
 
 
 class Scheduler:
-    def __init__(self, metrics: ServerMetrics, max_batch: int = 4, max_queue: int = 16) -> None:
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+    def __init__(self, metrics: ServerMetrics, max_batch: int = 16, max_queue: int = 16,
+                 max_kv_tokens: int | None = None, max_batch_rows: int | None = None) -> None:
+        if max_batch < 1 or max_queue < 0 or (max_kv_tokens is not None and max_kv_tokens < 1):
+            raise ValueError("max_batch and max_kv_tokens must be >= 1 and max_queue >= 0")
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.max_kv_tokens = max_kv_tokens
+        self._stepper = BatchStepper(max_batch_rows=max_batch_rows)  # the active generations (worker only)
+        self._reserved = 0  # KV tokens the active jobs reserve (worker thread only)
+        if max_kv_tokens is not None:
+            metrics.kv_budget.set(max_kv_tokens)
         self._cond = threading.Condition()
         self._incoming: list[Job] = []  # submitted, not started yet (guarded by _cond)
         self._outstanding = 0  # submitted and not finished (guarded by _cond)
@@ -168,8 +182,8 @@ class Scheduler:
                 for job in incoming:
                     self._start(job)
                 self._admit()
-                for job in list(self._active):
-                    self._step(job)
+                if self._active:
+                    self._step()
                 self._update_gauges()
             for job in [*self._incoming, *self._waiting, *self._active]:
                 self._release(job, Failed(ShuttingDownError("server is shutting down")), "error")
@@ -180,8 +194,13 @@ class Scheduler:
         except Exception as exc:  # the library refused the request (or a bug): tell the client
             self._fail(job, exc)
             return
-        job.chunks = iter(job.generation)
         job.stops = job.generation.settings.stop_strings
+        job.kv_tokens = len(job.generation.prompt_ids) + job.generation.settings.max_new_tokens
+        if self.max_kv_tokens is not None and job.kv_tokens > self.max_kv_tokens:
+            self._fail(job, PromptError(f"prompt of {len(job.generation.prompt_ids)} tokens + max_tokens "
+                                        f"{job.generation.settings.max_new_tokens} exceeds the server's KV budget "
+                                        f"of {self.max_kv_tokens} tokens"))
+            return
         job.deliver(Started(len(job.generation.prompt_ids)))
         self._waiting.append(job)
 
@@ -193,31 +212,47 @@ class Scheduler:
                 self._release(job, None, "cancelled")
             else:
                 self._complete(job, timed_out=True)
-        while self._waiting and len(self._active) < self.max_batch:
+        # in arrival order: a request that does not fit the KV budget waits, and so do those after it
+        while self._waiting and len(self._active) < self.max_batch and self._fits(self._waiting[0]):
             job = self._waiting.popleft()
             job.admitted = now
             self._active.append(job)
+            self._reserved += job.kv_tokens
+            assert job.generation is not None
+            self._stepper.add(job.generation)
 
-    def _step(self, job: Job) -> None:
-        """Advance ``job`` by one step of its text stream (or drop / cut / finish it)."""
-        assert job.generation is not None and job.chunks is not None
-        if job.cancelled:
-            self._release(job, None, "cancelled")
-            return
-        if job.expired(time.perf_counter()):
-            self._complete(job, timed_out=True)
+    def _fits(self, job: Job) -> bool:
+        return self.max_kv_tokens is None or self._reserved + job.kv_tokens <= self.max_kv_tokens
+
+    def _step(self) -> None:
+        """One batched step of every active job (after dropping the cancelled and the expired)."""
+        now = time.perf_counter()
+        for job in list(self._active):
+            if job.cancelled:
+                self._release(job, None, "cancelled")
+            elif job.expired(now):
+                self._complete(job, timed_out=True)
+        if not self._active:
             return
         try:
-            chunk = next(job.chunks, None)
-            if chunk is not None:
+            self._stepper.step()
+        except Exception as exc:  # a bug in a method must not take the worker down: fail this batch
+            for job in list(self._active):
+                self._fail(job, exc)
+            return
+        failed, self._stepper.failed = self._stepper.failed, {}
+        for job in list(self._active):
+            generation = job.generation
+            assert generation is not None
+            if generation in failed:
+                self._fail(job, failed[generation])
+                continue
+            chunk = generation.new_text()
+            if chunk:
                 job.pending += chunk
                 self._send_text(job, job.releasable(job.pending))
-            if chunk is None or job.generation.stop_reason is not None:
-                for _ in job.chunks:  # ends the stream: no forward left, only the final statistics
-                    pass
+            if generation.stop_reason is not None:
                 self._complete(job, timed_out=False)
-        except Exception as exc:  # a bug in a method must not take the worker down
-            self._fail(job, exc)
 
     def _send_text(self, job: Job, text: str) -> None:
         """Deliver what ``text`` (all text so far) adds to what was sent."""
@@ -269,7 +304,10 @@ class Scheduler:
         """Free the job's slot and drop its generation (and KV cache) here, on the worker."""
         if job in self._active:
             self._active.remove(job)
-        job.generation, job.chunks = None, None
+            self._reserved -= job.kv_tokens
+        if job.generation is not None:
+            self._stepper.remove(job.generation)  # its rows leave the batch; its cache is dropped
+        job.generation = None
         self.metrics.finished.labels(job.method, outcome).inc()
         with self._cond:
             self._outstanding -= 1
@@ -278,5 +316,8 @@ class Scheduler:
 
     def _update_gauges(self) -> None:
         self.metrics.active.set(len(self._active))
+        self.metrics.kv_reserved.set(self._reserved)
+        self.metrics.kv_used.set(sum(len(job.generation.kv) for job in self._active
+                                     if job.generation is not None and job.generation.kv is not None))
         with self._cond:
             self.metrics.queue_depth.set(self._outstanding - len(self._active))
