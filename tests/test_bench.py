@@ -17,6 +17,7 @@ from specdecode.accept.rules import GreedyMatch, Verdict
 from specdecode.bench import BenchConfig, DatasetError, load_prompts, parse_spec, run_bench, write_report
 from specdecode.bench.dataset import BenchPrompt
 from specdecode.bench.metrics import EnergyMeter, aggregate, first_mismatch, generated_nll
+from specdecode.bench.report import summarize
 from specdecode.bench.record import Record
 from specdecode.bench.runner import build_contenders
 from specdecode.cli.main import main
@@ -269,6 +270,22 @@ def test_sampling_run_scores_perplexity(target, data_file):
 
     table = render_table(result)
     assert "## Quality (sampling)" in table and "| `pld` |" in table.split("## Quality (sampling)")[1]
+
+
+def test_report_breaks_a_round_down_and_states_the_zero_draft_ceiling(target, data_file):
+    """Per drafting method: ms per round for drafting (MTAD's beam sampler by part), verification and
+    acceptance, and the speedup were drafting free (tokens over the time not spent drafting)."""
+    from specdecode.bench import render_table
+
+    config = BenchConfig(max_new_tokens=8, temperature=1.0, top_k=20, warmup=0)
+    result = run_bench(target, load_prompts(data_file, ["qa"]), ["ar", "pld", "mtad:gamma=3,beams=2"], [],
+                       draft=target, config=config, progress=False)
+    mtad = summarize(result)["mtad:gamma=3,beams=2"]["overall"]
+    assert set(mtad.round_ms) == {"draft", "forward", "bookkeeping", "tree", "verify", "accept"}
+    assert mtad.round_ms["draft"] >= mtad.round_ms["forward"] > 0 and mtad.round_ms["verify"] > 0
+    assert mtad.zero_draft_speedup > mtad.speedup
+    table = render_table(result).split("## Per-round cost")[1]
+    assert "| mtad:gamma=3,beams=2 |" in table and "| pld |" in table and "| ar |" not in table
 
 
 @pytest.fixture()

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from specdecode.bench.record import Record
+from specdecode.engine.stats import DRAFT_COST_KEYS
 from specdecode.models.runner import Readout
 from specdecode.models.loading import LoadedModel
 
@@ -92,6 +93,8 @@ class Aggregate:
     tau: float
     acceptance_rate: float | None
     draft_cost: float | None
+    round_ms: dict[str, float] | None  # per verification round: draft (and its parts), verify, accept, ms
+    zero_draft_speedup: float | None  # the ceiling: speedup over ar were drafting free (τ against verification)
     identical: int | None  # prompts identical to ar (greedy runs), of ``prompts``
     perplexity: float | None
     energy_per_token_j: float | None
@@ -102,6 +105,21 @@ def _throughput(records: list[Record]) -> float:
     return sum(r.stats.new_tokens for r in records) / seconds if seconds > 0 else 0.0
 
 
+def round_costs(records: list[Record]) -> dict[str, float]:
+    """Milliseconds per verification round: drafting (and the parts its drafter recorded,
+    ``DRAFT_COST_KEYS``), the verification forward, the acceptance rule with tree compaction."""
+    rounds = sum(r.stats.target_forwards for r in records)
+    if not rounds:
+        return {}
+    costs = {"draft": sum(r.stats.draft_s for r in records)}
+    for key in DRAFT_COST_KEYS:
+        if any(key in r.stats.extra for r in records):
+            costs[key.removeprefix("draft_").removesuffix("_s")] = sum(r.stats.extra.get(key, 0.0) for r in records)
+    costs["verify"] = sum(r.stats.verify_s for r in records)
+    costs["accept"] = sum(r.stats.accept_s for r in records)
+    return {part: seconds * 1000 / rounds for part, seconds in costs.items()}
+
+
 def aggregate(records: list[Record], baseline: list[Record]) -> Aggregate:
     """Aggregate ``records`` of one method; ``baseline`` holds ar's records for the same prompts."""
     new_tokens = sum(r.stats.new_tokens for r in records)
@@ -110,9 +128,14 @@ def aggregate(records: list[Record], baseline: list[Record]) -> Aggregate:
     accepted = sum(r.stats.accepted_tokens for r in records)
     verify_s = sum(r.stats.verify_s for r in records)
     tps, base_tps = _throughput(records), _throughput(baseline)
-    draft_cost = None
+    draft_cost = round_ms = zero_draft_speedup = None
     if proposed and verify_s > 0 and all(r.draft_timed for r in records):
-        draft_cost = sum(r.stats.draft_s for r in records) / verify_s
+        draft_s = sum(r.stats.draft_s for r in records)
+        draft_cost = draft_s / verify_s
+        round_ms = round_costs(records)
+        undrafted = sum(r.time for r in records) - draft_s
+        if undrafted > 0 and base_tps > 0:
+            zero_draft_speedup = new_tokens / undrafted / base_tps
     compared = [r.identical for r in records]
     scored = [r.nll for r in records]
     energy = [r.energy_j for r in records]
@@ -125,6 +148,8 @@ def aggregate(records: list[Record], baseline: list[Record]) -> Aggregate:
         tau=new_tokens / forwards if forwards else 0.0,
         acceptance_rate=accepted / proposed if proposed else None,
         draft_cost=draft_cost,
+        round_ms=round_ms,
+        zero_draft_speedup=zero_draft_speedup,
         identical=sum(bool(c) for c in compared) if None not in compared else None,
         perplexity=math.exp(sum(scored) / new_tokens) if None not in scored and new_tokens else None,
         energy_per_token_j=sum(energy) / new_tokens if None not in energy and new_tokens else None,

@@ -136,6 +136,24 @@ def summary_lines(result: BenchResult) -> list[str]:
     return lines
 
 
+def round_cost_lines(table: dict[str, dict[str, Aggregate]]) -> list[str]:
+    """Where a round's time goes, per drafting method (ms per verification round), and the ceiling:
+    the speedup each would reach were drafting free (its τ against its verification cost)."""
+    rows = {label: cells[OVERALL] for label, cells in table.items() if cells[OVERALL].round_ms}
+    if not rows:
+        return []
+    out = ["", "## Per-round cost (ms per verification round) and the zero-draft-cost ceiling", "",
+           "| method | draft | of which forwards | bookkeeping | tree | verify | accept | speedup | "
+           "ceiling (free drafts) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, cell in rows.items():
+        ms = cell.round_ms
+        parts = " | ".join(_fmt(ms.get(part), "{:.1f}") for part in ("draft", "forward", "bookkeeping", "tree",
+                                                                    "verify", "accept"))
+        out.append(f"| {label} | {parts} | {_fmt(cell.speedup, '{:.2f}×')} | "
+                   f"{_fmt(cell.zero_draft_speedup, '{:.2f}×')} |")
+    return out
+
+
 def render_table(result: BenchResult) -> str:
     config, meta = result.config, result.meta
     table = summarize(result)
@@ -183,6 +201,7 @@ def render_table(result: BenchResult) -> str:
             f"{cell.tau:.2f} | {_fmt(cell.acceptance_rate, '{:.1%}')} | {_fmt(cell.draft_cost, '{:.3f}')} | "
             f"{identical} | {_fmt(cell.perplexity, '{:.2f}')} | {_fmt(cell.energy_per_token_j, '{:.3f}')} |"
         )
+    out += round_cost_lines(table)
     out += ["", *quality_lines(result), *divergence_lines(result), *summary_lines(result), "",
             "Speedup and tokens/s include the prompt's prefill. τ counts every target forward that emits "
             "tokens; draft cost = drafting time / verification time (— where nothing was drafted, or where "
