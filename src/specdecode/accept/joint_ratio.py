@@ -37,7 +37,8 @@ class JointRatioAcceptance:
     def readout(self, draft: Draft) -> Readout:
         return sampling_readout(self.sampling)  # every row: the longest passing prefix may pass a failing one
 
-    def __call__(self, draft: Draft, target_logits: torch.Tensor) -> Verdict:
+    def __call__(self, draft: Draft, target_logits: torch.Tensor,  # [k + 1, V] (tree: [nodes + 1, V])
+                 ) -> Verdict:
         p = process_logits(target_logits, self.sampling)
         if len(draft) and draft.log_q is None:
             raise InvalidSettingError("joint-ratio acceptance needs the draft's log-probabilities")
@@ -87,6 +88,7 @@ class AcceptAll:
     def readout(self, draft: Draft) -> Readout:
         return sampling_readout(self.sampling)
 
-    def __call__(self, draft: Draft, target_logits: torch.Tensor) -> Verdict:
+    def __call__(self, draft: Draft, target_logits: torch.Tensor,  # [k + 1, V] (tree: [nodes + 1, V])
+                 ) -> Verdict:
         p = process_logits(target_logits[len(draft)], self.sampling)
         return Verdict(len(draft), sample(p, self.generator))

@@ -33,7 +33,8 @@ class AcceptanceRule(Protocol):
         """What the rule will read of the target's logits for ``draft`` (the runner computes no more)."""
         ...
 
-    def __call__(self, draft: Draft, target_logits: torch.Tensor) -> Verdict: ...
+    def __call__(self, draft: Draft, target_logits: torch.Tensor,  # [k + 1, V] (tree: [nodes + 1, V])
+                 ) -> Verdict: ...
 
 
 def greedy_readout(draft: Draft) -> Readout:
@@ -51,7 +52,8 @@ class GreedyMatch:
 
     readout = staticmethod(greedy_readout)
 
-    def __call__(self, draft: Draft, target_logits: torch.Tensor) -> Verdict:
+    def __call__(self, draft: Draft, target_logits: torch.Tensor,  # [k + 1, V] (tree: [nodes + 1, V])
+                 ) -> Verdict:
         choices = target_logits.argmax(dim=-1).tolist()
         accepted = 0
         while accepted < len(draft) and draft.tokens[accepted] == choices[accepted]:
@@ -66,7 +68,8 @@ class GreedyTreeMatch:
     lossless = True
     readout = staticmethod(greedy_readout)
 
-    def __call__(self, draft: Draft, target_logits: torch.Tensor) -> Verdict:
+    def __call__(self, draft: Draft, target_logits: torch.Tensor,  # [k + 1, V] (tree: [nodes + 1, V])
+                 ) -> Verdict:
         if draft.parents is None:
             return GreedyMatch()(draft, target_logits)
         choices = target_logits.argmax(dim=-1).tolist()
@@ -93,7 +96,8 @@ class SpeculativeSampling:
     def readout(self, draft: Draft) -> Readout:
         return sampling_readout(self.sampling)
 
-    def __call__(self, draft: Draft, target_logits: torch.Tensor) -> Verdict:
+    def __call__(self, draft: Draft, target_logits: torch.Tensor,  # [k + 1, V] (tree: [nodes + 1, V])
+                 ) -> Verdict:
         p = process_logits(target_logits, self.sampling)
         k = len(draft)
         if k:
