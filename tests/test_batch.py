@@ -142,3 +142,14 @@ def test_forward_batch_rows_equal_each_requests_forward(arch):
         top = runner.forward_batch([runner.new_cache(), runner.new_cache()], [[1, 2], [3]],
                                    [Readout(top_k=1), Readout.hidden_only()])
         assert top[0].logits.shape == (2, VOCAB) and top[1].logits is None and top[1].hidden.shape[0] == 1
+
+
+def test_seeded_sampling_in_a_batch_draws_what_each_request_draws_alone():
+    target = _target("qwen2", fast=False)  # float64: the batch changes no logit
+    decoder = SpeculativeDecoder(target, "pld", gamma=4)
+    prompts = _prompts(5, 3)
+    settings = dict(max_new_tokens=25, temperature=0.8, top_k=20)
+    alone = [decoder.generate(p, seed=i, **settings).token_ids for i, p in enumerate(prompts)]
+    generations = [decoder.start(p, seed=i, **settings) for i, p in enumerate(prompts)]
+    BatchStepper(generations).run()
+    assert [g.result().token_ids for g in generations] == alone

@@ -3,14 +3,17 @@
 On a CPU a decode step is bound by reading the weights; a forward over a few more rows costs far
 less than a second forward. The batched forward packs the rows of every request side by side —
 ragged, no padding: ``[1, N_total, H]`` — and runs each layer's norms and products (q/k/v, o_proj,
-gate/up, down) once on all of them, so each weight is read once per step. What depends on the
-request runs on its own slice: rotary at its own positions, its own cache update, its own causal
-(and sliding-window) mask and attention. The LM head runs once on the kept rows of every request
-that reads the same top ``k``.
+gate/up, down) once on all of them, so each weight is read once per step; the q/k norms and
+rotary are per row too (each row at its own position). What depends on the request runs on its
+own slice: its cache update, its causal (and sliding-window) mask and its attention. The LM head
+runs once on the kept rows of every request that reads the same top ``k``.
 
 Per row the arithmetic is that of the request's own forward (same norms, same rotary, same
-attention over the same keys); only the products see more rows, and each row of a product is the
-same dot product — the tests check greedy output token for token against each request alone.
+attention over the same keys); only the products see more rows. In float64 each row of a product
+is the same dot product; in float32 the fast runtime picks its kernel by row count (as a k-row
+verification already does against k one-row steps), so a row may round differently in its last
+bit — the tests check greedy output token for token against each request alone, on the tiny
+models and on the embedded one.
 
 Without the native decoder (eager mode, a family outside the table, a self-draft runner) it is
 one forward per request: correct, not faster.
@@ -97,10 +100,12 @@ def batched_hidden(decoder: NativeDecoder, caches: Sequence, id_lists: Sequence[
         layer_type = types[index]
         cos, signed_sin = rotary[layer_type]
         qkv = layer.qkv(layer.input_norm(hidden))  # every request's rows: the weights read once
+        # q/k norms and rotary are per row (each row at its own position): all rows at once too
+        q_all, k_all, v_all = layer.split_heads(qkv, cos, signed_sin)  # [1, heads, N, d]
         outs = []
         for r, cache, a, b in requests:
-            q, k, v = layer.split_heads(qkv[:, a:b], cos[:, a:b], signed_sin[:, a:b])
-            k, v = cache.update(k, v, index)
+            q = q_all[:, :, a:b]
+            k, v = cache.update(k_all[:, :, a:b], v_all[:, :, a:b], index)
             start = starts[layer_type][r]
             if start:
                 k, v = k[..., start:, :], v[..., start:, :]
