@@ -153,3 +153,30 @@ def test_seeded_sampling_in_a_batch_draws_what_each_request_draws_alone():
     generations = [decoder.start(p, seed=i, **settings) for i, p in enumerate(prompts)]
     BatchStepper(generations).run()
     assert [g.result().token_ids for g in generations] == alone
+
+
+def test_greedy_chains_read_the_head_as_each_request_alone_reads_it():
+    target = _target("llama", fast=True)
+    runner, rng = target.runner, random.Random(1)
+    contexts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (4, 9, 2, 13)]
+    feeds = [[rng.randrange(VOCAB) for _ in range(n)] for n in (11, 1, 6, 9)]
+    with torch.inference_mode():
+        kvs, solo = [], []
+        for context, feed in zip(contexts, feeds):
+            kv = runner.new_cache()
+            runner.forward(kv, context, Readout.hidden_only())
+            greedy = runner.forward(kv, feed, Readout(top_k=1)).logits.argmax(-1).tolist()
+            # a draft that matches the target's choices for a while, then does not
+            draft = [*greedy[:len(feed) // 2], (greedy[len(feed) // 2] + 1) % VOCAB, *feed[len(feed) // 2 + 2:]]
+            kv.crop(len(context))
+            readout = Readout(top_k=1, until_mismatch=tuple(draft[:len(feed) - 1]))
+            solo.append((readout, runner.forward(kv, [feed[0], *draft[:len(feed) - 1]], readout).logits))
+            kv.crop(len(context))
+            kvs.append(kv)
+        outs = runner.forward_batch(kvs, [[f[0], *r.until_mismatch] for f, (r, _) in zip(feeds, solo)],
+                                    [r for r, _ in solo])
+        for (readout, alone), out in zip(solo, outs):
+            first_miss = next((i for i, (c, t) in enumerate(zip(alone.argmax(-1).tolist(), readout.until_mismatch))
+                               if c != t), len(readout.until_mismatch))
+            assert out.logits.argmax(-1).tolist()[:first_miss + 1] == alone.argmax(-1).tolist()[:first_miss + 1]
+            assert torch.isinf(out.logits[-1]).all() == torch.isinf(alone[-1]).all()  # rows past the miss skipped

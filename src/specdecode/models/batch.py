@@ -6,7 +6,8 @@ ragged, no padding: ``[1, N_total, H]`` — and runs each layer's norms and prod
 gate/up, down) once on all of them, so each weight is read once per step; the q/k norms and
 rotary are per row too (each row at its own position). What depends on the request runs on its
 own slice: its cache update, its causal (and sliding-window) mask and its attention. The LM head
-runs once on the kept rows of every request that reads the same top ``k``.
+runs once on the kept rows of every request that reads the same top ``k`` — for greedy chains
+block by block, so that as alone a chain's rows after its first mismatch skip the head.
 
 Per row the arithmetic is that of the request's own forward (same norms, same rotary, same
 attention over the same keys); only the products see more rows. In float64 each row of a product
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from specdecode.models.cache import KVCache
 from specdecode.models.native import NativeDecoder, _chain_mask, _rotary_factors, _window_start
+from specdecode.models.runtime import HEAD_BLOCK_ROWS, ScreenedHead
 
 if TYPE_CHECKING:
     from specdecode.models.runner import Forward, Readout, TargetRunner
@@ -62,6 +64,12 @@ def forward_batch(runner: TargetRunner, kvs: Sequence[KVCache], id_lists: Sequen
             spans[index] = (end - rows, end)
             groups.setdefault(readout.top_k, []).append(index)
     for top_k, members in groups.items():
+        chains = [readouts[i].until_mismatch for i in members]
+        if top_k == 1 and runner.screened_head is not None and all(c is not None for c in chains):
+            rows = [hidden[spans[i][0]:spans[i][1]] for i in members]
+            for i, h, logits in zip(members, rows, _greedy_chains(runner.screened_head, rows, chains)):
+                outs[i] = Forward(logits, h)
+            continue
         kept = torch.cat([hidden[spans[i][0]:spans[i][1]] for i in members])
         logits = runner.logits(kept, Readout(top_k=top_k))
         at = 0
@@ -70,6 +78,29 @@ def forward_batch(runner: TargetRunner, kvs: Sequence[KVCache], id_lists: Sequen
             outs[i] = Forward(logits[at:at + n], kept[at:at + n])
             at += n
     return outs  # type: ignore[return-value]
+
+
+def _greedy_chains(head: ScreenedHead, rows: list[torch.Tensor], drafts: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    """:meth:`ScreenedHead.top` ``(k=1, until_mismatch)`` of several chains with one head call per
+    block of :data:`HEAD_BLOCK_ROWS` rows of every chain still matching: as alone, the rows after a
+    chain's first mismatching block stay ``-inf`` and cost nothing (on the 262k-row head a row
+    costs about what all layers do)."""
+    outs = [h.new_full((h.shape[0], head.weight.shape[0]), float("-inf"), dtype=torch.float32) for h in rows]
+    live, start = list(range(len(rows))), 0
+    while live:
+        live = [i for i in live if start < rows[i].shape[0]]
+        if not live:
+            break
+        block = head.top(torch.cat([rows[i][start:start + HEAD_BLOCK_ROWS] for i in live]), 1)
+        at, matching = 0, []
+        for i in live:
+            part = block[at:at + min(HEAD_BLOCK_ROWS, rows[i].shape[0] - start)]
+            at += part.shape[0]
+            outs[i][start:start + part.shape[0]] = part
+            if all(c == t for c, t in zip(part.argmax(dim=1).tolist(), drafts[i][start:])):
+                matching.append(i)
+        live, start = matching, start + HEAD_BLOCK_ROWS
+    return outs
 
 
 def batched_hidden(decoder: NativeDecoder, caches: Sequence, id_lists: Sequence[Sequence[int]],
