@@ -180,3 +180,26 @@ def test_greedy_chains_read_the_head_as_each_request_alone_reads_it():
                                if c != t), len(readout.until_mismatch))
             assert out.logits.argmax(-1).tolist()[:first_miss + 1] == alone.argmax(-1).tolist()[:first_miss + 1]
             assert torch.isinf(out.logits[-1]).all() == torch.isinf(alone[-1]).all()  # rows past the miss skipped
+
+
+def test_adaptive_drafts_cut_rows_and_stay_lossless():
+    from specdecode.engine.batch import RowCost
+
+    costs = RowCost()
+    for rows in range(1, 20):
+        costs.add(rows, 0.05 + 0.01 * rows)
+    a, b = costs.line()
+    assert abs(a - 0.05) < 1e-9 and abs(b - 0.01) < 1e-9
+    target = _target("llama", fast=True)
+    decoder = SpeculativeDecoder(target, "pld", gamma=8, max_ngram=1)
+    prompts = [[5, 6, 7] * 6, [9, 9, 9, 9, 9, 9], [1, 2, 3, 4] * 3, [8, 1] * 5, [3, 1, 4, 1, 5, 9, 2, 6]]
+    alone = [decoder.generate(p, max_new_tokens=30).token_ids for p in prompts]
+    generations = [decoder.start(p, max_new_tokens=30) for p in prompts]
+    stepper = BatchStepper(generations, adaptive_drafts=True)
+    costs.add = lambda rows, seconds: None  # keep the line: rows cost 10 ms each on top of 50 ms
+    stepper.costs = costs
+    stepper.run()
+    assert [g.result().token_ids for g in generations] == alone
+    full = [decoder.start(p, max_new_tokens=30) for p in prompts]
+    BatchStepper(full).run()
+    assert sum(g.stats.proposed_tokens for g in generations) < sum(g.stats.proposed_tokens for g in full)

@@ -33,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="KV budget: the active requests' prompt + max_tokens stay within it; the rest wait")
     parser.add_argument("--max-batch-rows", type=int, default=None,
                         help="rows one batched step feeds at most: drafts are cut to fit (default: no cap)")
+    parser.add_argument("--adaptive-drafts", action=argparse.BooleanOptionalAction, default=True,
+                        help="batch-aware speculation: keep only the draft tokens expected to pay for their rows "
+                             "at the batch's measured cost (default on)")
     parser.add_argument("--max-queue", type=int, default=16, help="requests waiting for a slot before 429")
     parser.add_argument("--request-timeout", type=float, default=600.0,
                         help="seconds from arrival after which a generation is cut (finish_reason 'length')")
@@ -58,7 +61,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     config = EngineConfig(model=args.model, draft=args.draft, methods=served, served_name=args.served_model_name,
                           dtype=args.dtype, device=args.device, threads=args.threads, quantize=args.quantize,
                           fast=not args.eager, max_batch=args.max_batch, max_kv_tokens=args.max_kv_tokens,
-                          max_batch_rows=args.max_batch_rows,
+                          max_batch_rows=args.max_batch_rows, adaptive_drafts=args.adaptive_drafts,
                           max_queue=args.max_queue, request_timeout=args.request_timeout)
     config.validate()
     return config

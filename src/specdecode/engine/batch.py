@@ -9,7 +9,9 @@ generations that share a target runner verified by one :meth:`TargetRunner.forwa
 as it does alone. A tree draft is verified in a forward of its own (tree attention in a batch is
 not built yet). A generation joining is prefilled, alone, before the step that first includes it.
 
-Batch-aware speculation: with ``max_batch_rows`` a step caps the rows it feeds; when the
+Batch-aware speculation: with ``adaptive_drafts`` a step keeps only the draft tokens expected to
+pay for their rows at the batch's current rate (:meth:`BatchStepper._keep_drafts_that_pay`, on
+the measured cost of rows); with ``max_batch_rows`` a step caps the rows it feeds; when the
 generations' ``[last token] + draft`` rows exceed it, the draft tokens least likely to be kept
 are cut (by each request's acceptance rate so far; never the last token). On a CPU a batched
 forward turns compute-bound after a dozen or so rows (the 262k-row head costs as much per row as
@@ -20,6 +22,7 @@ requests too. See docs/serving.md for the measured cost of rows.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterable
 
 import torch
@@ -29,9 +32,12 @@ from specdecode.propose.base import Draft
 
 
 class BatchStepper:
-    def __init__(self, generations: Iterable[Generation] = (), max_batch_rows: int | None = None) -> None:
+    def __init__(self, generations: Iterable[Generation] = (), max_batch_rows: int | None = None,
+                 adaptive_drafts: bool = False) -> None:
         self.active: list[Generation] = []
         self.max_batch_rows = max_batch_rows
+        self.adaptive_drafts = adaptive_drafts
+        self.costs = RowCost()
         # generations whose prefill or drafting raised (a bug in a method), taken out of the batch
         # before any shared forward: the others go on; the caller reads and clears this
         self.failed: dict[Generation, Exception] = {}
@@ -70,6 +76,8 @@ class BatchStepper:
         """One step of every active generation: the tokens each added. Finished ones leave."""
         self.prefill_pending()
         steps = {g: step for g in list(self.active) if (step := self._guarded(g, g.propose)) is not None}
+        if self.adaptive_drafts:
+            self._keep_drafts_that_pay(steps)
         self._cap_rows(steps)
         added: dict[Generation, list[int]] = {}
         by_runner: dict[int, list[Generation]] = {}
@@ -89,6 +97,7 @@ class BatchStepper:
                                             [steps[g].readout for g in members])
             verify_s = time.perf_counter() - t0  # every member waited for the whole forward
             rows = sum(len(steps[g].fed) for g in members)
+            self.costs.add(rows, verify_s)
             for generation, out in zip(members, outs):
                 extra = generation.stats.extra
                 extra["batch_steps"] = extra.get("batch_steps", 0) + 1
@@ -102,6 +111,30 @@ class BatchStepper:
         """Step until every generation has finished."""
         while self.active:
             self.step()
+
+    def _keep_drafts_that_pay(self, steps: dict[Generation, Step]) -> None:
+        """Goodput rule (batch-aware speculation): drop the draft token least likely to be kept
+        while what it is expected to add (``α^j`` tokens) is worth less than what its row costs at
+        the step's current rate — ``α^j / b < E / C(rows)``, with ``C(rows) = a + b·rows`` the
+        measured cost of a batched forward and ``E`` the step's expected tokens. In a big batch
+        the step already yields many tokens per second, so only likely tokens keep their rows."""
+        line = self.costs.line()
+        if line is None:
+            return
+        a, b = line
+        chains = {g: s for g, s in steps.items() if s.draft.parents is None}
+        rows = sum(len(s.fed) for s in steps.values())
+        expected = sum(sum(_acceptance(g) ** j for j in range(len(s.draft) + 1)) for g, s in steps.items())
+        while True:
+            cuttable = [g for g, s in chains.items() if len(steps[g].draft)]
+            if not cuttable:
+                return
+            worst = min(cuttable, key=lambda g: _acceptance(g) ** len(steps[g].draft))
+            value = _acceptance(worst) ** len(steps[worst].draft)
+            if value / b >= expected / (a + b * rows):
+                return
+            steps[worst] = chains[worst] = _shorter(worst, steps[worst])
+            rows, expected = rows - 1, expected - value
 
     def _cap_rows(self, steps: dict[Generation, Step]) -> None:
         """Cut chain drafts until the step feeds at most ``max_batch_rows`` rows: each cut drops the
@@ -117,6 +150,32 @@ class BatchStepper:
             worst = min(cuttable, key=lambda g: _acceptance(g) ** len(steps[g].draft))
             steps[worst] = _shorter(worst, steps[worst])
             total -= 1
+
+
+class RowCost:
+    """The cost of a batched verification forward against the rows it feeds, ``a + b·rows``,
+    fitted by least squares to the last ``window`` forwards (None until the rows have varied)."""
+
+    def __init__(self, window: int = 64) -> None:
+        self.samples: deque[tuple[int, float]] = deque(maxlen=window)
+
+    def add(self, rows: int, seconds: float) -> None:
+        self.samples.append((rows, seconds))
+
+    def line(self) -> tuple[float, float] | None:
+        if len(self.samples) < 8:
+            return None
+        n = len(self.samples)
+        mean_r = sum(r for r, _ in self.samples) / n
+        mean_t = sum(t for _, t in self.samples) / n
+        var = sum((r - mean_r) ** 2 for r, _ in self.samples)
+        if var < 1e-9:
+            return None
+        b = sum((r - mean_r) * (t - mean_t) for r, t in self.samples) / var
+        a = mean_t - b * mean_r
+        if b <= 0:
+            return None
+        return max(a, 0.0), b
 
 
 def _acceptance(generation: Generation) -> float:

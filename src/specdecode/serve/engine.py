@@ -38,6 +38,7 @@ class EngineConfig:
     max_queue: int = 16
     max_kv_tokens: int | None = None  # KV budget over the active requests (prompt + max_tokens each)
     max_batch_rows: int | None = None  # cap on the rows one step feeds (drafts cut to fit)
+    adaptive_drafts: bool = True  # keep only draft tokens that pay for their rows at the batch's rate
     request_timeout: float | None = 600.0
 
     @property
@@ -74,7 +75,7 @@ class Engine:
                          for name, options in config.methods.items()}
         self.metrics = ServerMetrics()
         self.scheduler = Scheduler(self.metrics, config.max_batch, config.max_queue, config.max_kv_tokens,
-                                   config.max_batch_rows)
+                                   config.max_batch_rows, config.adaptive_drafts)
 
     @property
     def method_names(self) -> list[str]:

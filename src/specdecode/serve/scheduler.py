@@ -121,14 +121,15 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
 
 class Scheduler:
     def __init__(self, metrics: ServerMetrics, max_batch: int = 16, max_queue: int = 16,
-                 max_kv_tokens: int | None = None, max_batch_rows: int | None = None) -> None:
+                 max_kv_tokens: int | None = None, max_batch_rows: int | None = None,
+                 adaptive_drafts: bool = False) -> None:
         if max_batch < 1 or max_queue < 0 or (max_kv_tokens is not None and max_kv_tokens < 1):
             raise ValueError("max_batch and max_kv_tokens must be >= 1 and max_queue >= 0")
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_kv_tokens = max_kv_tokens
-        self._stepper = BatchStepper(max_batch_rows=max_batch_rows)  # the active generations (worker only)
+        self._stepper = BatchStepper(max_batch_rows=max_batch_rows, adaptive_drafts=adaptive_drafts)  # the active generations (worker only)
         self._reserved = 0  # KV tokens the active jobs reserve (worker thread only)
         if max_kv_tokens is not None:
             metrics.kv_budget.set(max_kv_tokens)
