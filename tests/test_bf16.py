@@ -24,16 +24,21 @@ from specdecode.models.cache import KVCache
 from specdecode.models.loading import LoadedModel, load_model, resolve_dtype
 from specdecode.models.native import NativeDecoder
 from specdecode.models.runner import Readout, TargetRunner
-from specdecode.models.runtime import BF16_KERNELS, KernelPlan, TunedHead, TunedLinear, build_runtime, tune_kernels
+from specdecode.models.runtime import (BF16_KERNELS, KernelPlan, TunedHead, TunedLinear, _exact_half_pack, build_runtime,
+                                       tune_kernels)
 from tiny_models import VOCAB, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the bf16 kernels need oneDNN")
 
 
-def _tiny_bf16(arch: str, seed: int = 0, vocab: int = VOCAB) -> torch.nn.Module:
+def _tiny_bf16(arch: str, seed: int = 0, vocab: int = VOCAB, half_exact: bool = False) -> torch.nn.Module:
+    """A tiny bf16 model; ``half_exact``: its weights rounded through float16 first (random weights
+    have a few values below float16's range, which real checkpoints' bf16 weights do not)."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab), dtype=torch.float32)
     model.generation_config.eos_token_id = None
+    if half_exact:
+        model = model.half()
     return model.to(torch.bfloat16).eval()
 
 
@@ -43,16 +48,19 @@ def test_every_bf16_kernel_computes_the_bf16_product():
     weight = (torch.randn(96, 48) * 0.2).bfloat16()
     bias = torch.randn(96).bfloat16()
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, 8)
+    half = _exact_half_pack(weight)
+    assert half is not None  # bf16 values in float16's normal range convert exactly
+    assert _exact_half_pack(torch.tensor([[1e-30, 1.0]]).bfloat16()) is None  # below it they do not
     with torch.inference_mode():
         for kernel in BF16_KERNELS:
-            linear = TunedLinear(weight, bias, KernelPlan((kernel,) * 5), packed)
+            linear = TunedLinear(weight, bias, KernelPlan((kernel,) * 5), packed, half)
             for rows in (1, 3, 8, 16, 40):
                 x = torch.randn(1, rows, 48).bfloat16()
                 exact = x.double() @ weight.double().t() + bias.double()
                 out = linear(x)
                 assert out.dtype == torch.bfloat16 and out.shape == (1, rows, 96)
                 torch.testing.assert_close(out.double(), exact, rtol=2 ** -7, atol=2 ** -7 * exact.abs().max().item())
-    plan = tune_kernels([TunedLinear(weight, bias, KernelPlan(("mkl",) * 5), packed)])
+    plan = tune_kernels([TunedLinear(weight, bias, KernelPlan(("mkl",) * 5), packed, half)])
     assert set(plan.kernels) <= set(BF16_KERNELS) and len(plan.measured_ms) == 5
 
 
@@ -70,19 +78,19 @@ def test_bf16_runtime_tunes_products_and_head_and_leaves_the_model_alone(arch, t
     assert [type(m) for m in model.modules()] == types  # the loaded model keeps its own modules
     assert {name: p.data_ptr() for name, p in model.named_parameters()} == before
     stored = json.loads((tmp_path / "plans.json").read_text())
-    assert all(key.endswith("|bfloat16") for key in stored) and len(stored) == 2  # layers, head
+    assert all("|bfloat16|" in key for key in stored) and len(stored) == 2  # layers, head
     with pytest.raises(InvalidSettingError, match="not a bf16 kernel"):
         build_runtime(model, kernels="wxt")
 
 
-@pytest.mark.parametrize("kernels, attention", [("mkl", "model"), ("onednn", "auto"), ("mkl", "float32")])
+@pytest.mark.parametrize("kernels, attention", [("mkl", "model"), ("onednn", "auto"), ("mkl", "float32"), ("fp16", "auto")])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_bf16_fast_runtime_computes_the_bf16_eager_forward(arch, kernels, attention):
     """With ``F.linear`` products and bf16 attention the Llama family bit for bit (the same
     products, norms and attention in fewer ops); otherwise (oneDNN's prepacked products, float32
     attention — one rounding instead of bf16's —, Gemma 3's sliding layers reading only their
     window) as close to the same weights' float64 forward as `transformers`' bf16 is."""
-    model = _tiny_bf16(arch, seed=2)
+    model = _tiny_bf16(arch, seed=2, half_exact=kernels == "fp16")
     plan = build_runtime(model, kernels=kernels, attention=attention)
     assert (plan.decoder.attention_dtype == torch.float32) == ("float32 attention" in plan.describe())
     if attention != "auto":
@@ -99,7 +107,7 @@ def test_bf16_fast_runtime_computes_the_bf16_eager_forward(arch, kernels, attent
             out.append(runner.forward(kv, chunk, Readout(top_k=1)))
         return [t for f in out for t in (f.logits, f.hidden)]
 
-    truth = run(TargetRunner(_tiny_bf16(arch, seed=2).double()))  # the bf16 weights, float64 arithmetic
+    truth = run(TargetRunner(_tiny_bf16(arch, seed=2, half_exact=kernels == "fp16").double()))  # float64 arithmetic
     fast_out, eager_out = run(fast), run(eager)
     if exact:
         assert all(torch.equal(a, b) for a, b in zip(fast_out, eager_out))

@@ -70,9 +70,11 @@ from specdecode.models.vocab_map import awaits_target_embedding
 
 QUANTIZE_CHOICES = ("fp16", "int8")
 KERNELS = ("mkl", "wxt", "onednn")  # x @ Wᵀ (MKL), W @ xᵀ, oneDNN on a prepacked weight
-# bf16 candidates: F.linear (oneDNN's bf16 matmul behind it) and oneDNN on a prepacked bf16 weight;
-# W @ xᵀ is 1.5–2.5× slower than either in bf16 on AVX-512 BF16 (docs/perf.md)
-BF16_KERNELS = ("mkl", "onednn")
+# bf16 candidates: F.linear (oneDNN's bf16 matmul behind it), oneDNN on a prepacked bf16 weight, and
+# fbgemm's float16-weight kernel on an exact float16 copy of the bf16 weight (offered only where
+# every weight converts exactly; float32 sum, rounded once to bf16 like the others). W @ xᵀ is
+# 1.5–2.5× slower than either oneDNN kernel in bf16 on AVX-512 BF16 (docs/perf.md)
+BF16_KERNELS = ("mkl", "onednn", "fp16")
 ROW_BUCKETS = (1, 2, 4, 8, 16)
 ATTENTION_CHOICES = ("auto", "float32", "model")  # the bf16 runtime's attention dtype
 HEAD_BLOCK_ROWS = 4  # the fp16 head screen is memory-bound up to ~4 rows on this CPU
@@ -140,14 +142,19 @@ class TunedLinear(_LinearOver):
     packed copy of the weight made at load time)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: KernelPlan,
-                 packed: torch.Tensor | None = None) -> None:
+                 packed: torch.Tensor | None = None, half: object | None = None) -> None:
         super().__init__(weight, bias)
-        self.plan, self.packed = plan, packed
+        self.plan, self.packed, self.half = plan, packed, half
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         kernel = self.plan.kernel_for(rows.shape[0])
-        if kernel == "onednn":
+        if kernel == "fp16":  # bf16 weights as their exact float16 copy (fbgemm), one rounding back
+            out = torch.ops.quantized.linear_dynamic_fp16(rows.float(), self.half)
+            if self.bias is not None:
+                out = out + self.bias.float()
+            out = out.to(rows.dtype)
+        elif kernel == "onednn":
             out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         elif kernel == "wxt":
             # row-major like the other kernels': ops downstream (RMSNorm's sum) round by layout
@@ -157,6 +164,27 @@ class TunedLinear(_LinearOver):
         else:
             out = F.linear(rows, self.weight, self.bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _offered(kernel: str, linears: Sequence[TunedLinear]) -> bool:
+    """Whether every layer has what ``kernel`` reads (its packed copy)."""
+    if kernel == "onednn":
+        return all(m.packed is not None for m in linears)
+    if kernel == "fp16":
+        return all(m.half is not None for m in linears)
+    return True
+
+
+def _exact_half_pack(weight: torch.Tensor) -> object | None:
+    """fbgemm's packed float16 copy of a bf16 ``weight`` where every value converts exactly (bf16
+    values within float16's normal range do), else None."""
+    if not fbgemm_fp16_available():
+        return None
+    weight = weight.detach()
+    half = weight.half()
+    if not torch.equal(half.to(weight.dtype), weight):
+        return None
+    return torch.ops.quantized.linear_prepack_fp16(half.float(), None)
 
 
 def _onednn_available() -> bool:
@@ -172,8 +200,7 @@ def tune_kernels(linears: Sequence[TunedLinear], repeats: int = 3) -> KernelPlan
     """Time every kernel on ``linears`` (the whole stack, as a step runs it) for each row bucket;
     keep the fastest. Takes ~2–4 s on a 270M model."""
     dtype = linears[0].weight.dtype
-    kernels = tuple(k for k in candidate_kernels(dtype)
-                    if k != "onednn" or all(m.packed is not None for m in linears))
+    kernels = tuple(k for k in candidate_kernels(dtype) if _offered(k, linears))
     chosen, measured = [], []
     with torch.inference_mode():
         for bucket in ROW_BUCKETS:
@@ -198,7 +225,8 @@ def _plan_key(linears: Sequence[nn.Linear]) -> str:
     shapes = hashlib.sha256(repr([tuple(m.weight.shape) for m in linears]).encode()).hexdigest()[:12]
     cpu = cpu_description()
     dtype = linears[0].weight.dtype
-    suffix = "" if dtype == torch.float32 else f"|{str(dtype).removeprefix('torch.')}"  # float32 keys as before
+    offered = "/".join(k for k in candidate_kernels(dtype) if _offered(k, linears))  # a new candidate re-tunes
+    suffix = "" if dtype == torch.float32 else f"|{str(dtype).removeprefix('torch.')}|{offered}"
     # the features too: one model name ("AMD EPYC") covers an AVX2 Zen 3 and an AVX-512 BF16 Zen 4
     return f"{cpu['cpu']}|{'+'.join(cpu['features'])}|threads={cpu['threads']}|torch={torch.__version__}|{shapes}{suffix}"
 
@@ -215,7 +243,7 @@ def _cached_plan(linears: Sequence[TunedLinear], plan_cache: Path | None) -> Ker
         kernels = stored.get(key)
         allowed = set(candidate_kernels(linears[0].weight.dtype))
         if isinstance(kernels, list) and len(kernels) == len(ROW_BUCKETS) and set(kernels) <= allowed:
-            if "onednn" not in kernels or all(m.packed is not None for m in linears):
+            if all(_offered(k, linears) for k in kernels):
                 return KernelPlan(tuple(kernels))
     if plan_cache is not None:  # a load's one-time work, said where it happens (not inside a timed run)
         print(f"tuning {str(linears[0].weight.dtype).removeprefix('torch.')} product kernels for this CPU "
@@ -415,8 +443,9 @@ def build_runtime(
         raise InvalidSettingError(f"unknown attention choice {attention!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise InvalidSettingError(f"unknown quantize choice {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}")
-    if kernels != "auto" and kernels not in KERNELS:
-        raise InvalidSettingError(f"unknown kernel choice {kernels!r}; choose auto or one of {', '.join(KERNELS)}")
+    known = dict.fromkeys(KERNELS + BF16_KERNELS)
+    if kernels != "auto" and kernels not in known:
+        raise InvalidSettingError(f"unknown kernel choice {kernels!r}; choose auto or one of {', '.join(known)}")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     native = runs_natively(model)
@@ -525,7 +554,8 @@ def _fused_projections(model: nn.Module) -> dict[tuple[int, str], FusedGroup]:
                 fused[index, name] = Fp16WeightLinear(weight, bias)
             else:
                 packed = None if parts[0].packed is None else torch.ops.mkldnn._reorder_linear_weight(weight, 8)
-                fused[index, name] = TunedLinear(weight, bias, parts[0].plan, packed)
+                half = None if parts[0].half is None else _exact_half_pack(weight)
+                fused[index, name] = TunedLinear(weight, bias, parts[0].plan, packed, half)
     return fused
 
 
@@ -568,12 +598,18 @@ def _tuned_linears(layers: list[nn.Linear], kernels: str,
     if kernels == "onednn" and not pack:
         raise InvalidSettingError("the oneDNN kernel is not available in this torch build")
     # the hint 8 packs for a few rows: 1 row costs what MKL costs, 2–16 rows much less
+    half = layers[0].weight.dtype == torch.bfloat16 and kernels in ("auto", "fp16")
     tuned = [TunedLinear(linear.weight, linear.bias, KernelPlan(("mkl",) * len(ROW_BUCKETS)),
-                         torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 8) if pack else None)
+                         torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 8) if pack else None,
+                         _exact_half_pack(linear.weight) if half else None)
              for linear in layers]
+    if kernels == "fp16" and not _offered("fp16", tuned):
+        raise InvalidSettingError("the fp16 kernel needs bf16 weights that convert to float16 exactly, and fbgemm")
     plan = KernelPlan(tuple(kernels for _ in ROW_BUCKETS)) if kernels != "auto" else _cached_plan(tuned, plan_cache)
     for linear in tuned:
         linear.plan = plan
         if "onednn" not in plan.kernels:
             linear.packed = None  # the packed copy is only worth its memory when it is used
+        if "fp16" not in plan.kernels:
+            linear.half = None
     return plan, dict(zip(layers, tuned))
