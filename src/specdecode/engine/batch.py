@@ -7,7 +7,8 @@ leave (finished, or :meth:`BatchStepper.remove` — a client that went away) bet
 generations that share a target runner verified by one :meth:`TargetRunner.forward_batch`, then
 :meth:`Generation.accept` for each — the loop's invariant holds per generation after every step,
 as it does alone. A tree draft is verified in a forward of its own (tree attention in a batch is
-not built yet). A generation joining is prefilled, alone, before the step that first includes it.
+not built yet). The generations joining are prefilled together (one forward, hidden states only)
+before the step that first includes them; a long prompt is not chunked yet.
 
 Batch-aware speculation: with ``adaptive_drafts`` a step keeps only the draft tokens expected to
 pay for their rows at the batch's current rate (:meth:`BatchStepper._keep_drafts_that_pay`, on
@@ -28,6 +29,7 @@ from collections.abc import Iterable
 import torch
 
 from specdecode.engine.loop import Generation, Step
+from specdecode.models.runner import Readout
 from specdecode.propose.base import Draft
 
 
@@ -60,8 +62,26 @@ class BatchStepper:
     def prefill_pending(self) -> list[Generation]:
         """Prefill the generations that joined since the last step; return them."""
         joined = [g for g in self.active if g.kv is None]
+        by_runner: dict[int, list[tuple[Generation, list[int]]]] = {}
         for generation in joined:
-            self._guarded(generation, generation.prefill)
+            ids = self._guarded(generation, generation.begin)
+            if ids is not None:
+                by_runner.setdefault(id(generation.target.runner), []).append((generation, ids))
+        for members in by_runner.values():  # every joiner's prompt in one forward (hidden states only)
+            runner = members[0][0].target.runner
+            chains = [(g, ids) for g, ids in members if ids]
+            try:
+                with torch.inference_mode():
+                    outs = runner.forward_batch([g.kv for g, _ in chains], [ids for _, ids in chains],
+                                                [Readout.hidden_only()] * len(chains))
+            except Exception as exc:  # noqa: BLE001 - reported to the caller in ``failed``
+                for generation, _ in members:
+                    self.failed[generation] = exc
+                    self.remove(generation)
+                continue
+            hidden = {g: out.hidden for (g, _), out in zip(chains, outs)}
+            for generation, _ in members:
+                self._guarded(generation, lambda g=generation: g.prefilled(hidden.get(g)))
         return joined
 
     def _guarded(self, generation: Generation, call):  # noqa: ANN001, ANN202
@@ -76,7 +96,7 @@ class BatchStepper:
         """One step of every active generation: the tokens each added. Finished ones leave."""
         self.prefill_pending()
         steps = {g: step for g in list(self.active) if (step := self._guarded(g, g.propose)) is not None}
-        if self.adaptive_drafts:
+        if self.adaptive_drafts and len(steps) > 1:  # alone, a request drafts as its method says
             self._keep_drafts_that_pay(steps)
         self._cap_rows(steps)
         added: dict[Generation, list[int]] = {}

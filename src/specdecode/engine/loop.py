@@ -85,12 +85,23 @@ class Generation:
 
     def prefill(self) -> None:
         """Make the target's cache and fill it with the prompt but its last token (the invariant)."""
-        runner, self.kv = self.target.runner, self.target.runner.new_cache()
+        ids = self.begin()
+        with torch.inference_mode():
+            hidden = self.target.runner.forward(self.kv, ids, Readout.hidden_only()).hidden if ids else None
+        self.prefilled(hidden)
+
+    def begin(self) -> list[int]:
+        """:meth:`prefill` in parts (a batch prefills several at once): make the cache, return the ids
+        to prefill; then :meth:`prefilled` with their hidden states (None for no ids)."""
+        self.kv = self.target.runner.new_cache()
         self.proposer.bind_target_cache(self.kv)
         self._start = _now(self.target.device)
-        with torch.inference_mode():
-            if len(self.prompt_ids) > 1:
-                self.proposer.on_prefill(runner.forward(self.kv, self.prompt_ids[:-1], Readout.hidden_only()).hidden)
+        return self.prompt_ids[:-1]
+
+    def prefilled(self, hidden: torch.Tensor | None) -> None:
+        if hidden is not None:
+            with torch.inference_mode():
+                self.proposer.on_prefill(hidden)
         self.stats.prefill_s = _now(self.target.device) - self._start
 
     def propose(self) -> Step:
