@@ -172,15 +172,7 @@ class Generation:
     def result(self) -> GenerationResult:
         for _ in self._steps:
             pass
-        text = (
-            self.target.tokenizer.decode(self.generated, skip_special_tokens=True)
-            if self.target.tokenizer is not None
-            else ""
-        )
-        return GenerationResult(
-            text=text,
-            token_ids=list(self.generated),
-            stats=self.stats,
-            method=self.method,
-            stop_reason=self.stop_reason or "length",
-        )
+        tokenizer = self.target.tokenizer
+        text = tokenizer.decode(self.generated, skip_special_tokens=True) if tokenizer is not None else ""
+        return GenerationResult(text=text, token_ids=list(self.generated), stats=self.stats, method=self.method,
+                                stop_reason=self.stop_reason or "length")
