@@ -16,13 +16,15 @@ embedded Gemma 3 270M, see docs/perf.md), and by one product above all: the 262k
   ``x @ Wᵀ`` costs 2× for 2 rows what it costs for 1, while oneDNN on a prepacked weight costs
   1.1× (2 threads). At load time every candidate (MKL, ``W @ xᵀ``, oneDNN packed) is timed on the
   model's own linear layers for 1, 2, 4, 8 and 16 rows; each row count uses the fastest (the plan
-  is cached per CPU, thread count and layer shapes, and recorded in every result).
+  is cached per CPU model and features, thread count and layer shapes, and recorded in every result).
 
 On a bf16 model (``--dtype bfloat16``, or ``auto`` where it measures faster) the same seam runs
 the bf16 target: every linear layer and the LM head on the kernel that is fastest for the row
-count (timed at load, cached as float32's plans are: MKL's ``F.linear`` or oneDNN on a weight
-prepacked for bf16 — on AVX-512 BF16 / AMX these run the native bf16 dot products), fused q/k/v
-and gate/up products, and the native decoder. The head is the bf16 target's own product (the
+count (timed at load, cached as float32's plans are: ``F.linear`` or oneDNN on a weight
+prepacked for bf16 — on AVX-512 BF16 / AMX these run the native bf16 dot products — or fbgemm's
+float16 kernel on an exact float16 copy of the bf16 weights), fused q/k/v and gate/up products,
+the native decoder, and attention on float32 upcasts where a load-time timing finds torch's bf16
+attention slower. The head is the bf16 target's own product (the
 consumer's top-k is read from it: bf16 is a different target from float32 anyway, and on this
 hardware a bf16 head costs what the float16 screen does, see docs/perf.md). The bf16 kernels
 accumulate in float32 and round each output once, but their blocking over the inner dimension
@@ -138,8 +140,9 @@ class _LinearOver(nn.Module):
 
 
 class TunedLinear(_LinearOver):
-    """A float32 product whose kernel follows a :class:`KernelPlan` (the oneDNN kernel reads a
-    packed copy of the weight made at load time)."""
+    """A float32 or bf16 product whose kernel follows a :class:`KernelPlan` (the oneDNN kernel
+    reads a packed copy of the weight made at load time, the ``fp16`` kernel an fbgemm-packed exact
+    float16 copy of a bf16 weight)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: KernelPlan,
                  packed: torch.Tensor | None = None, half: object | None = None) -> None:
