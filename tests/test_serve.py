@@ -339,8 +339,9 @@ def test_full_queue_gets_429_and_the_deadline_cuts_a_long_generation():
 
 def test_batched_requests_equal_the_library_alone_and_the_kv_budget_admits_and_refuses(real_model):
     """Issue 28: concurrent requests are verified in one forward per step; each greedy text equals
-    the request decoded alone. A KV budget of 100 tokens admits about three of these at once (the
-    rest wait, none is refused) and refuses one that can never fit."""
+    the request decoded alone, also when two other clients walk away mid-batch. A KV budget of 100
+    tokens admits about three of these at once (the rest wait, none is refused) and refuses one
+    that can never fit."""
     prompts = [PROMPT, CODE_PROMPT, "Once upon a time, in a small village by the sea,", "The weather today"]
     cases = [(p, m) for p in prompts for m in ("pld", "ar")]
     expected = {(p, m): SpeculativeDecoder(real_model, m).generate(p, max_new_tokens=12).text for p, m in cases}
@@ -352,10 +353,18 @@ def test_batched_requests_equal_the_library_alone_and_the_kv_budget_admits_and_r
             response = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
             got[(prompt, method)] = (response.status_code, response.json())
 
+        # two streams admitted first walk away after two chunks, mid-batch: their rows leave the
+        # batch and their caches are dropped; no other request's text may change
+        leaving = [threading.Thread(target=_stream_request, args=(url, 24),
+                                    kwargs=dict(prompt=CODE_PROMPT, method=m, disconnect_after=2))
+                   for m in ("pld", "ar")]
+        for thread in leaving:
+            thread.start()
+        time.sleep(0.3)
         threads = [threading.Thread(target=ask, args=case) for case in cases]
         for thread in threads:
             thread.start()
-        for thread in threads:
+        for thread in [*leaving, *threads]:
             thread.join()
         assert {case: status for case, (status, _) in got.items()} == dict.fromkeys(cases, 200)
         assert {case: body["choices"][0]["text"] for case, (_, body) in got.items()} == expected
@@ -366,3 +375,4 @@ def test_batched_requests_equal_the_library_alone_and_the_kv_budget_admits_and_r
         metrics = httpx.get(f"{url}/metrics").text
         assert "specdecode_kv_budget_tokens 100.0" in metrics
         assert "specdecode_kv_reserved_tokens 0.0" in metrics and "specdecode_active_generations 0.0" in metrics
+        assert re.search(r'specdecode_generations_total\{method="pld",outcome="cancelled"\} 1\.0', metrics)
