@@ -94,7 +94,8 @@ def summarise(results: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
     ttfts = [r["ttft"] for r in done if r["ttft"] is not None]
     tokens = sum(r["tokens"] for r in done)
     per_method = {m: {"requests": len(rs), "mean_tau": statistics.fmean(r["tau"] for r in rs)}
-                  for m in METHODS if (rs := [r for r in done if r["method"] == m and r["tau"]])}
+                  for m in sorted({r["method"] for r in done})
+                  if (rs := [r for r in done if r["method"] == m and r["tau"]])}
     return {"requests": len(results), "statuses": statuses, "wall_s": round(wall_s, 2),
             "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p95_s": percentile(ttfts, 0.95),
             "tokens": tokens, "aggregate_tokens_per_s": round(tokens / wall_s, 2),
