@@ -203,3 +203,25 @@ def test_adaptive_drafts_cut_rows_and_stay_lossless():
     full = [decoder.start(p, max_new_tokens=30) for p in prompts]
     BatchStepper(full).run()
     assert sum(g.stats.proposed_tokens for g in generations) < sum(g.stats.proposed_tokens for g in full)
+
+
+def test_a_batch_attends_as_the_runtime_does_alone():
+    """Where the runtime upcasts attention (bf16 models, float32 attention), the batched forward does
+    too: two requests' one-token steps in a batch are bit for bit their own steps (before, the batch
+    attended in bf16)."""
+    model = tiny_model("llama", seed=5).model.to(torch.bfloat16)
+    runtime = build_runtime(model, kernels="mkl", attention="float32")
+    assert runtime.decoder.attention_dtype == torch.float32
+    runner = LoadedModel(model, None, "tiny-bf16", runtime=runtime).runner
+    contexts = [[(3 * i + 1) % VOCAB for i in range(40)], [(5 * i + 2) % VOCAB for i in range(25)]]
+    outs = []
+    with torch.inference_mode():
+        for batched in (False, True):
+            kvs = [runner.new_cache() for _ in contexts]
+            for kv, context in zip(kvs, contexts):
+                runner.forward(kv, context, Readout.hidden_only())
+            steps = [[7], [9]]
+            outs.append(runner.forward_batch(kvs, steps, [Readout()] * 2) if batched
+                        else [runner.forward(kv, step) for kv, step in zip(kvs, steps)])
+    for alone, together in zip(*outs):
+        assert torch.equal(alone.hidden, together.hidden) and torch.equal(alone.logits, together.logits)

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from specdecode.models.cache import KVCache
 from specdecode.models.native import NativeDecoder, _chain_mask, _rotary_factors, _window_start
@@ -140,14 +139,7 @@ def batched_hidden(decoder: NativeDecoder, caches: Sequence, id_lists: Sequence[
             start = starts[layer_type][r]
             if start:
                 k, v = k[..., start:, :], v[..., start:, :]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[layer_type][r], scale=layer.scaling,
-                                                 enable_gqa=True)
+            out = decoder.attend(q, k, v, masks[layer_type][r], layer.scaling)
             outs.append(out.transpose(1, 2).reshape(1, b - a, -1))
-        out = layer.o_proj(torch.cat(outs, dim=1))
-        sandwich = layer.pre_feedforward_norm is not None
-        hidden = hidden + (layer.post_attention_norm(out) if sandwich else out)
-        x = (layer.pre_feedforward_norm if sandwich else layer.post_attention_norm)(hidden)
-        gate, up = layer.gate_up(x).split(layer.intermediate, dim=-1)
-        out = layer.down_proj(layer.act_fn(gate) * up)
-        hidden = hidden + (layer.post_feedforward_norm(out) if sandwich else out)
+        hidden = layer.feed_forward(layer.attention_residual(hidden, torch.cat(outs, dim=1)))
     return decoder.norm(hidden)[0]

@@ -155,6 +155,20 @@ class NativeLayer:
         return q, k, v
 
 
+    def attention_residual(self, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """``hidden [1, n, H]`` plus the output projection of the heads' outputs ``attended [1, n, heads·d]``
+        (normed first where the family norms after each sub-layer: Gemma's sandwich)."""
+        out = self.o_proj(attended)
+        return hidden + (self.post_attention_norm(out) if self.pre_feedforward_norm is not None else out)
+
+    def feed_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [1, n, H]`` plus the MLP sub-layer's output."""
+        sandwich = self.pre_feedforward_norm is not None
+        gate, up = self.gate_up((self.pre_feedforward_norm if sandwich else self.post_attention_norm)(hidden)).split(
+            self.intermediate, dim=-1)
+        out = self.down_proj(self.act_fn(gate) * up)
+        return hidden + (self.post_feedforward_norm(out) if sandwich else out)
+
 def _rotary_factors(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[1, n, d]`` cos and sin as ``[1, n, 1, d]`` factors for :meth:`NativeLayer.attention_inputs`."""
     half = sin.shape[-1] // 2
@@ -247,20 +261,20 @@ class NativeDecoder:
                 start = starts[types[index]]
                 if start:
                     k, v = k[..., start:, :], v[..., start:, :]
-                if self.attention_dtype is not None and q.dtype != self.attention_dtype:
-                    wide = self.attention_dtype  # exact upcasts; one rounding of the output back
-                    out = F.scaled_dot_product_attention(q.to(wide), k.to(wide), v.to(wide), attn_mask=masks[types[index]],
-                                                         scale=layer.scaling, enable_gqa=True).to(q.dtype)
-                else:
-                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[types[index]],
-                                                         scale=layer.scaling, enable_gqa=True)
-                out = layer.o_proj(out.transpose(1, 2).reshape(1, n, -1))
-                sandwich = layer.pre_feedforward_norm is not None
-                hidden = hidden + (layer.post_attention_norm(out) if sandwich else out)
+                out = self.attend(q, k, v, masks[types[index]], layer.scaling)
+                hidden = layer.attention_residual(hidden, out.transpose(1, 2).reshape(1, n, -1))
             if index not in skipped_mlp:
-                sandwich = layer.pre_feedforward_norm is not None
-                x = (layer.pre_feedforward_norm if sandwich else layer.post_attention_norm)(hidden)
-                gate, up = layer.gate_up(x).split(layer.intermediate, dim=-1)
-                out = layer.down_proj(layer.act_fn(gate) * up)
-                hidden = hidden + (layer.post_feedforward_norm(out) if sandwich else out)
+                hidden = layer.feed_forward(hidden)
         return self.norm(hidden)
+
+    def attend(self, q: torch.Tensor,  # [1, heads, n, d]
+               k: torch.Tensor, v: torch.Tensor,  # [1, kv_heads, t, d]
+               mask: torch.Tensor | None,  # [1, 1, n, t] bool, None: all visible
+               scaling: float) -> torch.Tensor:
+        """Attention ``[1, heads, n, d]``, in ``attention_dtype`` where one is set (exact upcasts, one
+        rounding of the output back)."""
+        wide = self.attention_dtype
+        if wide is None or q.dtype == wide:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+        return F.scaled_dot_product_attention(q.to(wide), k.to(wide), v.to(wide), attn_mask=mask, scale=scaling,
+                                              enable_gqa=True).to(q.dtype)
