@@ -202,9 +202,23 @@ def test_aggregate_arithmetic():
     assert (baseline.speedup, baseline.tau, baseline.acceptance_rate, baseline.draft_cost) == (1.0, 1.0, None, None)
 
 
-def test_energy_is_not_invented_on_a_cpu():
-    meter = EnergyMeter(torch.device("cpu"))
+def test_energy_is_not_invented_on_a_cpu(tmp_path):
+    meter = EnergyMeter(torch.device("cpu"), powercap=tmp_path / "no-powercap")
     assert meter.unavailable.startswith("not measured: cpu run") and meter.read_j() is None
+
+
+def test_cpu_energy_sums_the_rapl_packages_across_a_wraparound(tmp_path):
+    """The kernel's powercap layout: package zones intel-rapl:N with energy_uj (and sub-zones
+    intel-rapl:N:M, which the packages already include)."""
+    for zone, value in (("intel-rapl:0", 999_000_000), ("intel-rapl:1", 5_000_000), ("intel-rapl:0:0", 7)):
+        (tmp_path / zone).mkdir()
+        (tmp_path / zone / "energy_uj").write_text(f"{value}\n")
+        (tmp_path / zone / "max_energy_range_uj").write_text("1000000000\n")
+    meter = EnergyMeter(torch.device("cpu"), powercap=tmp_path)
+    assert meter.unavailable is None and meter.read_j() == 0.0
+    (tmp_path / "intel-rapl:0" / "energy_uj").write_text("2000000\n")  # wrapped: +3 J
+    (tmp_path / "intel-rapl:1" / "energy_uj").write_text("6500000\n")  # +1.5 J
+    assert meter.read_j() == pytest.approx(4.5)
 
 
 def test_first_mismatch():

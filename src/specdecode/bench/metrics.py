@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,13 +51,26 @@ def generated_nll(target: LoadedModel, prompt_ids: list[int], generated: list[in
 
 
 class EnergyMeter:
-    """Cumulative GPU energy from NVML. Anywhere else it measures nothing and says why."""
+    """Cumulative energy: NVML on an NVIDIA GPU; on a CPU, the RAPL package counters the kernel
+    exposes under ``/sys/class/powercap`` (Intel, and AMD Zen on recent kernels). Where neither
+    exists it measures nothing and says why."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, powercap: Path = Path("/sys/class/powercap")) -> None:
         self.handle: Any = None
         self.unavailable: str | None = None
+        self.packages: list[Path] = []  # RAPL package zones (their energy_uj counters)
+        if device.type == "cpu":
+            self.packages = sorted(zone for zone in powercap.glob("*-rapl:*") if zone.name.count(":") == 1
+                                   and (zone / "energy_uj").is_file())
+            first = self._read_packages_j() if self.packages else None
+            if first is None:
+                self.packages = []
+                self.unavailable = (f"not measured: cpu run on a machine that exposes no readable RAPL / powercap "
+                                    f"energy counter ({powercap})")
+            self._last, self._total = first or [], 0.0
+            return
         if device.type != "cuda":
-            self.unavailable = f"not measured: {device.type} run (energy needs NVML on an NVIDIA GPU)"
+            self.unavailable = f"not measured: {device.type} run (energy needs NVML on an NVIDIA GPU or RAPL on a CPU)"
             return
         try:
             import pynvml
@@ -72,8 +86,26 @@ class EnergyMeter:
         except pynvml.NVMLError as exc:
             self.handle, self.unavailable = None, f"not measured: NVML error ({exc})"
 
+    def _read_packages_j(self) -> list[float] | None:
+        try:
+            return [int((zone / "energy_uj").read_text()) / 1e6 for zone in self.packages]
+        except (OSError, ValueError):  # unreadable without privileges on some kernels
+            return None
+
     def read_j(self) -> float | None:
-        """Joules consumed by the GPU since the driver loaded (None when not measurable)."""
+        """Joules consumed (GPU: since the driver loaded; CPU packages: since the meter was made,
+        counter wrap-arounds included); None when not measurable."""
+        if self.packages:
+            now = self._read_packages_j()
+            if now is None:
+                return None
+            for i, (zone, value) in enumerate(zip(self.packages, now)):
+                delta = value - self._last[i]
+                if delta < 0:  # the counter wrapped at max_energy_range_uj
+                    delta += int((zone / "max_energy_range_uj").read_text()) / 1e6
+                self._total += delta
+                self._last[i] = value
+            return self._total
         if self.handle is None:
             return None
         import pynvml
