@@ -32,6 +32,20 @@ from collections import defaultdict
 import torch
 
 
+
+def time_method(cls, name: str, key: str, sink) -> None:
+    """Wrap ``cls.name`` so each call adds its seconds to ``sink()[key]`` (``sink`` is read per call:
+    the paired mode switches accumulators between versions)."""
+    inner = getattr(cls, name)
+
+    def wrapper(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return inner(self, *args, **kwargs)
+        finally:
+            sink()[key] += time.perf_counter() - start
+    setattr(cls, name, wrapper)
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=4)
@@ -61,19 +75,10 @@ def main() -> None:
     from specdecode.propose import beam_sampler
     from specdecode.propose.eagle import HeadDrafter
 
-    clock = time.perf_counter
     acc: dict[str, float] = defaultdict(float)
 
     def timed(cls, name, key):
-        inner = getattr(cls, name)
-
-        def wrapper(self, *a, **k):
-            t0 = clock()
-            try:
-                return inner(self, *a, **k)
-            finally:
-                acc[key] += clock() - t0
-        setattr(cls, name, wrapper)
+        time_method(cls, name, key, lambda: acc)
 
     timed(beam_sampler.BeamSampleProposer, "propose", "propose_s")
     for cls in (beam_sampler.ModelDrafter, HeadDrafter):
@@ -177,20 +182,11 @@ def paired(args) -> None:
     proposer_cls, drafter_cls = _load_reference(args.reference)
     versions = {"current": beam_sampler,
                 "reference": SimpleNamespace(BeamSampleProposer=proposer_cls, ModelDrafter=drafter_cls)}
-    clock = time.perf_counter
     acc = {name: defaultdict(float) for name in versions}
     running = ["current"]
 
     def timed(cls, name, key):
-        inner = getattr(cls, name)
-
-        def wrapper(self, *a, **k):
-            t0 = clock()
-            try:
-                return inner(self, *a, **k)
-            finally:
-                acc[running[0]][key] += clock() - t0
-        setattr(cls, name, wrapper)
+        time_method(cls, name, key, lambda: acc[running[0]])
 
     timed(beam_sampler.BeamSampleProposer, "propose", "propose_s")
     if proposer_cls.propose is not beam_sampler.BeamSampleProposer.propose:
