@@ -80,7 +80,7 @@ def test_int8_target_and_draft_load_and_speculate(real_model):
     """The int8 target calibrates at load; the shipped draft, which cannot run before it is paired
     with its target, loads in int8 too (per-call quantisation) and drafts for the int8 target."""
     from specdecode.models.loading import load_model
-    from specdecode.models.runtime import Int8WeightLinear
+    from specdecode.models.kernels import Int8WeightLinear
 
     target = load_model("default", quantize="int8")
     draft = load_model("default-draft", quantize="int8")

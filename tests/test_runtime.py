@@ -12,8 +12,9 @@ from specdecode.errors import InvalidSettingError
 from specdecode.models.int8 import pack_int8
 from specdecode.models.loading import LoadedModel, load_model
 from specdecode.models.runner import TargetRunner
-from specdecode.models.runtime import (KERNELS, Fp16WeightLinear, Int8WeightLinear, KernelPlan, ScreenedHead, TunedLinear,
-                                       build_runtime, tune_kernels)
+from specdecode.models.heads import ScreenedHead, offered_screens
+from specdecode.models.kernels import KERNELS, ROW_BUCKETS, Fp16WeightLinear, Int8WeightLinear, KernelPlan, TunedLinear, tune_kernels
+from specdecode.models.runtime import build_runtime
 from specdecode.sampling import SamplingSettings, process_logits
 from tiny_models import ARCHITECTURES, VOCAB, tiny_config
 
@@ -42,12 +43,13 @@ def _exact_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (hidden.double() @ weight.double().t()).float()
 
 
-def test_screened_head_finds_the_exact_top_k_among_near_ties():
+@pytest.mark.parametrize("screen", offered_screens())
+def test_screened_head_finds_the_exact_top_k_among_near_ties(screen):
     torch.manual_seed(0)
     weight = torch.randn(20_000, 64) * 0.05
     # rows that differ from row 0 by less than float16 can tell apart: near-ties by construction
     weight[1:200] = weight[0] + torch.randn(199, 64) * 1e-6
-    head = ScreenedHead(weight, None, softcap=None)
+    head = ScreenedHead(weight, None, softcap=None, screens=screen)
     hidden = torch.randn(6, 64) * 30
     hidden[0] = weight[0] * 400  # row 0 and its near-copies lead
     exact = _exact_logits(hidden, weight)
@@ -97,6 +99,86 @@ def test_greedy_verification_skips_the_head_after_a_rejection_and_stays_exact():
     assert sum(screened_rows) < result.stats.proposed_tokens + result.stats.target_forwards, screened_rows
 
 
+@pytest.mark.parametrize("screen", offered_screens())
+def test_screened_head_with_bias_and_large_logits_is_exact(screen):
+    """The bf16 screen rounds each screened value (relative 2⁻⁸): large logits, a bias and rows
+    a few roundings apart must still leave the exact top k among the rescored rows."""
+    torch.manual_seed(4)
+    weight = torch.randn(8_000, 40) * 0.2
+    weight[1:100] = weight[0] * (1 + torch.randn(99, 1) * 3e-3)  # logits within bf16's rounding of row 0's
+    bias = torch.randn(8_000) * 2
+    head = ScreenedHead(weight, bias, softcap=None, screens=screen)
+    hidden = torch.randn(20, 40) * 50
+    hidden[:10] = weight[0] * 600
+    exact = ((hidden.double() @ weight.double().t()) + bias.double()).float()
+    for k in (1, 10):
+        out = head.top(hidden, k)
+        top = torch.topk(exact, k, dim=1)
+        assert torch.equal(out.gather(1, top.indices), top.values), k
+        assert torch.equal(torch.topk(out, k, dim=1).indices.sort(1).values, top.indices.sort(1).values), k
+
+
+@pytest.mark.parametrize("screen", offered_screens())
+def test_screen_error_stays_inside_its_bound_on_adversarial_inputs(screen):
+    """Inputs whose rounding errors all push the same way while the rounded product cancels to ~0:
+    the bound's input term (not the output rounding, which is ~0 here) must cover the error."""
+    torch.manual_seed(6)
+    dim = 64
+    weight = torch.randn(3_000, dim).to(torch.bfloat16).float()  # exact in bf16 (and float16: small values)
+    weight[0] = torch.tensor([1.0, -1.0] * (dim // 2)) * 0.5
+    base = torch.tensor([1.0, 1.0] * (dim // 2))  # base · w_0 = 0 exactly
+    ulp = 2.0**-7  # bf16 spacing in [1, 2)
+    hidden = (base + 0.49 * ulp * torch.sign(weight[0]))[None]  # rounds back to base in bf16
+    head = ScreenedHead(weight, None, softcap=None, screens=screen)
+    values, bound = head.screens[screen](hidden)
+    exact = (hidden.double() @ weight.double().t()).float()
+    rho = head.screens[screen].output_rounding
+    assert bool(((values - exact).abs() <= bound + rho * values.abs() + 1e-6).all())
+
+
+def test_selection_survives_a_screen_that_errs_by_its_whole_bound():
+    """A screen that lowers every true top-k value and raises every other one by the full bound
+    ``A + ρ|s|`` (the worst the bound allows): the rescored rows must still hold the exact top k."""
+    torch.manual_seed(7)
+    weight = torch.randn(6_000, 32) * 0.3
+    head = ScreenedHead(weight, None, softcap=None, screens=offered_screens()[0])
+
+    class Adversary:
+        output_rounding = 2.0**-8 / (1 - 2.0**-8)
+
+        def __call__(self, hidden):
+            exact = (hidden.double() @ weight.double().t()).float()
+            bound = torch.full((hidden.shape[0], 1), 0.05)
+            rho, inner = self.output_rounding, 0.999  # just inside the bound
+            top = torch.zeros_like(exact, dtype=torch.bool).scatter_(1, torch.topk(exact, 10, dim=1).indices, True)
+            down = exact - inner * bound
+            down = torch.where(down >= 0, down / (1 + inner * rho), down / (1 - inner * rho))
+            up = exact + inner * bound
+            up = torch.where(up >= 0, up / (1 - inner * rho), up / (1 + inner * rho))
+            return torch.where(top, down, up), bound
+
+    head.screens = {name: Adversary() for name in head.plan.kernels}
+    hidden = torch.randn(5, 32) * 40
+    exact = (hidden.double() @ weight.double().t()).float()
+    for k in (1, 10):
+        top = torch.topk(exact, k, dim=1)
+        assert torch.equal(head.top(hidden, k).gather(1, top.indices), top.values), k
+
+
+def test_screen_plan_covers_every_row_count_and_says_which():
+    torch.manual_seed(5)
+    weight = torch.randn(4_000, 32)
+    head = ScreenedHead(weight, None, softcap=None)
+    assert set(head.plan.kernels) <= set(offered_screens()) and len(head.plan.kernels) == len(ROW_BUCKETS)
+    assert set(head.screens) == set(head.plan.kernels)  # an unused copy of the head is not kept
+    hidden = torch.randn(ROW_BUCKETS[-1] + 3, 32)  # more rows than the largest bucket
+    exact = (hidden.double() @ weight.double().t()).float()
+    assert torch.equal(head.top(hidden, 1).argmax(1), exact.argmax(1))
+    assert "head screen by rows 1:" in head.describe()
+    with pytest.raises(InvalidSettingError, match="head screen 'int4'"):
+        ScreenedHead(weight, None, softcap=None, screens="int4")
+
+
 def test_screened_head_softcap_keeps_order_and_values():
     torch.manual_seed(1)
     weight = torch.randn(5_000, 32) * 0.1
@@ -108,11 +190,12 @@ def test_screened_head_softcap_keeps_order_and_values():
     assert torch.allclose(out.gather(1, top.indices), top.values, atol=1e-6)
 
 
+@pytest.mark.parametrize("screen", offered_screens())
 @pytest.mark.parametrize("top_k", [1, 10])
-def test_processed_distribution_is_unchanged(top_k):
+def test_processed_distribution_is_unchanged(top_k, screen):
     torch.manual_seed(2)
     weight = torch.randn(30_000, 48) * 0.05
-    head = ScreenedHead(weight, None, softcap=None)
+    head = ScreenedHead(weight, None, softcap=None, screens=screen)
     hidden = torch.randn(4, 48) * 20
     settings = SamplingSettings(temperature=0.7, top_k=top_k, top_p=0.9)
     assert settings.exact_top == top_k
@@ -181,17 +264,22 @@ def test_every_kernel_computes_the_float32_product():
                 x = torch.randn(1, rows, 48)
                 torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
     plan = tune_kernels([linear])
-    assert set(plan.kernels) <= set(KERNELS) and len(plan.measured_ms) == 5
+    assert set(plan.kernels) <= set(KERNELS) and len(plan.measured_ms) == len(ROW_BUCKETS)
 
 
 def test_kernel_plan_is_cached_per_machine_and_shape(tmp_path):
     cache = tmp_path / "plans.json"
-    first = _prepared(cache).kernels
+    prepared = _prepared(cache)
     stored = json.loads(cache.read_text())
-    assert list(stored.values()) == [list(first.kernels)]
-    key = next(iter(stored))
-    cache.write_text(json.dumps({key: ["wxt", "mkl", "wxt", "mkl", "wxt"]}))  # a plan from an earlier run
-    assert _prepared(cache).kernels.kernels == ("wxt", "mkl", "wxt", "mkl", "wxt")
+    products = {key: plan for key, plan in stored.items() if "|head-screen|" not in key}
+    assert list(products.values()) == [list(prepared.kernels.kernels)]
+    if len(offered_screens()) > 1:  # the head's screen plan is cached beside it
+        assert [plan for key, plan in stored.items() if "|head-screen|" in key] == [list(prepared.head.plan.kernels)]
+    earlier = ["wxt", "mkl"] * (len(ROW_BUCKETS) // 2) + ["wxt"] * (len(ROW_BUCKETS) % 2)  # a plan from an earlier run
+    cache.write_text(json.dumps({**stored, next(iter(products)): earlier}))
+    assert _prepared(cache).kernels.kernels == tuple(earlier)
+    cache.write_text(json.dumps({**stored, next(iter(products)): ["wxt", "mkl"]}))  # bucket count changed: re-tune
+    assert len(_prepared(cache).kernels.kernels) == len(ROW_BUCKETS)
     with pytest.raises(InvalidSettingError, match="unknown kernel"):
         build_runtime(_tiny_fp32("llama"), kernels="blas")
 

@@ -29,7 +29,7 @@ import torch
 
 from specdecode.models.cache import KVCache
 from specdecode.models.native import NativeDecoder, _chain_mask, _rotary_factors, _window_start
-from specdecode.models.runtime import HEAD_BLOCK_ROWS, ScreenedHead
+from specdecode.models.heads import HEAD_BLOCK_ROWS, ScreenedHead
 
 if TYPE_CHECKING:
     from specdecode.models.runner import Forward, Readout, TargetRunner

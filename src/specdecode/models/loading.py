@@ -26,7 +26,8 @@ import torch
 from specdecode.errors import ModelLoadError, VocabularyMismatchError
 from specdecode.models.int8 import calibration_ids
 from specdecode.models.runner import Readout, TargetRunner
-from specdecode.models.runtime import RuntimePlan, auto_dtype, build_runtime, cpu_description
+from specdecode.models.kernels import cpu_description
+from specdecode.models.runtime import RuntimePlan, auto_dtype, build_runtime
 from specdecode.models.vocab_map import VocabMap, apply_vocab_map, pair_target_embedding, tokenizer_digest, vocab_map_of
 
 DEFAULT_MODEL = "default"

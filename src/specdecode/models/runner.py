@@ -26,7 +26,8 @@ from specdecode.models.cache import KVCache
 from specdecode.models.frequent_vocab import SubVocabHead
 from specdecode.models.layer_skip import Int8Copies, SkipSet, layer_skip_view, shallow_replace
 from specdecode.models.native import NativeDecoder
-from specdecode.models.runtime import RuntimePlan, ScreenedHead, int8_fused_projections
+from specdecode.models.heads import ScreenedHead
+from specdecode.models.runtime import RuntimePlan, int8_fused_projections
 from specdecode.models.families import decoder_layers
 from specdecode.models.tree import ancestors_visible, depths, tree_attention_mask
 

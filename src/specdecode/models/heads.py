@@ -1,0 +1,203 @@
+"""The LM head on the fast runtime: the float32 head screened and rescored exactly, the bf16 head tuned.
+
+A step of a small model with a big vocabulary is dominated by one product: the 262k-row LM head,
+671 MB in float32 (docs/perf.md). The **screened head** (float32, exact) first evaluates every row
+on a cheaper copy of the weights — fbgemm's float16 kernel, or oneDNN's bf16 kernel where the CPU
+runs bf16 dot products natively — then recomputes exactly (float64 dot products rounded to
+float32) the rows that a rigorous bound on the screen's error cannot exclude from the top ``k``.
+Greedy decoding needs ``k = 1``, top-k sampling ``k = top_k``: every value such a consumer can
+read is exact, the rest of the row is ``-inf``. Which screen runs is timed at load per row count
+(the bf16 screen halves the cost of a 17-row tree verification on a Zen 4 with AVX-512 BF16 and
+loses on an AVX2-only CPU); the result is the same either way. Consumers that read the whole
+distribution (sampling without top-k, perplexity) get the full float32 head.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from specdecode.errors import InvalidSettingError
+from specdecode.models.kernels import (ROW_BUCKETS, KernelPlan, TunedLinear, cached_plan, fbgemm_fp16_available,
+                                       onednn_available, plan_key)
+
+HEAD_BLOCK_ROWS = 4  # a head screen is memory-bound up to ~4 rows on these CPUs
+SCREENS = ("fp16", "bf16")
+
+
+class _Screen:
+    """A cheap copy of the head's weight, its product, and what bounds the product's error.
+
+    With ``w̃`` the copy, ``x̃`` the input as the kernel reads it and ``d`` products summed in
+    float32 (``γ_d = d·2⁻²⁴/(1 − d·2⁻²⁴)``), every row obeys
+    ``|x̃·w̃ (summed) − x·w| ≤ ‖x‖ (‖w − w̃‖ + γ_d ‖w̃‖) + ‖x − x̃‖ ‖w̃‖ (1 + γ_d)``; the bf16 kernel
+    also rounds each result once to bf16 (relative ``2⁻⁸``). ``fp16``: fbgemm's float16-weight
+    kernel, float32 inputs and outputs. ``bf16``: oneDNN on a prepacked bf16 copy, bf16 inputs,
+    native bf16 dot products where the CPU has them (AVX-512 BF16, AMX).
+    """
+
+    def __init__(self, name: str, weight: torch.Tensor) -> None:
+        dim = weight.shape[1]
+        gamma = dim * 2.0**-24 / (1 - dim * 2.0**-24)
+        if name == "fp16":
+            self.packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
+            copy = weight.half().float()
+            self.input_bound, self.output_rounding = 0.0, 0.0
+        else:
+            low = weight.to(torch.bfloat16)
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(low, 8)
+            copy = low.float()
+            self.input_bound = float(copy.norm(dim=1).max()) * (1 + gamma) * 1.01
+            self.output_rounding = 2.0**-8 / (1 - 2.0**-8)  # |rounded − s| ≤ this × |rounded|
+        self.name = name
+        # 1.01 and 1e-7: margin for the norms' own rounding
+        self.row_bound = float(((weight - copy).norm(dim=1) + gamma * copy.norm(dim=1)).max()) * 1.01 + 1e-7
+
+    def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Screened values ``[n, V]`` (float32) and each row's bound ``[n, 1]`` before output rounding."""
+        bound = hidden.norm(dim=1, keepdim=True) * self.row_bound
+        if self.name == "fp16":
+            return torch.ops.quantized.linear_dynamic_fp16(hidden, self.packed), bound
+        rounded = hidden.to(torch.bfloat16)
+        bound = bound + (hidden - rounded.float()).norm(dim=1, keepdim=True) * self.input_bound
+        return torch.ops.mkldnn._linear_pointwise(rounded, self.packed, None, "none", [], "").float(), bound
+
+
+def offered_screens() -> tuple[str, ...]:
+    """The screens this torch build can run (whether they pay is timed)."""
+    return tuple(name for name, ok in (("fp16", fbgemm_fp16_available()), ("bf16", onednn_available())) if ok)
+
+
+class ScreenedHead:
+    """Exact top-``k`` logits of a float32 head, reading a cheap copy of it first (module docstring).
+
+    ``screens``: ``"auto"`` times every offered screen per row count at construction (or reuses the
+    plan stored in ``plan_cache``) and keeps only the ones the plan uses; or one name of
+    :data:`SCREENS` for every row count. Exactness does not depend on the choice.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None,
+                 screens: str = "auto", plan_cache: Path | None = None) -> None:
+        self.weight = weight.detach()
+        self.bias = bias.detach() if bias is not None else None
+        self.softcap = softcap
+        offered = offered_screens() if screens == "auto" else (screens,)
+        if screens != "auto" and screens not in offered_screens():
+            raise InvalidSettingError(f"head screen {screens!r} is not available here; choose one of "
+                                      f"{', '.join(offered_screens()) or 'none'}")
+        self.screens = {name: _Screen(name, self.weight) for name in offered}
+        self.bias_max = 0.0 if self.bias is None else float(self.bias.abs().max())
+        if len(offered) == 1:
+            self.plan = KernelPlan(offered * len(ROW_BUCKETS))
+        else:
+            key = plan_key([tuple(self.weight.shape)], "|head-screen|" + "/".join(offered))
+            self.plan = cached_plan(key, offered, self._tune, plan_cache, "the LM head's screen")
+            self.screens = {name: screen for name, screen in self.screens.items() if name in self.plan.kernels}
+
+    def _tune(self, repeats: int = 3) -> KernelPlan:
+        """The fastest screen per row bucket, timed on random inputs (the rescoring after it costs
+        well under a millisecond for either screen on real hidden states)."""
+        chosen, measured = [], []
+        with torch.inference_mode():
+            for bucket in ROW_BUCKETS:
+                hidden = torch.randn(bucket, self.weight.shape[1])
+                times = []
+                for screen in self.screens.values():
+                    runs = []
+                    for _ in range(repeats + 1):
+                        start = time.perf_counter()
+                        screen(hidden)
+                        runs.append(time.perf_counter() - start)
+                    times.append(statistics.median(runs[1:]) * 1000)
+                chosen.append(list(self.screens)[times.index(min(times))])
+                measured.append(tuple(round(t, 2) for t in times))
+        return KernelPlan(tuple(chosen), tuple(measured))
+
+    def describe(self) -> str:
+        return "head screen by rows " + self.plan.describe()
+
+    def full(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Every logit, float32."""
+        return self._cap(F.linear(hidden, self.weight, self.bias))
+
+    def top(self, hidden: torch.Tensor, k: int, until_mismatch: Sequence[int] | None = None) -> torch.Tensor:
+        """Logits ``[n, V]``, exact wherever a row's top ``k`` can be, ``-inf`` elsewhere.
+
+        With ``until_mismatch`` (``k == 1``: greedy verification of a chain draft) the rows are
+        screened in blocks of :data:`HEAD_BLOCK_ROWS`, and after the block holding the first row
+        whose argmax differs from its draft token the rest stay ``-inf``: a rejected draft does
+        not pay for the head on the rows after it (up to 4 rows cost about what 1 does here).
+        """
+        if until_mismatch is None or k != 1 or hidden.shape[0] <= HEAD_BLOCK_ROWS:
+            return self._top(hidden, k)
+        out = hidden.new_full((hidden.shape[0], self.weight.shape[0]), float("-inf"), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], HEAD_BLOCK_ROWS):
+            block = self._top(hidden[start:start + HEAD_BLOCK_ROWS], 1, out=out[start:start + HEAD_BLOCK_ROWS])
+            choices = block.argmax(dim=1).tolist()
+            if any(choice != token for choice, token in zip(choices, until_mismatch[start:])):
+                break
+        return out
+
+    def _top(self, hidden: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`top` of all rows at once, written into ``out`` (all ``-inf``) where given.
+
+        With ``|s − x·w| ≤ A + ρ|s|`` for every screened value ``s`` (:class:`_Screen`), the ``k``
+        rows screened highest are each worth at least ``h(s_k) − A`` in truth (``h(s) = s − ρ|s|``,
+        ``s_k`` the k-th highest screened value), so a row of the true top ``k`` has
+        ``s + A + ρ|s| ≥ h(s_k) − A``; those candidates are rescored exactly."""
+        hidden = hidden.float()
+        screen = self.screens[self.plan.kernels[-1] if hidden.shape[0] > ROW_BUCKETS[-1]
+                              else self.plan.kernel_for(hidden.shape[0])]
+        values, bound = screen(hidden)
+        rho = screen.output_rounding
+        if self.bias is not None:
+            values = values + self.bias
+            bound = bound + rho * self.bias_max  # ρ applies to the value before the bias
+        kth = values.amax(dim=1, keepdim=True) if k == 1 else torch.topk(values, k, dim=1).values[:, -1:]
+        slack = 1e-6 * (kth.abs() + 2 * bound) + 1e-6  # float32 rounding of values near the k-th
+        floor = kth - rho * kth.abs() - 2 * bound - slack
+        floor = torch.where(floor >= 0, floor / (1 + rho), floor / (1 - rho))  # s + ρ|s| ≥ floor
+        candidates = torch.nonzero((values >= floor).any(dim=0)).squeeze(1)
+        rows = self.weight.index_select(0, candidates).double()
+        exact = (hidden.double() @ rows.t())
+        if self.bias is not None:
+            exact = exact + self.bias.index_select(0, candidates).double()
+        if out is None:
+            out = torch.full_like(values, float("-inf"))
+        out.index_copy_(1, candidates, self._cap(exact.float()))
+        return out
+
+    def _cap(self, logits: torch.Tensor) -> torch.Tensor:
+        # softcapping is monotonic: screening on uncapped values selects the same top k
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+
+
+class TunedHead:
+    """The LM head of a bf16 model: the bf16 target's own product, on the kernel its own tuned plan
+    finds fastest per row count (a :class:`TunedLinear` over the head weight). Its logits are what
+    the eager runner returns (the bf16 product, softcapped in bf16, then float32); a consumer's top
+    k is read from all of them, so :meth:`top` is :meth:`full`."""
+
+    def __init__(self, linear: TunedLinear, softcap: float | None) -> None:
+        self.linear, self.softcap = linear, softcap
+        self.weight, self.bias = linear.weight, linear.bias
+
+    @property
+    def plan(self) -> KernelPlan:
+        return self.linear.plan
+
+    def full(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.linear(hidden.to(self.weight.dtype))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float()  # bf16 → float32, as the eager runner widens it
+
+    def top(self, hidden: torch.Tensor, k: int, until_mismatch: Sequence[int] | None = None) -> torch.Tensor:
+        return self.full(hidden)
+
+
