@@ -337,3 +337,30 @@ def test_generation_stats_carry_the_breakdown():
     assert stats.extra["draft_rounds"] == stats.target_forwards
     assert sum(breakdown.values()) * stats.extra["draft_rounds"] <= stats.draft_s
     assert SpeculativeDecoder(target, "ar").generate([1, 2], max_new_tokens=3).stats.draft_cost_breakdown == {}
+
+
+def test_sps_on_a_reduced_draft_reads_its_own_ids_and_hands_over_wide_distributions():
+    """``Readout(own_vocabulary=True)`` gives the reduced draft's own columns (what the widened row
+    holds at its ids); the sps proposer samples there and hands the verifier distributions over
+    the target's vocabulary equal to processing the widened rows."""
+    from specdecode.models.runner import Readout
+    from specdecode.propose.draft_model import DraftModelProposer
+    from specdecode.sampling import process_logits
+
+    loaded, ids = _reduced_draft()
+    runner = loaded.runner
+    assert runner.vocabulary_ids.tolist() == list(ids)
+    with torch.inference_mode():
+        own = runner.forward(runner.new_cache(), [1, 2, 3], Readout(rows=1, own_vocabulary=True)).logits
+        wide = runner.forward(runner.new_cache(), [1, 2, 3], Readout(rows=1)).logits
+        assert own.shape == (1, len(ids)) and wide.shape == (1, 97)
+        assert torch.equal(own, wide[:, list(ids)])
+        settings = SamplingSettings(temperature=0.8, top_k=5, top_p=0.9)
+        proposer = DraftModelProposer(runner, settings, torch.Generator().manual_seed(0), gamma=3)
+        draft = proposer.propose([1, 2, 3], 3)
+        check = runner.new_cache()
+        rows = [runner.forward(check, [1, 2, 3], Readout(rows=1)).logits[-1]]
+        for token in draft.tokens[:-1]:
+            rows.append(runner.forward(check, [token], Readout(rows=1)).logits[-1])
+        torch.testing.assert_close(draft.probs, process_logits(torch.stack(rows), settings))
+        assert set(draft.tokens) <= set(ids)

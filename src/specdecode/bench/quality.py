@@ -4,9 +4,14 @@ Perplexity of single 64-token samples ranges from ~1.2 (a repetition loop) to >1
 difference between two methods on a dozen prompts is mostly noise. Here:
 
 * **pooled perplexity** = exp(Σ NLL / Σ tokens) over all prompts (token-weighted, as the table);
-* **change vs ar** with a **paired bootstrap 95 % interval**: prompts are resampled with
-  replacement, the same draw for both methods, and the ratio of pooled perplexities recomputed;
-  a claim "method X lowers perplexity" holds when the whole interval lies below 0;
+* **change vs ar** with a **paired bootstrap 95 % interval** over prompts (resampled with
+  replacement, the same draw for both methods). Two statistics (``STATISTICS``):
+  ``"prompt-mean"`` (the default) averages each prompt's mean NLL per token over its samples
+  (several seeds), takes the per-prompt difference to ``ar`` and reports exp(mean) − 1: every
+  prompt weighs the same, so one long high-perplexity output cannot carry the claim;
+  ``"pooled"`` is the ratio of pooled perplexities (token-weighted). A claim "method X lowers
+  perplexity" holds when the whole interval lies below 0. :func:`aa_exclusion_rate` calibrates
+  either: ``ar`` against ``ar`` under other seeds must exclude 0 in about 5 % of splits;
 * **repeated 4-gram share**: the fraction of 4-grams in an output that already occurred earlier
   in it, pooled — a loop lowers perplexity too, so lower perplexity only counts as better text
   when repetition does not rise with it.
@@ -23,6 +28,7 @@ from specdecode.bench.record import Record
 
 BOOTSTRAP_DRAWS = 2000
 NGRAM = 4
+STATISTICS = ("prompt-mean", "pooled")
 
 
 @dataclass(frozen=True)
@@ -79,10 +85,14 @@ def compare_quality(records: list[Record], baseline: list[Record], seed: int = 0
     return compare_samples(samples(records), samples(baseline), seed)
 
 
-def compare_samples(samples: list[Sample], baseline: list[Sample], seed: int = 0) -> QualityComparison | None:
-    """Pooled perplexity and its paired bootstrap against ``baseline`` over prompts; a prompt's
-    samples (one per seed) are summed first, so several seeds narrow the interval without
-    counting one prompt as several independent ones. None unless both cover the same prompts."""
+def compare_samples(samples: list[Sample], baseline: list[Sample], seed: int = 0,
+                    statistic: str = "prompt-mean") -> QualityComparison | None:
+    """The change of ``samples`` against ``baseline`` (see the module docstring for ``statistic``)
+    and its paired bootstrap interval over prompts; a prompt's samples (one per seed) are pooled
+    first, so several seeds narrow the interval without counting one prompt as several
+    independent ones. None unless both cover the same prompts."""
+    if statistic not in STATISTICS:
+        raise ValueError(f"unknown statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
     prompts = list(dict.fromkeys(s.prompt for s in baseline))
     if not samples or {s.prompt for s in samples} != set(prompts):
         return None
@@ -96,8 +106,11 @@ def compare_samples(samples: list[Sample], baseline: list[Sample], seed: int = 0
         return nll, tokens
 
     (nll, tokens), (base_nll, base_tokens) = per_prompt(samples), per_prompt(baseline)
+    difference = nll / np.maximum(tokens, 1) - base_nll / np.maximum(base_tokens, 1)
 
     def log_ratio(draw: np.ndarray) -> np.ndarray:
+        if statistic == "prompt-mean":
+            return difference[draw].mean(-1)
         return nll[draw].sum(-1) / tokens[draw].sum(-1) - base_nll[draw].sum(-1) / base_tokens[draw].sum(-1)
 
     draws = np.random.default_rng(seed).integers(0, len(prompts), size=(BOOTSTRAP_DRAWS, len(prompts)))
@@ -108,3 +121,26 @@ def compare_samples(samples: list[Sample], baseline: list[Sample], seed: int = 0
         interval=(float(np.expm1(low)), float(np.expm1(high))),
         repeated_ngram_share=repeated_ngram_share([s.token_ids for s in samples]),
     )
+
+
+def aa_exclusion_rate(samples: list[Sample], per_side: int, statistic: str = "prompt-mean",
+                      splits: int = 200, seed: int = 0) -> float:
+    """How often one method's interval against itself excludes 0: per split, each prompt's samples
+    (other seeds of one method) are shuffled and two disjoint sets of ``per_side`` compared. A
+    statistic whose intervals mean what they say gives ~0.05. Needs ``2 × per_side`` samples a prompt."""
+    groups: dict[object, list[Sample]] = {}
+    for sample in samples:
+        groups.setdefault(sample.prompt, []).append(sample)
+    if min(len(group) for group in groups.values()) < 2 * per_side:
+        raise ValueError(f"A/A with {per_side} a side needs {2 * per_side} samples of every prompt")
+    rng = np.random.default_rng(seed)
+    excluded = 0
+    for split in range(splits):
+        left, right = [], []
+        for group in groups.values():
+            order = rng.permutation(len(group))
+            left += [group[i] for i in order[:per_side]]
+            right += [group[i] for i in order[per_side:2 * per_side]]
+        comparison = compare_samples(left, right, seed=seed + split, statistic=statistic)
+        excluded += comparison is not None and comparison.significant
+    return excluded / splits

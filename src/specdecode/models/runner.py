@@ -27,6 +27,7 @@ from specdecode.models.frequent_vocab import SubVocabHead
 from specdecode.models.layer_skip import Int8Copies, SkipSet, layer_skip_view, shallow_replace
 from specdecode.models.native import NativeDecoder
 from specdecode.models.heads import ScreenedHead
+from specdecode.models.vocab_map import MappedHead
 from specdecode.models.runtime import RuntimePlan, int8_fused_projections
 from specdecode.models.families import decoder_layers
 from specdecode.models.tree import ancestors_visible, depths, tree_attention_mask
@@ -45,11 +46,15 @@ class Readout:
     ``until_mismatch`` (``top_k == 1``, a chain): the draft tokens the rows predict; no row after
     the first one whose argmax differs from its draft token is read, so a screened head may
     leave them ``-inf``.
+    ``own_vocabulary``: logits over the model's own reduced vocabulary (column ``j`` is target
+    token ``runner.vocabulary_ids[j]``), not widened to the target's: a reduced-vocabulary draft
+    (8k ids) then never writes or reads 262k-wide rows. Same as the default for other models.
     """
 
     rows: int | None = None
     top_k: int | None = None
     until_mismatch: tuple[int, ...] | None = None
+    own_vocabulary: bool = False
 
     @classmethod
     def hidden_only(cls) -> Readout:
@@ -178,8 +183,20 @@ class TargetRunner:
 
         return forward_batch(self, kvs, id_lists, readouts)
 
+    @property
+    def vocabulary_ids(self) -> torch.Tensor | None:
+        """Target ids of a reduced-vocabulary model's own logits (``Readout.own_vocabulary``); None
+        where the model scores the whole vocabulary."""
+        head = self._lm_head
+        return head.target_ids if isinstance(head, MappedHead) else None
+
     def logits(self, hidden: torch.Tensor, readout: Readout = Readout()) -> torch.Tensor:
         """The LM head on final hidden states ``[n, H]``: logits ``[n, V]``, float32 or wider."""
+        if readout.own_vocabulary and isinstance(self._lm_head, MappedHead):
+            logits = self._lm_head.own(hidden)
+            if self._softcap:
+                logits = torch.tanh(logits / self._softcap) * self._softcap
+            return logits.to(torch.promote_types(logits.dtype, torch.float32))
         if self._head is not None:
             if readout.top_k:
                 return self._head.top(hidden, readout.top_k, readout.until_mismatch)

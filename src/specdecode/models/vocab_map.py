@@ -123,9 +123,12 @@ class MappedHead(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.inner.weight
 
+    def own(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores of the draft's own ids (column j: target id ``target_ids[j]``)."""
+        return self.inner(hidden)[..., : self.target_ids.numel()]  # the "unknown" row is never proposed
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.inner(hidden)[..., : self.target_ids.numel()]  # the "unknown" row is never proposed
-        return expand_logits(logits, self.target_ids, self.vocab_size)
+        return expand_logits(self.own(hidden), self.target_ids, self.vocab_size)
 
 
 def tokenizer_digest(tokenizer) -> str:

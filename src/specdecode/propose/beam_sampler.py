@@ -29,7 +29,6 @@ import torch
 
 from specdecode.errors import InvalidSettingError
 from specdecode.models.runner import Readout, TargetRunner
-from specdecode.models.vocab_map import MappedHead
 from specdecode.propose.base import Draft, Proposer
 from specdecode.sampling import SamplingSettings, _beyond_top_p, process_logits
 
@@ -70,41 +69,32 @@ class TreeDrafter:
         raise NotImplementedError
 
 
-def _reduced_vocabulary(model: torch.nn.Module) -> torch.Tensor | None:
-    """Target ids of a reduced-vocabulary draft's rows (``models/vocab_map.py``), None for a full one."""
-    head = model.get_output_embeddings()
-    return head.target_ids.long() if isinstance(head, MappedHead) else None
-
-
 class ModelDrafter(TreeDrafter):
     """A causal LM with its own KV cache; tree levels share the cached sequence through tree attention.
 
-    A reduced-vocabulary draft (the shipped one: 8,192 ids) drafts over its own ids: its logits are
-    narrowed back to ``vocab_ids`` (its head widens them to the target's 262k with ``-inf``
-    elsewhere; the sampler never touches a 262k-wide row)."""
+    A reduced-vocabulary draft (the shipped one: 8,192 ids) drafts over its own ids
+    (``Readout.own_vocabulary``: no 262k-wide row is written, read or narrowed)."""
 
     def __init__(self, runner: TargetRunner) -> None:
         self.runner = runner
         self.kv = runner.new_cache()
-        self.vocab_ids = _reduced_vocabulary(runner.model)
+        ids = runner.vocabulary_ids
+        self.vocab_ids = None if ids is None else ids.long()
         self.context_len = 0
         self.level = 0                            # tree levels fed since the last root
         self.tree_positions: list[int] = []
 
-    def _narrow(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits if self.vocab_ids is None else logits.index_select(-1, self.vocab_ids.to(logits.device))
-
     def root(self, sequence: list[int]) -> torch.Tensor:
         self.context_len, self.tree_positions, self.level = len(sequence), [], 0
-        return self._narrow(self.runner.forward(self.kv, self.kv.sync(sequence), Readout(rows=1)).logits[-1])
+        return self.runner.forward(self.kv, self.kv.sync(sequence), Readout(rows=1, own_vocabulary=self.vocab_ids is not None)).logits[-1]
 
     def extend(self, rows: list[int], tokens: list[int], visible: torch.Tensor) -> torch.Tensor:
         level, self.level = self.level, self.level + 1
         positions = [self.context_len + level] * len(tokens)
         logits = self.runner.forward_tree(self.kv, tokens, positions, visible, self.context_len,
-                                          self.tree_positions).logits
+                                          self.tree_positions, Readout(own_vocabulary=self.vocab_ids is not None)).logits
         self.tree_positions += positions
-        return self._narrow(logits)
+        return logits
 
     def reset(self) -> None:
         self.kv.crop(self.context_len)

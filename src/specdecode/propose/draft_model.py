@@ -53,19 +53,28 @@ class DraftModelProposer(Proposer):
         pending = self.kv.sync(sequence)
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
+        ids = self.runner.vocabulary_ids  # a reduced-vocabulary draft samples among its own ids
         for _ in range(limit):
-            logits = self.runner.forward(self.kv, pending, Readout(rows=1)).logits[-1]
+            logits = self.runner.forward(self.kv, pending, Readout(rows=1, own_vocabulary=True)).logits[-1]
             self.stats.forwards += 1
             if self.sampling.greedy:
-                token = int(logits.argmax())
+                local = int(logits.argmax())
             else:
                 dist = process_logits(logits, self.sampling)
-                token = sample(dist, self.generator)
+                local = sample(dist, self.generator)
                 probs.append(dist)
+            token = local if ids is None else int(ids[local])
             tokens.append(token)
             pending = [token]
         self.stats.proposed += len(tokens)
-        return Draft(tokens=tokens, probs=torch.stack(probs) if probs else None)
+        return Draft(tokens=tokens, probs=self._widen(torch.stack(probs), ids) if probs else None)
+
+    def _widen(self, probs: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        """Draft distributions over the target's vocabulary (0 outside a reduced draft's ids)."""
+        if ids is None:
+            return probs
+        wide = probs.new_zeros((probs.shape[0], self.runner.model.config.get_text_config().vocab_size))
+        return wide.index_copy_(1, ids.to(probs.device), probs)
 
     def observe(self, proposed: int, accepted: int) -> None:
         self.schedule.observe(proposed, accepted)
