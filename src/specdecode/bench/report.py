@@ -73,9 +73,10 @@ def quality_lines(result: BenchResult) -> list[str]:
     if not rows:
         return []
     return ["## Quality (sampling)", "",
-            f"Pooled perplexity under the float32 target over {len(baseline)} prompts; change vs `ar` with a "
-            "paired bootstrap 95 % interval over prompts (* = the interval excludes 0); repeated 4-gram share "
-            "(a loop lowers perplexity too).", "",
+            f"Pooled perplexity under the float32 target over {len(baseline)} prompts; change vs `ar`: the mean "
+            "over prompts of the per-prompt change in log-perplexity, with a paired bootstrap 95 % interval over "
+            "prompts (* = the interval excludes 0; bench/quality.py, calibrated by A/A runs in "
+            "results/quality-100-aa); repeated 4-gram share (a loop lowers perplexity too).", "",
             "| method | perplexity | vs ar [95 % CI] | repeated 4-grams |", "|---|---:|---:|---:|", *rows, ""]
 
 
