@@ -368,7 +368,7 @@ def test_fast_runtime_and_eager_ar_agree_in_float32(model_dir, data_file, tmp_pa
     target = load_model(str(model_dir), dtype="float32")
     result = run_bench(target, load_prompts(data_file, ["qa"]), ["ar", "ar@eager", "pld"], ["hf"],
                        config=BenchConfig(max_new_tokens=10, warmup=0), progress=False)
-    assert "fp16-screened exact head" in result.meta["runtime"] and result.meta["exact"]
+    assert "screened exact head" in result.meta["runtime"] and result.meta["exact"]
     assert all(r.identical for r in result.records) and not result.mismatches()
 
 
@@ -429,3 +429,37 @@ def test_aa_calibration_of_the_prompt_mean_statistic_on_heavy_tailed_samples():
     assert found.significant and found.interval[1] < 0
     with pytest.raises(ValueError, match="needs 8 samples"):
         aa_exclusion_rate(samples, 4)
+
+
+def test_throughput_mode_serves_waves_and_stays_lossless_per_request(model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "tp"
+    argv = ["bench", "--data", str(data_file), "--model", str(model_dir), "--dtype", "float64",
+            "--method", "ar", "--method", "pld:gamma=3", "--concurrency", "2,3", "--max-new-tokens", "6",
+            "--warmup", "0", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| method | c = 1 | c = 2 | c = 3 |" in table and "| `pld:gamma=3` |" in table
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["rows"]
+    assert {(r["method"], r["concurrency"]) for r in rows} == {(m, c) for m in ("ar", "pld:gamma=3") for c in (1, 2, 3)}
+    prompts = len(load_prompts(data_file))
+    assert all(r["requests"] == prompts and r["new_tokens"] == 6 * prompts and r["differing_from_solo"] == 0
+               for r in rows)
+    solo, batched = (next(r for r in rows if r["method"] == "ar" and r["concurrency"] == c) for c in (1, 3))
+    assert batched["target_forwards"] < solo["target_forwards"]  # three requests a forward
+    assert "--concurrency 2,3" in (out / "COMMAND.txt").read_text()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--concurrency", "0,4"], "--concurrency levels must be >= 1"),
+    (["--concurrency", "four"], "--concurrency takes comma-separated integers"),
+    (["--concurrency", "1,4", "--peer", "hf"], "drop --peer"),
+    (["--adaptive-drafts"], "--adaptive-drafts needs --concurrency"),
+])
+def test_throughput_mode_refuses_bad_settings_in_one_line(model_dir, data_file, tmp_path, capsys, bad, message):
+    out = tmp_path / "tp"
+    argv = ["bench", "--data", str(data_file), "--model", str(model_dir), "--max-new-tokens", "4",
+            "--warmup", "0", "--no-progress", "--out", str(out), *bad]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -228,7 +228,7 @@ def run_bench(
         config=config,
         contenders=[ContenderInfo(c.label, c.peer, c.lossless) for c in contenders],
         records=ordered,
-        meta=_environment(target, draft, meter),
+        meta=environment(target, draft, meter),
     )
     reference = result.float32_reference
     if reference is not None and config.sampling.greedy:
@@ -239,7 +239,7 @@ def run_bench(
     return result
 
 
-def _environment(target: LoadedModel, draft: LoadedModel | None, meter: EnergyMeter) -> dict[str, Any]:
+def environment(target: LoadedModel, draft: LoadedModel | None, meter: EnergyMeter) -> dict[str, Any]:
     import transformers
 
     dtype = next(target.model.parameters()).dtype

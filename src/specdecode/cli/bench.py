@@ -75,6 +75,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run_group.add_argument("--warmup", type=int, default=1, help="untimed runs per method before timing")
     run_group.add_argument("--out", default=None, help="output folder (default: runs/bench-<date-time>)")
     run_group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    batch = parser.add_argument_group("throughput (batched decoding)")
+    batch.add_argument("--concurrency", default=None, metavar="LIST",
+                       help="e.g. 1,4,16: instead of one request at a time, serve the prompts in waves of c "
+                            "concurrent requests decoded together and report aggregate tokens/s per method and c")
+    batch.add_argument("--adaptive-drafts", action="store_true",
+                       help="with --concurrency: keep only the draft tokens expected to pay for their rows in the batch")
     parser.set_defaults(run=run)
 
 
@@ -92,6 +98,10 @@ def command_line(args: argparse.Namespace) -> str:
                ("--repeats", args.repeats), ("--warmup", args.warmup), ("--out", args.out)]
     if args.eager:
         parts.append("--eager")
+    if args.concurrency:
+        parts += ["--concurrency", args.concurrency]
+    if args.adaptive_drafts:
+        parts.append("--adaptive-drafts")
     if args.prompt_template != DEFAULT_TEMPLATE:
         options.append(("--prompt-template", args.prompt_template))
     for flag, value in options:
@@ -106,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
                          top_p=args.top_p, seed=args.seed, repeats=args.repeats, warmup=args.warmup,
                          prompt_template=args.prompt_template)
     prompts = load_prompts(args.data, args.category or None, args.per_category)
+    if args.concurrency or args.adaptive_drafts:
+        return _run_throughput(args, config, prompts)
     target = load_model(args.model, **model_kwargs(args))
     draft = load_model(args.draft, **model_kwargs(args)) if args.draft else None
     result = run_bench(target, prompts, args.method or ["ar", "pld"], args.peer, draft, config,
@@ -119,3 +131,26 @@ def run(args: argparse.Namespace) -> int:
         if "IDENTITY CHECK FAILED" in line:
             print(f"!!! {line}", file=sys.stderr)
     return IDENTITY_FAILURE if ours_failed else 0
+
+
+def _run_throughput(args: argparse.Namespace, config: BenchConfig, prompts: list) -> int:
+    from specdecode.bench.throughput import lossless_failures, parse_concurrency, run_throughput, write_throughput
+    from specdecode.errors import InvalidSettingError
+
+    if not args.concurrency:
+        raise InvalidSettingError("--adaptive-drafts needs --concurrency")
+    if args.peer:
+        raise InvalidSettingError("--concurrency runs our methods only (transformers' assisted generation refuses "
+                                  "batches): drop --peer")
+    levels = parse_concurrency(args.concurrency)
+    target = load_model(args.model, **model_kwargs(args))
+    draft = load_model(args.draft, **model_kwargs(args)) if args.draft else None
+    rows, meta = run_throughput(target, prompts, args.method or ["ar", "pld"], levels, draft, config,
+                                adaptive_drafts=args.adaptive_drafts, progress=not args.no_progress)
+    written = write_throughput(rows, meta, config, len(prompts), args.out, command_line(args))
+    print(written[0].read_text())
+    print(f"wrote {len(written)} files to {args.out}", file=sys.stderr)
+    failed = lossless_failures(rows, meta)
+    if failed:
+        print(f"!!! batched greedy tokens differ from solo for: {', '.join(failed)}", file=sys.stderr)
+    return IDENTITY_FAILURE if failed else 0
