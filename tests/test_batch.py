@@ -225,3 +225,45 @@ def test_a_batch_attends_as_the_runtime_does_alone():
                         else [runner.forward(kv, step) for kv, step in zip(kvs, steps)])
     for alone, together in zip(*outs):
         assert torch.equal(alone.hidden, together.hidden) and torch.equal(alone.logits, together.logits)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_chunked_prefill_interleaves_with_decoding_and_stays_lossless(arch):
+    """With ``prefill_chunk`` a long prompt joins over several steps while the requests already
+    decoding keep adding tokens; every request still decodes what it decodes alone (greedy), the
+    eagle head included (it reads the prompt's hidden states, gathered over the chunks)."""
+    target = _target(arch, fast=True)
+    rng = random.Random(4)
+    long_prompt = [rng.randrange(VOCAB) for _ in range(29)]
+    short = _prompts(11, 3)
+    for method, options in _methods(target):
+        decoder = SpeculativeDecoder(target, method, **options)
+        solo = [decoder.generate(p, max_new_tokens=12) for p in [*short, long_prompt]]
+        alone = [r.token_ids for r in solo]
+        stepper = BatchStepper(prefill_chunk=4)
+        first = [decoder.start(p, max_new_tokens=12) for p in short]
+        for generation in first:
+            stepper.add(generation)
+        stepper.step()
+        late = decoder.start(long_prompt, max_new_tokens=12)
+        stepper.add(late)
+        progress_while_prefilling = 0
+        chunks = 0
+        while late.kv is None or late in stepper._prefilling:
+            added = stepper.step()
+            chunks += 1
+            if late in stepper._prefilling:
+                assert late not in added  # no step of its own before its prompt is in
+                progress_while_prefilling += sum(len(tokens) for tokens in added.values())
+        assert chunks >= 7 and progress_while_prefilling > 0  # 28 prompt tokens to prefill, at most 4 a step
+        stepper.run()
+        results = [g.result() for g in [*first, late]]
+        assert [r.token_ids for r in results] == alone, (method, options)
+        # the same drafts as alone: a drafter reading the prompt's hidden states saw all the chunks
+        assert [(r.stats.proposed_tokens, r.stats.accepted_tokens) for r in results] == [
+            (r.stats.proposed_tokens, r.stats.accepted_tokens) for r in solo], (method, options)
+
+
+def test_chunked_prefill_setting_is_checked():
+    with pytest.raises(Exception, match="prefill_chunk must be >= 1"):
+        BatchStepper(prefill_chunk=0)

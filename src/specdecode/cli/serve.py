@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--adaptive-drafts", action=argparse.BooleanOptionalAction, default=True,
                         help="batch-aware speculation: keep only the draft tokens expected to pay for their rows "
                              "at the batch's measured cost (default on)")
+    parser.add_argument("--prefill-chunk", type=int, default=256,
+                        help="prompt tokens prefilled per batched step: a long prompt joins over several steps "
+                             "instead of stalling the streams already decoding (0: whole prompts)")
     parser.add_argument("--max-queue", type=int, default=16, help="requests waiting for a slot before 429")
     parser.add_argument("--request-timeout", type=float, default=600.0,
                         help="seconds from arrival after which a generation is cut (finish_reason 'length')")
@@ -62,6 +65,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                           dtype=args.dtype, device=args.device, threads=args.threads, quantize=args.quantize,
                           fast=not args.eager, max_batch=args.max_batch, max_kv_tokens=args.max_kv_tokens,
                           max_batch_rows=args.max_batch_rows, adaptive_drafts=args.adaptive_drafts,
+                          prefill_chunk=args.prefill_chunk or None,
                           max_queue=args.max_queue, request_timeout=args.request_timeout)
     config.validate()
     return config

@@ -8,7 +8,9 @@ generations that share a target runner verified by one :meth:`TargetRunner.forwa
 :meth:`Generation.accept` for each — the loop's invariant holds per generation after every step,
 as it does alone. A tree draft is verified in a forward of its own (tree attention in a batch is
 not built yet). The generations joining are prefilled together (one forward, hidden states only)
-before the step that first includes them; a long prompt is not chunked yet.
+before the step that first includes them; with ``prefill_chunk`` a step prefills at most that many
+prompt tokens (oldest joiner first, a long prompt over several steps), so a long prompt joining
+does not stall the streams already decoding: their step runs after each chunk.
 
 Batch-aware speculation: with ``adaptive_drafts`` a step keeps only the draft tokens expected to
 pay for their rows at the batch's current rate (:meth:`BatchStepper._keep_drafts_that_pay`, on
@@ -25,20 +27,26 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 
 from specdecode.engine.loop import Generation, Step
+from specdecode.errors import InvalidSettingError
 from specdecode.models.runner import Readout
 from specdecode.propose.base import Draft
 
 
 class BatchStepper:
     def __init__(self, generations: Iterable[Generation] = (), max_batch_rows: int | None = None,
-                 adaptive_drafts: bool = False) -> None:
+                 adaptive_drafts: bool = False, prefill_chunk: int | None = None) -> None:
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise InvalidSettingError(f"prefill_chunk must be >= 1 prompt tokens, got {prefill_chunk}")
         self.active: list[Generation] = []
         self.max_batch_rows = max_batch_rows
         self.adaptive_drafts = adaptive_drafts
+        self.prefill_chunk = prefill_chunk
+        self._prefilling: dict[Generation, _Prefill] = {}  # joined, prompt not yet all in the cache
         self.costs = RowCost()
         # generations whose prefill or drafting raised (a bug in a method), taken out of the batch
         # before any shared forward: the others go on; the caller reads and clears this
@@ -58,31 +66,46 @@ class BatchStepper:
         """Leave the batch (its cache is left as the last step left it)."""
         if generation in self.active:
             self.active.remove(generation)
+        self._prefilling.pop(generation, None)
 
     def prefill_pending(self) -> list[Generation]:
-        """Prefill the generations that joined since the last step; return them."""
-        joined = [g for g in self.active if g.kv is None]
-        by_runner: dict[int, list[tuple[Generation, list[int]]]] = {}
-        for generation in joined:
+        """Prefill the generations that joined (all of each prompt, or with ``prefill_chunk`` at most
+        that many prompt tokens this step, oldest joiner first); return those whose prefill finished."""
+        for generation in [g for g in self.active if g.kv is None]:
             ids = self._guarded(generation, generation.begin)
             if ids is not None:
-                by_runner.setdefault(id(generation.target.runner), []).append((generation, ids))
-        for members in by_runner.values():  # every joiner's prompt in one forward (hidden states only)
-            runner = members[0][0].target.runner
-            chains = [(g, ids) for g, ids in members if ids]
+                self._prefilling[generation] = _Prefill(ids)
+        budget = self.prefill_chunk if self.prefill_chunk is not None else sum(
+            len(p.ids) for p in self._prefilling.values())
+        feeds: dict[Generation, list[int]] = {}
+        for generation, pending in self._prefilling.items():
+            take = pending.ids[pending.done:pending.done + max(budget, 0)]
+            if take:
+                feeds[generation] = take
+                budget -= len(take)
+        by_runner: dict[int, list[Generation]] = {}
+        for generation in feeds:
+            by_runner.setdefault(id(generation.target.runner), []).append(generation)
+        for members in by_runner.values():  # every chunk in one forward (hidden states only)
+            runner = members[0].target.runner
             try:
                 with torch.inference_mode():
-                    outs = runner.forward_batch([g.kv for g, _ in chains], [ids for _, ids in chains],
-                                                [Readout.hidden_only()] * len(chains))
+                    outs = runner.forward_batch([g.kv for g in members], [feeds[g] for g in members],
+                                                [Readout.hidden_only()] * len(members))
             except Exception as exc:  # noqa: BLE001 - reported to the caller in ``failed``
-                for generation, _ in members:
+                for generation in members:
                     self.failed[generation] = exc
                     self.remove(generation)
                 continue
-            hidden = {g: out.hidden for (g, _), out in zip(chains, outs)}
-            for generation, _ in members:
-                self._guarded(generation, lambda g=generation: g.prefilled(hidden.get(g)))
-        return joined
+            for generation, out in zip(members, outs):
+                pending = self._prefilling[generation]
+                pending.done += len(feeds[generation])
+                pending.hidden.append(out.hidden)
+        finished = [g for g, p in self._prefilling.items() if p.done == len(p.ids)]
+        for generation in finished:
+            hidden = self._prefilling.pop(generation).hidden
+            self._guarded(generation, lambda g=generation: g.prefilled(torch.cat(hidden) if hidden else None))
+        return finished
 
     def _guarded(self, generation: Generation, call):  # noqa: ANN001, ANN202
         try:
@@ -95,7 +118,8 @@ class BatchStepper:
     def step(self) -> dict[Generation, list[int]]:
         """One step of every active generation: the tokens each added. Finished ones leave."""
         self.prefill_pending()
-        steps = {g: step for g in list(self.active) if (step := self._guarded(g, g.propose)) is not None}
+        steps = {g: step for g in list(self.active)
+                 if g not in self._prefilling and (step := self._guarded(g, g.propose)) is not None}
         if self.adaptive_drafts and len(steps) > 1:  # alone, a request drafts as its method says
             self._keep_drafts_that_pay(steps)
         self._cap_rows(steps)
@@ -170,6 +194,15 @@ class BatchStepper:
             worst = min(cuttable, key=lambda g: _acceptance(g) ** len(steps[g].draft))
             steps[worst] = _shorter(worst, steps[worst])
             total -= 1
+
+
+@dataclass
+class _Prefill:
+    """A joined generation's prompt ids to prefill, how many are in the cache, their hidden states."""
+
+    ids: list[int]
+    done: int = 0
+    hidden: list[torch.Tensor] = field(default_factory=list)
 
 
 class RowCost:

@@ -39,6 +39,7 @@ class EngineConfig:
     max_kv_tokens: int | None = None  # KV budget over the active requests (prompt + max_tokens each)
     max_batch_rows: int | None = None  # cap on the rows one step feeds (drafts cut to fit)
     adaptive_drafts: bool = True  # keep only draft tokens that pay for their rows at the batch's rate
+    prefill_chunk: int | None = 256  # prompt tokens prefilled per step (a long prompt does not stall the streams)
     request_timeout: float | None = 600.0
 
     @property
@@ -57,6 +58,8 @@ class EngineConfig:
             raise InvalidSettingError("--max-kv-tokens must be >= 1")
         if self.max_batch_rows is not None and self.max_batch_rows < self.max_batch:
             raise InvalidSettingError("--max-batch-rows must be >= --max-batch (one row per request at least)")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise InvalidSettingError("--prefill-chunk must be >= 1")
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise InvalidSettingError("--request-timeout must be > 0")
 
@@ -75,7 +78,7 @@ class Engine:
                          for name, options in config.methods.items()}
         self.metrics = ServerMetrics()
         self.scheduler = Scheduler(self.metrics, config.max_batch, config.max_queue, config.max_kv_tokens,
-                                   config.max_batch_rows, config.adaptive_drafts)
+                                   config.max_batch_rows, config.adaptive_drafts, config.prefill_chunk)
 
     @property
     def method_names(self) -> list[str]:

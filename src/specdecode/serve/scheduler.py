@@ -7,8 +7,9 @@ the same tokenizer), so concurrency comes from batching instead. The worker keep
 every active generation drafts, one forward of the target verifies all their drafts (the rows of
 every request side by side: each weight is read once per step, not once per request), and each
 request's rule accepts its own rows. Requests join and leave between steps (continuous
-batching), whatever method they use: every served method shares the target. A joining request
-is prefilled alone before the step that first includes it.
+batching), whatever method they use: every served method shares the target. Joining requests
+are prefilled at most ``prefill_chunk`` prompt tokens a step (``--prefill-chunk``, default 256),
+so a long prompt is fed over several steps and the streams already decoding keep stepping.
 
 Admission: a request needs ``prompt + max_tokens`` KV tokens; with ``max_kv_tokens`` the active
 requests' reservations stay within that budget (one that can never fit is refused, 400); the
@@ -122,14 +123,15 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
 class Scheduler:
     def __init__(self, metrics: ServerMetrics, max_batch: int = 16, max_queue: int = 16,
                  max_kv_tokens: int | None = None, max_batch_rows: int | None = None,
-                 adaptive_drafts: bool = False) -> None:
+                 adaptive_drafts: bool = False, prefill_chunk: int | None = None) -> None:
         if max_batch < 1 or max_queue < 0 or (max_kv_tokens is not None and max_kv_tokens < 1):
             raise ValueError("max_batch and max_kv_tokens must be >= 1 and max_queue >= 0")
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_kv_tokens = max_kv_tokens
-        self._stepper = BatchStepper(max_batch_rows=max_batch_rows, adaptive_drafts=adaptive_drafts)  # the active generations (worker only)
+        self._stepper = BatchStepper(max_batch_rows=max_batch_rows, adaptive_drafts=adaptive_drafts,
+                                     prefill_chunk=prefill_chunk)  # the active generations (worker only)
         self._reserved = 0  # KV tokens the active jobs reserve (worker thread only)
         if max_kv_tokens is not None:
             metrics.kv_budget.set(max_kv_tokens)
