@@ -6,9 +6,9 @@ seeds narrow the interval only as far as they really do.
 
     python scripts/pool_quality.py results/quality-100-head/seed0 results/quality-100-head/seed1000
 
-``--calibrate``: first the A/A check of each statistic on the baseline's own samples (``ar``
+``--calibrate``: first the A/A check of each interval on the baseline's own samples (``ar``
 against ``ar`` under other seeds, ``bench/quality.py: aa_exclusion_rate``): how often its 95 %
-interval excludes 0, per number of samples a side — it should be near 5 %.
+interval excludes 0, per number of samples a side and per number of prompts — near 5 %.
 """
 
 from __future__ import annotations
@@ -18,16 +18,17 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from specdecode.bench.quality import STATISTICS, Sample, aa_exclusion_rate, compare_samples
+from specdecode.bench.quality import INTERVALS, Sample, aa_exclusion_rate, compare_samples
 from specdecode.bench.runner import BASELINE
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="benchmark output folders (records.jsonl)")
-    parser.add_argument("--statistic", choices=STATISTICS, default=STATISTICS[0])
-    parser.add_argument("--calibrate", action="store_true", help="A/A exclusion rates of every statistic first")
-    parser.add_argument("--splits", type=int, default=200, help="A/A splits per statistic and size")
+    parser.add_argument("--interval", choices=INTERVALS, default=INTERVALS[0])
+    parser.add_argument("--calibrate", action="store_true", help="A/A exclusion rates of every interval first")
+    parser.add_argument("--splits", type=int, default=200, help="A/A splits per interval and size")
+    parser.add_argument("--subsets", default="12,30", help="A/A also on random subsets of this many prompts")
     args = parser.parse_args()
     samples: dict[str, list[Sample]] = defaultdict(list)
     for run in args.runs:
@@ -43,18 +44,20 @@ def main() -> None:
     print(f"{len(args.runs)} runs · {prompts} prompts · {len(baseline)} `{BASELINE}` samples\n")
     if args.calibrate:
         most = len(baseline) // prompts // 2
-        print(f"A/A: `{BASELINE}` against itself, {args.splits} random splits of its seeds; share of 95 % "
-              "intervals that exclude 0 (should be ~5 %)\n")
-        print("| statistic | " + " | ".join(f"{n} a side" for n in range(1, most + 1)) + " |")
-        print("|---|" + "---:|" * most)
-        for statistic in STATISTICS:
-            rates = [aa_exclusion_rate(baseline, n, statistic, args.splits) for n in range(1, most + 1)]
-            print(f"| {statistic} | " + " | ".join(f"{rate:.1%}" for rate in rates) + " |")
+        sizes = [None, *(int(n) for n in args.subsets.split(",") if n and int(n) < prompts)]
+        print(f"A/A: `{BASELINE}` against itself, {args.splits} random splits of its seeds (per prompt); share of "
+              "95 % intervals that exclude 0 (should be ~5 %)\n")
+        print("| interval | prompts | " + " | ".join(f"{n} a side" for n in range(1, most + 1)) + " |")
+        print("|---|---:|" + "---:|" * most)
+        for interval in INTERVALS:
+            for size in sizes:
+                rates = [aa_exclusion_rate(baseline, n, interval, args.splits, size) for n in range(1, most + 1)]
+                print(f"| {interval} | {size or prompts} | " + " | ".join(f"{rate:.1%}" for rate in rates) + " |")
         print()
-    print(f"Statistic: {args.statistic}\n")
+    print(f"Interval: {args.interval}\n")
     print("| method | perplexity | vs ar [95 % CI] | repeated 4-grams |\n|---|---:|---:|---:|")
     for method, of in samples.items():
-        quality = compare_samples(of, baseline, statistic=args.statistic)
+        quality = compare_samples(of, baseline, interval=args.interval)
         if quality is None:
             print(f"| `{method}` | not on the same prompts as `{BASELINE}` | | |")
             continue

@@ -4,14 +4,14 @@ Perplexity of single 64-token samples ranges from ~1.2 (a repetition loop) to >1
 difference between two methods on a dozen prompts is mostly noise. Here:
 
 * **pooled perplexity** = exp(Σ NLL / Σ tokens) over all prompts (token-weighted, as the table);
-* **change vs ar** with a **paired bootstrap 95 % interval** over prompts (resampled with
-  replacement, the same draw for both methods). Two statistics (``STATISTICS``):
-  ``"prompt-mean"`` (the default) averages each prompt's mean NLL per token over its samples
-  (several seeds), takes the per-prompt difference to ``ar`` and reports exp(mean) − 1: every
-  prompt weighs the same, so one long high-perplexity output cannot carry the claim;
-  ``"pooled"`` is the ratio of pooled perplexities (token-weighted). A claim "method X lowers
-  perplexity" holds when the whole interval lies below 0. :func:`aa_exclusion_rate` calibrates
-  either: ``ar`` against ``ar`` under other seeds must exclude 0 in about 5 % of splits;
+* **change vs ar**: per prompt, the mean NLL per token of its samples (several seeds pooled)
+  minus ``ar``'s — a paired difference in log-perplexity, so a prompt's own difficulty cancels —
+  averaged over prompts and reported as exp(mean) − 1 (with equal output lengths this is the
+  ratio of pooled perplexities). Its 95 % interval (``INTERVALS``) is a **percentile bootstrap**
+  over prompts (the default) or a **Student t** interval on the per-prompt differences. A claim
+  "method X lowers perplexity" holds when the whole interval lies below 0.
+  :func:`aa_exclusion_rate` calibrates either: ``ar`` against ``ar`` under other seeds must
+  exclude 0 in about 5 % of splits (results/quality-100-aa);
 * **repeated 4-gram share**: the fraction of 4-grams in an output that already occurred earlier
   in it, pooled — a loop lowers perplexity too, so lower perplexity only counts as better text
   when repetition does not rise with it.
@@ -28,7 +28,7 @@ from specdecode.bench.record import Record
 
 BOOTSTRAP_DRAWS = 2000
 NGRAM = 4
-STATISTICS = ("prompt-mean", "pooled")
+INTERVALS = ("bootstrap", "t")
 
 
 @dataclass(frozen=True)
@@ -86,13 +86,13 @@ def compare_quality(records: list[Record], baseline: list[Record], seed: int = 0
 
 
 def compare_samples(samples: list[Sample], baseline: list[Sample], seed: int = 0,
-                    statistic: str = "prompt-mean") -> QualityComparison | None:
-    """The change of ``samples`` against ``baseline`` (see the module docstring for ``statistic``)
-    and its paired bootstrap interval over prompts; a prompt's samples (one per seed) are pooled
-    first, so several seeds narrow the interval without counting one prompt as several
-    independent ones. None unless both cover the same prompts."""
-    if statistic not in STATISTICS:
-        raise ValueError(f"unknown statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
+                    interval: str = "bootstrap") -> QualityComparison | None:
+    """The change of ``samples`` against ``baseline`` and its 95 % interval over prompts (module
+    docstring); a prompt's samples (one per seed) are pooled first, so several seeds narrow the
+    interval without counting one prompt as several independent ones. None unless both cover the
+    same prompts."""
+    if interval not in INTERVALS:
+        raise ValueError(f"unknown interval {interval!r}; choose one of {', '.join(INTERVALS)}")
     prompts = list(dict.fromkeys(s.prompt for s in baseline))
     if not samples or {s.prompt for s in samples} != set(prompts):
         return None
@@ -107,40 +107,45 @@ def compare_samples(samples: list[Sample], baseline: list[Sample], seed: int = 0
 
     (nll, tokens), (base_nll, base_tokens) = per_prompt(samples), per_prompt(baseline)
     difference = nll / np.maximum(tokens, 1) - base_nll / np.maximum(base_tokens, 1)
+    mean = difference.mean()
+    if interval == "t":
+        from scipy.stats import t
 
-    def log_ratio(draw: np.ndarray) -> np.ndarray:
-        if statistic == "prompt-mean":
-            return difference[draw].mean(-1)
-        return nll[draw].sum(-1) / tokens[draw].sum(-1) - base_nll[draw].sum(-1) / base_tokens[draw].sum(-1)
-
-    draws = np.random.default_rng(seed).integers(0, len(prompts), size=(BOOTSTRAP_DRAWS, len(prompts)))
-    low, high = np.percentile(log_ratio(draws), [2.5, 97.5])
+        half = t.ppf(0.975, len(prompts) - 1) * difference.std(ddof=1) / np.sqrt(len(prompts))
+        low, high = mean - half, mean + half
+    else:
+        draws = np.random.default_rng(seed).integers(0, len(prompts), size=(BOOTSTRAP_DRAWS, len(prompts)))
+        low, high = np.percentile(difference[draws].mean(-1), [2.5, 97.5])
     return QualityComparison(
         perplexity=float(np.exp(nll.sum() / tokens.sum())),
-        change_vs_ar=float(np.expm1(log_ratio(np.arange(len(prompts))))),
+        change_vs_ar=float(np.expm1(mean)),
         interval=(float(np.expm1(low)), float(np.expm1(high))),
         repeated_ngram_share=repeated_ngram_share([s.token_ids for s in samples]),
     )
 
 
-def aa_exclusion_rate(samples: list[Sample], per_side: int, statistic: str = "prompt-mean",
-                      splits: int = 200, seed: int = 0) -> float:
+def aa_exclusion_rate(samples: list[Sample], per_side: int, interval: str = "bootstrap", splits: int = 200,
+                      prompts: int | None = None, seed: int = 0) -> float:
     """How often one method's interval against itself excludes 0: per split, each prompt's samples
-    (other seeds of one method) are shuffled and two disjoint sets of ``per_side`` compared. A
-    statistic whose intervals mean what they say gives ~0.05. Needs ``2 × per_side`` samples a prompt."""
+    (other seeds of one method) are shuffled and two disjoint sets of ``per_side`` compared, on all
+    prompts or a random ``prompts`` of them. An interval that means what it says gives ~0.05.
+    Needs ``2 × per_side`` samples of every prompt."""
     groups: dict[object, list[Sample]] = {}
     for sample in samples:
         groups.setdefault(sample.prompt, []).append(sample)
     if min(len(group) for group in groups.values()) < 2 * per_side:
         raise ValueError(f"A/A with {per_side} a side needs {2 * per_side} samples of every prompt")
     rng = np.random.default_rng(seed)
+    keys = list(groups)
     excluded = 0
     for split in range(splits):
+        chosen = keys if prompts is None else [keys[i] for i in rng.choice(len(keys), prompts, replace=False)]
         left, right = [], []
-        for group in groups.values():
+        for key in chosen:
+            group = groups[key]
             order = rng.permutation(len(group))
             left += [group[i] for i in order[:per_side]]
             right += [group[i] for i in order[per_side:2 * per_side]]
-        comparison = compare_samples(left, right, seed=seed + split, statistic=statistic)
+        comparison = compare_samples(left, right, seed=seed + split, interval=interval)
         excluded += comparison is not None and comparison.significant
     return excluded / splits
