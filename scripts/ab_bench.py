@@ -88,7 +88,7 @@ def main() -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     prompts = [args.template.format(turn=json.loads(line)["turns"][0])
-               for line in Path(args.data).read_text().splitlines() if line.strip()]
+               for line in Path(args.data).read_text(encoding="utf-8").split("\n") if line.strip()]
     methods = [parse_method(m) for m in args.method]
     if ("ar", {}) in methods:
         methods.append(("ar", {}))  # ar twice: the noise floor

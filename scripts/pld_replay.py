@@ -34,7 +34,7 @@ from specdecode.propose.ngram import NgramProposer
 
 def greedy_outputs(prompts_path: str, max_new: int, cache: Path) -> list[dict]:
     """``[{category, prompt_ids, output_ids}]`` for every prompt, generated once and cached."""
-    done = {row["key"]: row for row in map(json.loads, cache.read_text().splitlines())} if cache.is_file() else {}
+    done = {row["key"]: row for row in map(json.loads, filter(None, cache.read_text(encoding="utf-8").split("\n")))} if cache.is_file() else {}
     target = None
     rows = []
     for prompt in read_prompts(prompts_path):

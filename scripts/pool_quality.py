@@ -32,7 +32,9 @@ def main() -> None:
     args = parser.parse_args()
     samples: dict[str, list[Sample]] = defaultdict(list)
     for run in args.runs:
-        for line in (run / "records.jsonl").read_text(encoding="utf-8").splitlines():
+        for line in (run / "records.jsonl").read_text(encoding="utf-8").split("\n"):  # U+2028 may sit in a text
+            if not line.strip():
+                continue
             record = json.loads(line)
             if record["nll"] is not None:
                 samples[record["method"]].append(Sample(record["question_id"], record["nll"],

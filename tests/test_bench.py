@@ -453,3 +453,16 @@ def test_aa_calibration_catches_an_interval_that_is_too_narrow():
         assert quality.aa_exclusion_rate(samples, 1, "t", splits=100) > max(0.15, 2 * honest)
     finally:
         quality.compare_samples = original
+
+
+def test_prompt_files_split_on_newlines_only(tmp_path):
+    """A line separator (U+2028) or form feed inside a JSON string is text, not the end of a record
+    (``str.splitlines`` would cut the record there: seen in a real Spec-Bench-style file)."""
+    from specdecode.search.calibration import load_labelled_prompts
+
+    path = tmp_path / "odd.jsonl"
+    turns = ["first\u2028second\x0cthird", "plain"]
+    path.write_text("\n".join(json.dumps({"question_id": i, "category": "qa", "turns": [t]}, ensure_ascii=False)
+                              for i, t in enumerate(turns)) + "\n", encoding="utf-8")
+    assert [p.turn for p in load_prompts(path)] == turns
+    assert [prompt for _, prompt in load_labelled_prompts(path)] == turns

@@ -63,7 +63,7 @@ def read_prompts(path: str | Path) -> list[BenchPrompt]:
     """Every question in ``path``; a malformed line is reported with its line number."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028 and kin may sit inside a JSON string
     except FileNotFoundError:
         raise DatasetError(f"prompt file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -39,7 +39,7 @@ def load_labelled_prompts(path: str | os.PathLike[str], field: str = "category")
     """Every record's ``(field value, first-turn prompt)``, in file order."""
     source = Path(path)
     try:
-        lines = source.read_text().splitlines()
+        lines = source.read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028 may sit inside a JSON string
     except FileNotFoundError:
         raise InvalidSettingError(f"data file not found: {str(path)!r}") from None
     except (OSError, UnicodeDecodeError) as exc:
