@@ -59,7 +59,7 @@ def _name(result: BenchResult, label: str) -> str:
 
 
 def quality_lines(result: BenchResult) -> list[str]:
-    """Sampling runs: pooled perplexity, its change vs ar with a paired bootstrap 95 % interval,
+    """Sampling runs: pooled perplexity, its change vs ar with a 95 % interval over prompts,
     and the repeated 4-gram share (see bench/quality.py)."""
     if result.greedy:
         return []
@@ -74,9 +74,9 @@ def quality_lines(result: BenchResult) -> list[str]:
         return []
     return ["## Quality (sampling)", "",
             f"Pooled perplexity under the float32 target over {len(baseline)} prompts; change vs `ar`: the mean "
-            "over prompts of the per-prompt change in log-perplexity, with a paired bootstrap 95 % interval over "
-            "prompts (* = the interval excludes 0; bench/quality.py, calibrated by A/A runs in "
-            "results/quality-100-aa); repeated 4-gram share (a loop lowers perplexity too).", "",
+            "over prompts of the per-prompt change in log-perplexity, with a Student t 95 % interval over prompts "
+            "(* = the interval excludes 0; bench/quality.py, calibrated by A/A runs in results/quality-100-aa); "
+            "repeated 4-gram share (a loop lowers perplexity too).", "",
             "| method | perplexity | vs ar [95 % CI] | repeated 4-grams |", "|---|---:|---:|---:|", *rows, ""]
 
 
