@@ -142,7 +142,7 @@ def render_throughput(rows: list[ThroughputRow], meta: dict, config: BenchConfig
         lines.append(f"| `{method}` | " + " | ".join(f"{rate[(method, c)] / rate[(BASELINE, c)]:.2f}×"
                                                       for c in levels) + " |")
     if config.sampling.greedy:
-        word = "must be 0 (float32/float64: batched decoding is lossless per request)" if exact else (
+        word = "must be 0: in float32/float64 batched decoding is lossless per request" if exact else (
             "reduced precision: a batched forward rounds differently from a solo one")
         lines += ["", f"## Requests whose greedy tokens differ from the same method at c = 1 ({word})", "",
                   "| method | " + " | ".join(f"c = {c}" for c in levels) + " |", "|---|" + "---:|" * len(levels)]
