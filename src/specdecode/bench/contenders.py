@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from specdecode import methods
 from specdecode.accept.rules import GreedyMatch, SpeculativeSampling
 from specdecode.api import SpeculativeDecoder
+from specdecode.engine.loop import Generation
 from specdecode.engine.stats import GenerationResult, GenerationStats
 from specdecode.errors import InvalidSettingError
 from specdecode.models.loading import LoadedModel
@@ -102,7 +103,11 @@ class OurMethod:
         return Outcome(result.token_ids, seconds, result.stats)
 
     def _generate(self, prompt_ids: list[int], settings: GenerationSettings) -> GenerationResult:
-        return self.decoder.generate(
+        return self.start(prompt_ids, settings).result()
+
+    def start(self, prompt_ids: list[int], settings: GenerationSettings) -> Generation:
+        """A generation of ``prompt_ids`` under ``settings``, not yet stepped (a batch steps several)."""
+        return self.decoder.start(
             prompt_ids,
             max_new_tokens=settings.max_new_tokens,
             temperature=settings.sampling.temperature,

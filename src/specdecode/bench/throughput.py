@@ -79,10 +79,7 @@ def run_throughput(
         start = clock(target.device)
         for wave in range(0, len(ids), c):
             settings = config.settings(wave, max_new_tokens)
-            generations = [contender.decoder.start(p, max_new_tokens=settings.max_new_tokens,
-                                                   temperature=settings.sampling.temperature,
-                                                   top_k=settings.sampling.top_k, top_p=settings.sampling.top_p,
-                                                   seed=settings.seed, stop_at_eos=False) for p in ids[wave:wave + c]]
+            generations = [contender.start(p, settings) for p in ids[wave:wave + c]]
             stepper = BatchStepper(generations, adaptive_drafts=adaptive_drafts)
             while stepper.active:
                 stepper.step()

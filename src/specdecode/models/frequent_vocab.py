@@ -37,9 +37,11 @@ def frequent_token_ids(
     return torch.tensor(ranked[:size], dtype=torch.long)
 
 
-def expand_logits(sub_logits: torch.Tensor, token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Scatter ``[..., n]`` logits over ``token_ids`` into ``[..., vocab_size]`` with ``-inf`` elsewhere."""
-    full = sub_logits.new_full((*sub_logits.shape[:-1], vocab_size), float("-inf"))
+def expand_logits(sub_logits: torch.Tensor, token_ids: torch.Tensor, vocab_size: int,
+                  fill: float = float("-inf")) -> torch.Tensor:
+    """Scatter ``[..., n]`` values over ``token_ids`` into ``[..., vocab_size]``, ``fill`` elsewhere
+    (``-inf`` for logits, 0 for probabilities)."""
+    full = sub_logits.new_full((*sub_logits.shape[:-1], vocab_size), fill)
     full[..., token_ids.to(sub_logits.device)] = sub_logits
     return full
 

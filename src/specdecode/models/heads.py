@@ -14,8 +14,6 @@ distribution (sampling without top-k, perplexity) get the full float32 head.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from specdecode.errors import InvalidSettingError
-from specdecode.models.kernels import (ROW_BUCKETS, KernelPlan, TunedLinear, cached_plan, fbgemm_fp16_available,
-                                       onednn_available, plan_key)
+from specdecode.models.kernels import (ROW_BUCKETS, KernelPlan, TunedLinear, cached_plan, fastest_per_bucket,
+                                       fbgemm_fp16_available, onednn_available, plan_key)
 
 HEAD_BLOCK_ROWS = 4  # a head screen is memory-bound up to ~4 rows on these CPUs
 SCREENS = ("fp16", "bf16")
@@ -99,24 +97,14 @@ class ScreenedHead:
             self.plan = cached_plan(key, offered, self._tune, plan_cache, "the LM head's screen")
             self.screens = {name: screen for name, screen in self.screens.items() if name in self.plan.kernels}
 
-    def _tune(self, repeats: int = 3) -> KernelPlan:
+    def _tune(self) -> KernelPlan:
         """The fastest screen per row bucket, timed on random inputs (the rescoring after it costs
         well under a millisecond for either screen on real hidden states)."""
-        chosen, measured = [], []
-        with torch.inference_mode():
-            for bucket in ROW_BUCKETS:
-                hidden = torch.randn(bucket, self.weight.shape[1])
-                times = []
-                for screen in self.screens.values():
-                    runs = []
-                    for _ in range(repeats + 1):
-                        start = time.perf_counter()
-                        screen(hidden)
-                        runs.append(time.perf_counter() - start)
-                    times.append(statistics.median(runs[1:]) * 1000)
-                chosen.append(list(self.screens)[times.index(min(times))])
-                measured.append(tuple(round(t, 2) for t in times))
-        return KernelPlan(tuple(chosen), tuple(measured))
+        def runner(bucket: int):  # noqa: ANN202
+            hidden = torch.randn(bucket, self.weight.shape[1])
+            return lambda name: self.screens[name](hidden)
+
+        return fastest_per_bucket(tuple(self.screens), runner)
 
     def describe(self) -> str:
         return "head screen by rows " + self.plan.describe()

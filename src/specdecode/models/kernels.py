@@ -153,22 +153,37 @@ def tune_kernels(linears: Sequence[TunedLinear], repeats: int = 3) -> KernelPlan
     keep the fastest. Takes ~2–4 s on a 270M model."""
     dtype = linears[0].weight.dtype
     kernels = tuple(k for k in candidate_kernels(dtype) if _offered(k, linears))
+
+    def runner(bucket: int) -> Callable[[str], None]:
+        inputs = {m.in_features: torch.randn(bucket, m.in_features).to(dtype) for m in linears}
+
+        def run(kernel: str) -> None:
+            plan = KernelPlan(tuple(kernel for _ in ROW_BUCKETS))
+            for m in linears:
+                m.plan = plan
+                m(inputs[m.in_features])
+        return run
+
+    return fastest_per_bucket(kernels, runner, repeats)
+
+
+def fastest_per_bucket(candidates: Sequence[str], runner: Callable[[int], Callable[[str], None]],
+                       repeats: int = 3) -> KernelPlan:
+    """The plan keeping, for each row bucket, the candidate whose ``runner(bucket)(candidate)`` has the
+    lowest median time over ``repeats`` runs (after one untimed)."""
     chosen, measured = [], []
     with torch.inference_mode():
         for bucket in ROW_BUCKETS:
-            inputs = {m.in_features: torch.randn(bucket, m.in_features).to(dtype) for m in linears}
+            run = runner(bucket)
             times = []
-            for kernel in kernels:
-                plan = KernelPlan(tuple(kernel for _ in ROW_BUCKETS))
+            for candidate in candidates:
                 runs = []
                 for _ in range(repeats + 1):
                     start = time.perf_counter()
-                    for m in linears:
-                        m.plan = plan
-                        m(inputs[m.in_features])
+                    run(candidate)
                     runs.append(time.perf_counter() - start)
                 times.append(statistics.median(runs[1:]) * 1000)
-            chosen.append(kernels[times.index(min(times))])
+            chosen.append(candidates[times.index(min(times))])
             measured.append(tuple(round(t, 2) for t in times))
     return KernelPlan(tuple(chosen), tuple(measured))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from specdecode.errors import InvalidSettingError
+from specdecode.models.frequent_vocab import expand_logits
 from specdecode.models.runner import Readout, TargetRunner
 from specdecode.propose.base import Draft, Proposer
 from specdecode.sampling import SamplingSettings, process_logits, sample
@@ -67,14 +68,11 @@ class DraftModelProposer(Proposer):
             tokens.append(token)
             pending = [token]
         self.stats.proposed += len(tokens)
-        return Draft(tokens=tokens, probs=self._widen(torch.stack(probs), ids) if probs else None)
-
-    def _widen(self, probs: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
-        """Draft distributions over the target's vocabulary (0 outside a reduced draft's ids)."""
-        if ids is None:
-            return probs
-        wide = probs.new_zeros((probs.shape[0], self.runner.model.config.get_text_config().vocab_size))
-        return wide.index_copy_(1, ids.to(probs.device), probs)
+        if not probs:
+            return Draft(tokens=tokens)
+        q = torch.stack(probs)  # over the target's vocabulary for the verifier: 0 outside a reduced draft's ids
+        vocab = self.runner.model.config.get_text_config().vocab_size
+        return Draft(tokens=tokens, probs=q if ids is None else expand_logits(q, ids, vocab, fill=0.0))
 
     def observe(self, proposed: int, accepted: int) -> None:
         self.schedule.observe(proposed, accepted)

@@ -48,8 +48,7 @@ class HeadDrafter(TreeDrafter):
 
     def full_probs(self, sub_probs: torch.Tensor) -> torch.Tensor:
         """A distribution over the head's ids as one over the target's vocabulary (0 elsewhere)."""
-        wide = sub_probs.new_zeros((*sub_probs.shape[:-1], self.head.target_vocab_size))
-        return wide.index_copy_(-1, self.vocab_ids.to(sub_probs.device), sub_probs)
+        return expand_logits(sub_probs, self.vocab_ids, self.head.target_vocab_size, fill=0.0)
 
     @staticmethod
     def _wide(sub_logits: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,6 @@ from specdecode.models.cache import KVCache
 from specdecode.artifacts.profile import SelfDraftSettings
 from specdecode.models.frequent_vocab import SubVocabHead, expand_logits
 from specdecode.models.families import num_layers
-from specdecode.models.layer_skip import SkipSet
 from specdecode.models.loading import LoadedModel
 from specdecode.models.runner import Readout
 from specdecode.propose.base import Draft, Proposer
