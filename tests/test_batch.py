@@ -40,9 +40,12 @@ def _prompts(seed: int, count: int) -> list[list[int]]:
 
 
 def _methods(target: LoadedModel) -> list[tuple[str, dict]]:
+    head = _head(target, vocab_ids=list(range(VOCAB)))
+    if target.runner.native:
+        head.freeze()  # the head's own fast runtime: its batched forward, as shipped heads run
     methods = [("ar", {}), ("pld", dict(gamma=4)), ("pld", dict(gamma=8, max_ngram=2)),
                ("ssd", dict(skip_attention=[1], skip_mlp=[2], max_draft=4)),
-               ("eagle", dict(head=_head(target, vocab_ids=list(range(VOCAB))), gamma=3))]
+               ("eagle", dict(head=head, gamma=3))]
     return methods
 
 
@@ -267,3 +270,45 @@ def test_chunked_prefill_interleaves_with_decoding_and_stays_lossless(arch):
 def test_chunked_prefill_setting_is_checked():
     with pytest.raises(Exception, match="prefill_chunk must be >= 1"):
         BatchStepper(prefill_chunk=0)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+@pytest.mark.parametrize("method", ["eagle", "ssd"])
+def test_drafters_of_a_batch_draft_together_what_each_drafts_alone(arch, method, monkeypatch):
+    """Batch-aware drafting: the requests' drafters share one draft forward a level (the head's, or
+    the skipping target's), and each request drafts the tokens it drafts alone (float32; its own
+    confidence stop), greedy and seeded sampling alike."""
+    from specdecode.engine.loop import Generation
+    from specdecode.models.draft_head import DraftHead
+    from specdecode.models.runner import TargetRunner
+
+    target = _target(arch, fast=True)
+    head = _head(target, vocab_ids=list(range(VOCAB))).freeze()
+    options = dict(head=head, gamma=4, min_confidence=0.05) if method == "eagle" else dict(
+        skip_attention=[1], skip_mlp=[0], max_draft=5, threshold=0.3)
+    decoder = SpeculativeDecoder(target, method, **options)
+    calls = []
+    batched_of = {"eagle": (DraftHead, "forward_batch"), "ssd": (TargetRunner, "forward_batch")}[method]
+    real = getattr(*batched_of)
+
+    def counted(self, *args):  # the real batched forward, counting the requests it serves
+        calls.append(len(args[2] if method == "eagle" else args[0]))
+        return real(self, *args)
+
+    monkeypatch.setattr(*batched_of, counted)
+    prompts = _prompts(11, 4)
+    for settings in (dict(), dict(temperature=0.9, top_k=30)):
+        runs = []
+        for together in (False, True):
+            generations = [decoder.start(p, max_new_tokens=n, seed=i, **settings)  # rooms of 2, 3 and more tokens
+                           for i, (p, n) in enumerate(zip(prompts, (3, 4, 12, 12)))]
+            for generation in generations:
+                generation.prefill()
+            calls.clear()
+            steps = Generation.propose_together(generations) if together else [g.propose() for g in generations]
+            runs.append(steps)
+            assert max(calls) == (len(prompts) if together else 1), calls
+        for alone, together in zip(*runs):
+            assert together.draft.tokens == alone.draft.tokens and len(alone.draft.tokens) >= 1
+            if settings:
+                torch.testing.assert_close(together.draft.probs, alone.draft.probs, rtol=1e-4, atol=1e-6)

@@ -3,8 +3,10 @@ each rule accepts its own rows (issue 28).
 
 :class:`BatchStepper` keeps the generations in progress; they join (:meth:`BatchStepper.add`) and
 leave (finished, or :meth:`BatchStepper.remove` — a client that went away) between steps
-(continuous batching). A step is :meth:`Generation.propose` for each, then the chains of all
-generations that share a target runner verified by one :meth:`TargetRunner.forward_batch`, then
+(continuous batching). A step is :meth:`Generation.propose` for each — generations whose
+proposers share a batch key (the same draft head; the same self-draft skip set) draft together,
+one draft forward a level for all of them (:meth:`Proposer.propose_batch`) — then the chains of
+all generations that share a target runner verified by one :meth:`TargetRunner.forward_batch`, then
 :meth:`Generation.accept` for each — the loop's invariant holds per generation after every step,
 as it does alone. A tree draft is verified in a forward of its own (tree attention in a batch is
 not built yet). The generations joining are prefilled together (one forward, hidden states only)
@@ -118,8 +120,7 @@ class BatchStepper:
     def step(self) -> dict[Generation, list[int]]:
         """One step of every active generation: the tokens each added. Finished ones leave."""
         self.prefill_pending()
-        steps = {g: step for g in list(self.active)
-                 if g not in self._prefilling and (step := self._guarded(g, g.propose)) is not None}
+        steps = self._propose([g for g in self.active if g not in self._prefilling])
         if self.adaptive_drafts and len(steps) > 1:  # alone, a request drafts as its method says
             self._keep_drafts_that_pay(steps)
         self._cap_rows(steps)
@@ -150,6 +151,25 @@ class BatchStepper:
                 added[generation] = generation.accept(steps[generation], out, verify_s)
         self.active = [g for g in self.active if g.stop_reason is None]
         return {g: added[g] for g in steps}
+
+    def _propose(self, generations: list[Generation]) -> dict[Generation, Step]:
+        """Every generation's step; those whose proposers share a batch key draft together (one
+        draft forward a level for all of them). A drafting error takes its group out of the batch."""
+        groups: dict[object, list[Generation]] = {}
+        for generation in generations:
+            key = self._guarded(generation, generation.proposer.batch_key)
+            if generation in self.failed:
+                continue
+            groups.setdefault(id(generation) if key is None else (type(generation.proposer), key), []).append(generation)
+        steps: dict[Generation, Step] = {}
+        for members in groups.values():
+            try:
+                steps.update(zip(members, Generation.propose_together(members)))
+            except Exception as exc:  # noqa: BLE001 - reported to the caller in ``failed``
+                for generation in members:
+                    self.failed[generation] = exc
+                    self.remove(generation)
+        return steps
 
     def run(self) -> None:
         """Step until every generation has finished."""

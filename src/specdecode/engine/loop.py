@@ -17,7 +17,7 @@ one forward; iterating a generation runs its steps alone (a batch of one).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -106,12 +106,24 @@ class Generation:
 
     def propose(self) -> Step:
         """Draft; the step feeds ``[last token] + draft`` and the rule reads ``step.readout``."""
-        t0 = _now(self.target.device)
+        return self.propose_together([self])[0]
+
+    @staticmethod
+    def propose_together(generations: Sequence[Generation]) -> list[Step]:
+        """:meth:`propose` of generations whose proposers draft together (one class, equal
+        :meth:`Proposer.batch_key`; engine/batch.py groups them): each waited for all the drafting."""
+        first = generations[0]
+        t0 = _now(first.target.device)
         with torch.inference_mode():
-            room = self.settings.max_new_tokens - len(self.generated)
-            draft = self.proposer.propose(self.sequence, max_tokens=room - 1)
-        self.stats.draft_s += _now(self.target.device) - t0
-        return Step(draft, [self.sequence[-1], *draft.tokens], self.rule.readout(draft))
+            drafts = type(first.proposer).propose_batch(
+                [g.proposer for g in generations], [g.sequence for g in generations],
+                [g.settings.max_new_tokens - len(g.generated) - 1 for g in generations])
+        elapsed = _now(first.target.device) - t0
+        steps = []
+        for generation, draft in zip(generations, drafts):
+            generation.stats.draft_s += elapsed
+            steps.append(Step(draft, [generation.sequence[-1], *draft.tokens], generation.rule.readout(draft)))
+        return steps
 
     def accept(self, step: Step, out: Forward, verify_s: float) -> list[int]:
         """Apply the rule to the verification ``out`` of ``step``; cut the cache; return the new tokens."""

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from specdecode.models.cache import KVCache
+from specdecode.models.layer_skip import SkipSet
 from specdecode.models.native import NativeDecoder, _chain_mask, _rotary_factors, _window_start
 from specdecode.models.heads import HEAD_BLOCK_ROWS, ScreenedHead
 
@@ -45,9 +46,11 @@ def forward_batch(runner: TargetRunner, kvs: Sequence[KVCache], id_lists: Sequen
         raise ValueError("forward_batch needs one cache, one id list and one readout per request")
     if len({id(kv) for kv in kvs}) != len(kvs):
         raise ValueError("forward_batch needs a distinct cache per request")
-    if runner.decoder is None or runner.skip is not None or len(kvs) == 1 or any(not ids for ids in id_lists):
+    if runner.decoder is None or len(kvs) == 1 or any(not ids for ids in id_lists):
         return [runner.forward(kv, ids, readout) for kv, ids, readout in zip(kvs, id_lists, readouts)]
-    hidden = batched_hidden(runner.decoder, [kv.cache for kv in kvs], id_lists, runner.device)  # [N, H]
+    input_ids = torch.tensor([[t for ids in id_lists for t in ids]], dtype=torch.long, device=runner.device)
+    hidden = batched_hidden(runner.decoder, [kv.cache for kv in kvs], [len(ids) for ids in id_lists],
+                            runner.decoder.embed_tokens(input_ids), runner.skip)  # [N, H]
     spans, offset = [], 0
     for kv, ids in zip(kvs, id_lists):
         kv.token_ids.extend(ids)
@@ -102,16 +105,18 @@ def _greedy_chains(head: ScreenedHead, rows: list[torch.Tensor], drafts: list[tu
     return outs
 
 
-def batched_hidden(decoder: NativeDecoder, caches: Sequence, id_lists: Sequence[Sequence[int]],
-                   device: torch.device) -> torch.Tensor:
-    """Final hidden states ``[N_total, H]`` of every request's chain ``ids`` after its cache (which
-    it extends): :class:`NativeDecoder`'s forward with the products on all rows at once."""
-    lengths = [len(ids) for ids in id_lists]
+def batched_hidden(decoder: NativeDecoder, caches: Sequence, lengths: Sequence[int], inputs: torch.Tensor,
+                   skip: SkipSet | None = None) -> torch.Tensor:
+    """Final hidden states ``[N_total, H]`` of several requests' chains — ``inputs [1, N_total, H]``,
+    request ``r``'s ``lengths[r]`` rows in order, each after its own cache, which it extends —
+    :class:`NativeDecoder`'s forward with the products on all rows at once. The inputs are token
+    embeddings for a model's own forward, ``fc([h; e(x)])`` for a draft head's; ``skip``: a
+    self-draft's skipped sub-layers (a skipped attention appends zero placeholders, as alone)."""
+    device = inputs.device
     bounds = [0]
     for n in lengths:
         bounds.append(bounds[-1] + n)
-    input_ids = torch.tensor([[t for ids in id_lists for t in ids]], dtype=torch.long, device=device)
-    hidden = decoder.embed_tokens(input_ids)  # [1, N, H]
+    hidden = inputs
     pasts = [cache.get_seq_length() for cache in caches]
     positions = torch.cat([torch.arange(p, p + n, device=device) for p, n in zip(pasts, lengths)])[None]
     config, types = decoder.config, decoder.types
@@ -126,8 +131,16 @@ def batched_hidden(decoder: NativeDecoder, caches: Sequence, id_lists: Sequence[
         masks[layer_type] = [_chain_mask(p, n, window, device) for p, n in zip(pasts, lengths)]
         starts[layer_type] = [_window_start(p, window) for p in pasts]
     requests = list(zip(range(len(caches)), caches, bounds, bounds[1:]))
+    skipped_attention, skipped_mlp = (skip.attention, skip.mlp) if skip is not None else ((), ())
     for index, layer in enumerate(decoder.layers):
         layer_type = types[index]
+        if index in skipped_attention:
+            for _, cache, a, b in requests:
+                placeholder = hidden.new_zeros(1, layer.kv_heads, b - a, layer.head_dim)
+                cache.update(placeholder, placeholder, index)
+            if index not in skipped_mlp:
+                hidden = layer.feed_forward(hidden)
+            continue
         cos, signed_sin = rotary[layer_type]
         qkv = layer.qkv(layer.input_norm(hidden))  # every request's rows: the weights read once
         # q/k norms and rotary are per row (each row at its own position): all rows at once too
@@ -141,5 +154,7 @@ def batched_hidden(decoder: NativeDecoder, caches: Sequence, id_lists: Sequence[
                 k, v = k[..., start:, :], v[..., start:, :]
             out = decoder.attend(q, k, v, masks[layer_type][r], layer.scaling)
             outs.append(out.transpose(1, 2).reshape(1, b - a, -1))
-        hidden = layer.feed_forward(layer.attention_residual(hidden, torch.cat(outs, dim=1)))
+        hidden = layer.attention_residual(hidden, torch.cat(outs, dim=1))
+        if index not in skipped_mlp:
+            hidden = layer.feed_forward(hidden)
     return decoder.norm(hidden)[0]

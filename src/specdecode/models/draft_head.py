@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from specdecode.errors import ModelLoadError, VocabularyMismatchError
+from specdecode.models.batch import batched_hidden
 from specdecode.models.cache import KVCache
 from specdecode.models.frequent_vocab import validate_token_ids
 from specdecode.models.loading import LoadedModel
@@ -155,10 +157,7 @@ class DraftHead(nn.Module):
         With ``kv`` (batch 1) the entries are appended to it (the caller keeps ``kv.token_ids``).
         A frozen head (:meth:`freeze`) drafts on the fast runtime, as the target runs.
         """
-        plan = self.runtime
-        if plan is None or kv is None or torch.is_grad_enabled() or (plan.dtype, plan.device) != (
-                self.fc.weight.dtype, self.fc.weight.device):
-            plan = None
+        plan = self._fast_plan() if kv is not None else None
         fc = self.fc if plan is None else plan.fc
         fused = fc(torch.cat([hidden.to(self.fc.weight.dtype), self.embed(token_ids)], dim=-1))
         if plan is not None and plan.decoder is not None:
@@ -170,6 +169,35 @@ class DraftHead(nn.Module):
         if kv is not None:
             kv.token_ids.extend(token_ids[0].tolist())
         return out
+
+    def forward_batch(self, hidden: torch.Tensor, token_ids: torch.Tensor, kvs: Sequence[KVCache],
+                      lengths: Sequence[int]) -> torch.Tensor:
+        """:meth:`forward` of several requests' rows in one pass: ``hidden [N, H]`` and ``token_ids
+        [N]`` hold request ``r``'s ``lengths[r]`` rows in order, each after its own cache (which it
+        extends). On the fast runtime every product reads its weights once for all requests
+        (``models/batch.py``); elsewhere it is one forward a request. Predicted features ``[N, H]``."""
+        plan = self._fast_plan()
+        if plan is None or plan.decoder is None:
+            out, at = [], 0
+            for kv, n in zip(kvs, lengths):
+                out.append(self(hidden[None, at:at + n], token_ids[None, at:at + n], kv)[0])
+                at += n
+            return torch.cat(out)
+        fused = plan.fc(torch.cat([hidden.to(self.fc.weight.dtype), self.embed(token_ids)], dim=-1))
+        out = batched_hidden(plan.decoder, [kv.cache for kv in kvs], lengths, fused[None])
+        at = 0
+        for kv, n in zip(kvs, lengths):
+            kv.token_ids.extend(token_ids[at:at + n].tolist())
+            at += n
+        return out
+
+    def _fast_plan(self) -> _HeadRuntime | None:
+        """The fast runtime where it applies now: frozen, not training, not moved or cast since."""
+        plan = self.runtime
+        if plan is None or torch.is_grad_enabled() or (plan.dtype, plan.device) != (
+                self.fc.weight.dtype, self.fc.weight.device):
+            return None
+        return plan
 
     def freeze(self) -> DraftHead:
         """Mark the head's weights final: on a CPU its drafting then runs on the fast runtime (the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,19 @@ class Proposer:
     def propose(self, sequence: list[int], max_tokens: int) -> Draft:
         """Draft at most ``max_tokens`` tokens continuing ``sequence`` (prompt + generated so far)."""
         return Draft()
+
+    def batch_key(self) -> Hashable | None:
+        """Proposers of several requests (in a batch, ``engine/batch.py``) of the same class whose keys
+        are equal and not None draft together in :meth:`propose_batch`: each draft forward then
+        reads the drafter's weights once for all of them. None: this one drafts alone."""
+        return None
+
+    @classmethod
+    def propose_batch(cls, proposers: Sequence[Proposer], sequences: Sequence[list[int]],
+                      max_tokens: Sequence[int]) -> list[Draft]:
+        """:meth:`propose` of each of ``proposers`` (one class, equal batch keys); a drafter that
+        shares its forwards overrides this, and its :meth:`propose` is then a batch of one."""
+        return [p.propose(s, m) for p, s, m in zip(proposers, sequences, max_tokens)]
 
     def observe(self, proposed: int, accepted: int) -> None:
         """Learn from the outcome of the last verification (adaptive draft lengths)."""

@@ -9,6 +9,8 @@ features; the draft entries are cropped off afterwards, so only real features st
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+
 import torch
 
 from specdecode.errors import InvalidSettingError
@@ -56,19 +58,55 @@ class HeadDrafter(TreeDrafter):
 
     def root(self, sequence: list[int]) -> torch.Tensor | None:
         """Feed the pending real positions; logits for the token after ``sequence`` (None before any feature)."""
-        if self.pending:
-            hidden = torch.cat(self.pending).to(self.head.fc.weight)
-            self.pending = []
-            tokens = sequence[self.real + 1: self.real + 1 + len(hidden)]
-            if len(tokens) != len(hidden):
-                raise InvalidSettingError("draft head out of step with the target: hidden states and tokens disagree")
-            ids = torch.tensor([tokens], device=hidden.device)
-            self.last_feature = self.head(hidden[None], ids, self.kv)[0, -1:]
-            self.real += len(tokens)
-        if self.last_feature is None or self.real != len(sequence) - 1:
-            return None
-        self.features, self.tree_positions = self.last_feature, []
-        return self._wide(self.head.logits(self.last_feature)[0])
+        return self.roots([self], [sequence])[0]
+
+    @staticmethod
+    def roots(drafters: Sequence[HeadDrafter], sequences: Sequence[list[int]]) -> list[torch.Tensor | None]:
+        """:meth:`root` of several drafters of one head, their pending positions fed in one head
+        forward and their next-token logits read in one product."""
+        head = drafters[0].head
+        feeding = [(d, s) for d, s in zip(drafters, sequences) if d.pending]
+        if feeding:
+            hidden, tokens, lengths = [], [], []
+            for drafter, sequence in feeding:
+                rows = torch.cat(drafter.pending).to(head.fc.weight)
+                ids = sequence[drafter.real + 1: drafter.real + 1 + len(rows)]
+                if len(ids) != len(rows):
+                    raise InvalidSettingError("draft head out of step with the target: hidden states and tokens disagree")
+                hidden.append(rows)
+                tokens.extend(ids)
+                lengths.append(len(ids))
+            features = head.forward_batch(torch.cat(hidden), torch.tensor(tokens, device=head.fc.weight.device),
+                                          [d.kv for d, _ in feeding], lengths)
+            end = 0
+            for (drafter, _), n in zip(feeding, lengths):
+                end += n
+                drafter.pending, drafter.real = [], drafter.real + n
+                drafter.last_feature = features[end - 1:end]
+        ready = [i for i, (d, s) in enumerate(zip(drafters, sequences))
+                 if d.last_feature is not None and d.real == len(s) - 1]
+        out: list[torch.Tensor | None] = [None] * len(drafters)
+        if ready:
+            for i in ready:
+                drafters[i].features, drafters[i].tree_positions = drafters[i].last_feature, []
+            logits = HeadDrafter._wide(head.logits(torch.cat([drafters[i].last_feature for i in ready])))
+            for row, i in enumerate(ready):
+                out[i] = logits[row]
+        return out
+
+    @staticmethod
+    def extend_chains(drafters: Sequence[HeadDrafter], tokens: Sequence[int]) -> torch.Tensor:
+        """One more chain token on each drafter (after its last returned row), in one head forward:
+        logits ``[len(drafters), V]``. The chain form of :meth:`extend` (``rows=[last]``, every
+        earlier draft entry visible), for drafters that draft a chain."""
+        head = drafters[0].head
+        features = head.forward_batch(torch.cat([d.features[-1:] for d in drafters]),
+                                      torch.tensor(list(tokens), device=head.fc.weight.device),
+                                      [d.kv for d in drafters], [1] * len(drafters))
+        for drafter, feature in zip(drafters, features):
+            drafter.tree_positions.append(drafter.real + len(set(drafter.tree_positions)))
+            drafter.features = feature[None]
+        return HeadDrafter._wide(head.logits(features))
 
     def extend(self, rows: list[int], tokens: list[int], visible: torch.Tensor) -> torch.Tensor:
         level = len(set(self.tree_positions))
@@ -109,33 +147,58 @@ class EagleProposer(Proposer):
     def observe_hidden(self, hidden: torch.Tensor) -> None:
         self.drafter.observe_hidden(hidden)
 
+    def batch_key(self) -> Hashable | None:
+        return id(self.drafter.head)
+
     def propose(self, sequence: list[int], max_tokens: int) -> Draft:
-        limit = min(self.gamma, max_tokens)
-        logits = self.drafter.root(sequence) if limit >= 1 else None
-        if logits is None:
-            return Draft()
-        tokens: list[int] = []
-        probs: list[torch.Tensor] = []
-        while True:
-            self.stats.forwards += 1
-            # logits are over the head's own ids: process and sample there, widen q once per token
-            if self.sampling.greedy:
-                local = int(logits.argmax())
-                confident = not self.min_confidence or float(torch.softmax(logits, -1)[local]) >= self.min_confidence
-            else:
-                dist = process_logits(logits, self.sampling)
-                local = sample(dist, self.generator)
-                probs.append(dist)
-                confident = float(dist[local]) >= self.min_confidence
-            token = int(self.drafter.vocab_ids[local])
-            tokens.append(token)
-            if len(tokens) == limit or not confident:
-                break
-            visible = torch.ones(1, len(tokens), dtype=torch.bool)
-            logits = self.drafter.extend([0], [token], visible)[0]
-        self.drafter.reset()
-        self.stats.proposed += len(tokens)
-        return Draft(tokens=tokens, probs=self.drafter.full_probs(torch.stack(probs)) if probs else None)
+        return self.propose_batch([self], [sequence], [max_tokens])[0]
+
+    @classmethod
+    def propose_batch(cls, proposers: Sequence[EagleProposer], sequences: Sequence[list[int]],
+                      max_tokens: Sequence[int]) -> list[Draft]:
+        """Every request's chain drafted level by level, the requests still drafting in one head
+        forward a level; each stops at its own γ or below its own ``min_confidence``."""
+        limits = [min(p.gamma, m) for p, m in zip(proposers, max_tokens)]
+        live = [i for i, limit in enumerate(limits) if limit >= 1]
+        roots = HeadDrafter.roots([proposers[i].drafter for i in live], [sequences[i] for i in live]) if live else []
+        logits = {i: row for i, row in zip(live, roots) if row is not None}
+        tokens: list[list[int]] = [[] for _ in proposers]
+        probs: list[list[torch.Tensor]] = [[] for _ in proposers]
+        live = list(logits)
+        while live:
+            going = []
+            for i in live:
+                proposer = proposers[i]
+                proposer.stats.forwards += 1
+                token, dist, confident = proposer._choose(logits[i])
+                tokens[i].append(token)
+                if dist is not None:
+                    probs[i].append(dist)
+                if len(tokens[i]) < limits[i] and confident:
+                    going.append(i)
+            if going:
+                rows = HeadDrafter.extend_chains([proposers[i].drafter for i in going], [tokens[i][-1] for i in going])
+                logits = dict(zip(going, rows))
+            live = going
+        drafts = []
+        for proposer, chain, dists in zip(proposers, tokens, probs):
+            proposer.drafter.reset()
+            proposer.stats.proposed += len(chain)
+            drafts.append(Draft(tokens=chain, probs=proposer.drafter.full_probs(torch.stack(dists)) if dists else None))
+        return drafts
+
+    def _choose(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None, bool]:
+        """The next draft token from the head's logits over its own ids (greedy or sampled; the
+        distribution it was drawn from), and whether the head is confident enough to go on."""
+        if self.sampling.greedy:
+            local = int(logits.argmax())
+            dist = None
+            confident = not self.min_confidence or float(torch.softmax(logits, -1)[local]) >= self.min_confidence
+        else:
+            dist = process_logits(logits, self.sampling)
+            local = sample(dist, self.generator)
+            confident = float(dist[local]) >= self.min_confidence
+        return int(self.drafter.vocab_ids[local]), dist, confident
 
 
 class EagleTreeProposer(Proposer):

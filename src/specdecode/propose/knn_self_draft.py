@@ -9,6 +9,7 @@ choice is recorded in the generation's ``stats.extra["route"]``.
 from __future__ import annotations
 
 import time
+from collections.abc import Hashable, Sequence
 
 import torch
 
@@ -52,6 +53,18 @@ class KnnSelfDraftProposer(Proposer):
         self.stats.extra["route"] = {**route.to_dict(), "seconds": time.perf_counter() - start}
 
     def propose(self, sequence: list[int], max_tokens: int) -> Draft:
+        return self.propose_batch([self], [sequence], [max_tokens])[0]
+
+    def _routed(self) -> SelfDraftProposer:
         if self.draft is None:  # a one-token prompt: no prefill, nothing to route on
             self._route(None)
-        return self.draft.propose(sequence, max_tokens)
+        return self.draft
+
+    def batch_key(self) -> Hashable | None:
+        """Requests routed to the same profile draft together (``ssd``'s key)."""
+        return self._routed().batch_key()
+
+    @classmethod
+    def propose_batch(cls, proposers: Sequence[KnnSelfDraftProposer], sequences: Sequence[list[int]],
+                      max_tokens: Sequence[int]) -> list[Draft]:
+        return SelfDraftProposer.propose_batch([p._routed() for p in proposers], sequences, max_tokens)

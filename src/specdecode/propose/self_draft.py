@@ -16,6 +16,8 @@ costs (see :mod:`specdecode.models.layer_skip` for int8 weights):
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+
 import torch
 
 from specdecode.models.cache import KVCache
@@ -63,44 +65,75 @@ class SelfDraftProposer(Proposer):
     def bind_target_cache(self, target_cache: KVCache) -> None:
         self.kv = target_cache
 
-    def _logits(self, new_ids: list[int]) -> torch.Tensor:
-        """Draft logits for the next token: over the sub-vocabulary, or the full one."""
-        if self.head is None:
-            return self.runner.forward(self.kv, new_ids, Readout(rows=1)).logits[-1]
-        hidden = self.runner.forward(self.kv, new_ids, Readout.hidden_only()).hidden[-1]
-        logits = self.head(hidden)
-        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+    def batch_key(self) -> Hashable | None:
+        """Self-drafts of one model that skip the same sub-layers (and score the same vocabulary on
+        the same weights) draft together; thresholds, lengths and sampling stay per request."""
+        if not self.runner.native:
+            return None
+        settings = self.settings
+        return id(self.runner.model), settings.skip, settings.int8, settings.vocab_ids
 
     def propose(self, sequence: list[int], max_tokens: int) -> Draft:
-        if self.kv is None:
+        return self.propose_batch([self], [sequence], [max_tokens])[0]
+
+    @classmethod
+    def propose_batch(cls, proposers: Sequence[SelfDraftProposer], sequences: Sequence[list[int]],
+                      max_tokens: Sequence[int]) -> list[Draft]:
+        """Every request's draft token by token, the requests still drafting in one skipping forward
+        a token (each on the target cache it borrows); each stops at its own ``max_draft`` or after
+        a token below its own confidence threshold."""
+        if any(p.kv is None for p in proposers):
             raise RuntimeError("SelfDraftProposer.propose called before bind_target_cache")
-        limit = min(self.settings.max_draft, max_tokens)
-        if limit < 1:
-            return Draft()
-        pending = self.kv.sync(sequence)  # the context minus its last token is already there
-        keep = len(self.kv)
-        tokens: list[int] = []
-        probs: list[torch.Tensor] = []
-        temperature = 1.0 if self.sampling.greedy else self.sampling.temperature
+        limits = [min(p.settings.max_draft, m) for p, m in zip(proposers, max_tokens)]
+        live = [i for i, limit in enumerate(limits) if limit >= 1]
+        pending = {i: proposers[i].kv.sync(sequences[i]) for i in live}  # the context minus its last token
+        keep = {i: len(proposers[i].kv) for i in live}
+        tokens: list[list[int]] = [[] for _ in proposers]
+        probs: list[list[torch.Tensor]] = [[] for _ in proposers]
         try:
-            for _ in range(limit):
-                logits = self._logits(pending)
-                self.stats.forwards += 1
-                confidence = float(torch.softmax(logits / temperature, dim=-1).max())
-                if self.sampling.greedy:
-                    index = int(logits.argmax())
-                    token = int(self.token_ids[index]) if self.token_ids is not None else index
-                else:
-                    full = (expand_logits(logits, self.token_ids, self.vocab_size)
-                            if self.token_ids is not None else logits)
-                    dist = process_logits(full, self.sampling)
-                    token = sample(dist, self.generator)
-                    probs.append(dist)
-                tokens.append(token)
-                pending = [token]
-                if confidence < self.settings.threshold:
-                    break
+            while live:
+                going = []
+                for i, logits in zip(live, cls._next_logits([proposers[i] for i in live], [pending[i] for i in live])):
+                    proposer = proposers[i]
+                    proposer.stats.forwards += 1
+                    token, dist, confidence = proposer._choose(logits)
+                    tokens[i].append(token)
+                    if dist is not None:
+                        probs[i].append(dist)
+                    pending[i] = [token]
+                    if len(tokens[i]) < limits[i] and confidence >= proposer.settings.threshold:
+                        going.append(i)
+                live = going
         finally:
-            self.kv.crop(keep)  # the target's cache must come back exactly as it was lent
-        self.stats.proposed += len(tokens)
-        return Draft(tokens=tokens, probs=torch.stack(probs) if probs else None)
+            for i, length in keep.items():
+                proposers[i].kv.crop(length)  # the target's cache must come back exactly as it was lent
+        drafts = []
+        for proposer, chain, dists in zip(proposers, tokens, probs):
+            proposer.stats.proposed += len(chain)
+            drafts.append(Draft(tokens=chain, probs=torch.stack(dists) if dists else None))
+        return drafts
+
+    @staticmethod
+    def _next_logits(proposers: Sequence[SelfDraftProposer], new_ids: Sequence[list[int]]) -> list[torch.Tensor]:
+        """Each proposer's draft logits for its next token after ``new_ids`` (over the sub-vocabulary,
+        or the full one), in one batched forward of the shared skipping runner."""
+        first = proposers[0]
+        kvs = [p.kv for p in proposers]
+        if first.head is None:
+            outs = first.runner.forward_batch(kvs, new_ids, [Readout(rows=1)] * len(proposers))
+            return [out.logits[-1] for out in outs]
+        outs = first.runner.forward_batch(kvs, new_ids, [Readout.hidden_only()] * len(proposers))
+        logits = first.head(torch.stack([out.hidden[-1] for out in outs]))
+        return list(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+
+    def _choose(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None, float]:
+        """The next draft token (greedy or sampled; the distribution it was drawn from) and the
+        draft's top-1 probability, which decides whether drafting goes on."""
+        temperature = 1.0 if self.sampling.greedy else self.sampling.temperature
+        confidence = float(torch.softmax(logits / temperature, dim=-1).max())
+        if self.sampling.greedy:
+            index = int(logits.argmax())
+            return (int(self.token_ids[index]) if self.token_ids is not None else index), None, confidence
+        full = expand_logits(logits, self.token_ids, self.vocab_size) if self.token_ids is not None else logits
+        dist = process_logits(full, self.sampling)
+        return sample(dist, self.generator), dist, confidence
