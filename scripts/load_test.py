@@ -8,6 +8,12 @@ Phase "concurrency": 1, 4, 16 clients (``--concurrency``) streaming one method e
 (``--concurrency-methods pld,ar``): aggregate tokens/s, TTFT and inter-token latency p50/p99.
 Phase "disconnect": clients that walk away mid-stream, then as many normal requests, which
 must all be served (the abandoned generations' slots were freed); the server must stay healthy.
+Phase "soak": ``--clients`` clients for ``--soak-seconds``, each sending, at random (seeded),
+greedy streams of every method and length (their text must equal the reference text of the
+same prompt and length, decoded alone before the soak: nothing lost or mixed up between
+requests), streams it abandons after two chunks, and malformed requests (each must get a 4xx);
+the server's resident memory is read from ``/metrics`` every 10 s. Fails on any 5xx, any
+mismatched text, any malformed request answered 2xx or any transport error.
 
     specdecode serve --method ar --method pld --threads 1 --port 8000 &
     python scripts/load_test.py --url http://127.0.0.1:8000 --out results/serve-load
@@ -48,7 +54,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, prompt: str, max_token
     """One streaming completion; its status, time to first token, tokens and duration."""
     body = {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "speculative": {"method": method}}
-    start, ttft, chunks, stats, times = time.perf_counter(), None, 0, None, []
+    start, ttft, chunks, stats, times, text = time.perf_counter(), None, 0, None, [], ""
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
             if response.status_code != 200:
@@ -61,6 +67,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, prompt: str, max_token
                 if "error" in chunk:
                     return {"status": "stream_error", "method": method, "error": chunk["error"]["message"]}
                 if chunk["choices"] and chunk["choices"][0]["text"]:
+                    text += chunk["choices"][0]["text"]
                     times.append(time.perf_counter() - start)
                     ttft = ttft or times[0]
                     chunks += 1
@@ -76,7 +83,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, prompt: str, max_token
     itl = (times[-1] - times[0]) / (tokens - 1) if tokens > 1 and len(times) > 1 else None
     return {"status": 200, "method": method, "ttft": ttft, "elapsed": elapsed, "tokens": tokens,
             "max_tokens": max_tokens, "tau": stats["tokens_per_target_forward"] if stats else None,
-            "itl": itl, "chunk_gaps": [b - a for a, b in zip(times, times[1:])]}
+            "itl": itl, "chunk_gaps": [b - a for a, b in zip(times, times[1:])], "text": text}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -177,6 +184,100 @@ async def starvation_phase(url: str, long_tokens: int = 96, short_tokens: int = 
             "short_elapsed_s": short.get("elapsed"), "short_done_at_s": short_done}
 
 
+# malformed requests of the soak: each must get a 4xx with an OpenAI error body, never a 5xx
+MALFORMED: list[tuple[str, Any]] = [
+    ("negative max_tokens", {"model": "default", "prompt": "x", "max_tokens": -1}),
+    ("huge max_tokens", {"model": "default", "prompt": "x", "max_tokens": 10 ** 9}),
+    ("unknown model", {"model": "no-such-model", "prompt": "x", "max_tokens": 4}),
+    ("unknown method", {"model": "default", "prompt": "x", "max_tokens": 4, "speculative": {"method": "nope"}}),
+    ("n = 3", {"model": "default", "prompt": "x", "max_tokens": 4, "n": 3}),
+    ("temperature a string", {"model": "default", "prompt": "x", "max_tokens": 4, "temperature": "hot"}),
+    ("no prompt", {"model": "default", "max_tokens": 4}),
+    ("not JSON", "{this is not json"),
+]
+
+
+async def resident_mb(client: httpx.AsyncClient, url: str) -> float | None:
+    """The server's resident memory (MB) from its /metrics (prometheus_client's process collector)."""
+    for line in (await client.get(f"{url}/metrics")).text.splitlines():
+        if line.startswith("process_resident_memory_bytes "):
+            return float(line.split()[1]) / 1e6
+    return None
+
+
+async def soak_phase(url: str, clients: int, seconds: float, lengths: list[int], methods: list[str],
+                     seed: int = 0) -> dict[str, Any]:
+    """See the module docstring: mixed traffic for ``seconds``; every outcome counted, every
+    greedy text checked against its reference, memory sampled."""
+    import random
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        references = {}
+        for prompt in PROMPTS:  # decoded alone (one request at a time) before any load
+            for length in lengths:
+                result = await stream_one(client, url, prompt, length, "ar")
+                references[prompt, length] = result.get("text")
+        outcomes: list[dict[str, Any]] = []
+        memory: list[tuple[float, float]] = []
+        start = time.perf_counter()
+        deadline = start + seconds
+
+        async def sample_memory() -> None:
+            while time.perf_counter() < deadline:
+                if (mb := await resident_mb(client, url)) is not None:
+                    memory.append((round(time.perf_counter() - start, 1), round(mb, 1)))
+                await asyncio.sleep(10)
+
+        async def client_task(index: int) -> None:
+            rng = random.Random(seed * 1000 + index)
+            while time.perf_counter() < deadline:
+                roll = rng.random()
+                prompt, length, method = rng.choice(PROMPTS), rng.choice(lengths), rng.choice(methods)
+                if roll < 0.15:
+                    name, body = rng.choice(MALFORMED)
+                    try:
+                        response = await client.post(f"{url}/v1/completions", json=body) if not isinstance(
+                            body, str) else await client.post(f"{url}/v1/completions", content=body,
+                                                               headers={"content-type": "application/json"})
+                        ok = 400 <= response.status_code < 500 and "error" in response.json()
+                        outcomes.append({"kind": "malformed", "case": name, "status": response.status_code, "ok": ok})
+                    except (httpx.HTTPError, ValueError) as exc:
+                        outcomes.append({"kind": "malformed", "case": name, "status": type(exc).__name__, "ok": False})
+                elif roll < 0.30:
+                    result = await stream_one(client, url, prompt, max(lengths), method, disconnect_after=2)
+                    outcomes.append({"kind": "disconnect", "status": result["status"],
+                                     "ok": result["status"] in ("disconnected", 200)})
+                else:
+                    result = await stream_one(client, url, prompt, length, method)
+                    same = result.get("text") == references[prompt, length]
+                    outcomes.append({"kind": "stream", "method": method, "status": result["status"],
+                                     "ok": result["status"] == 200 and same, "text_matches": same,
+                                     "ttft": result.get("ttft"), "tokens": result.get("tokens", 0)})
+
+        await asyncio.gather(sample_memory(), *(client_task(i) for i in range(clients)))
+        wall = time.perf_counter() - start
+        if (mb := await resident_mb(client, url)) is not None:
+            memory.append((round(time.perf_counter() - start, 1), round(mb, 1)))
+    counts: dict[str, dict[str, int]] = {}
+    for outcome in outcomes:
+        kind = counts.setdefault(outcome["kind"], {})
+        kind[str(outcome["status"])] = kind.get(str(outcome["status"]), 0) + 1
+    streams = [o for o in outcomes if o["kind"] == "stream" and o["status"] == 200]
+    server_errors = sum(isinstance(o["status"], int) and o["status"] >= 500 for o in outcomes)
+    half = [mb for t, mb in memory if t >= seconds / 2]
+    return {"seconds": round(wall, 1), "clients": clients, "outcomes": counts,
+            "failures": sum(not o["ok"] for o in outcomes), "server_errors_5xx": server_errors,
+            "text_mismatches": sum(not o["text_matches"] for o in streams),
+            "streams_served": len(streams), "tokens": sum(o["tokens"] for o in streams),
+            "aggregate_tokens_per_s": round(sum(o["tokens"] for o in streams) / wall, 2),
+            "ttft_p50_s": percentile([o["ttft"] for o in streams if o["ttft"] is not None], 0.5),
+            "ttft_p99_s": percentile([o["ttft"] for o in streams if o["ttft"] is not None], 0.99),
+            "resident_mb_first": memory[0][1] if memory else None,
+            "resident_mb_max": max(mb for _, mb in memory) if memory else None,
+            "resident_mb_second_half_range": [min(half), max(half)] if half else None,
+            "resident_mb_last": memory[-1][1] if memory else None, "memory_samples": memory}
+
+
 def health(url: str) -> int:
     return httpx.get(f"{url}/health", timeout=30).status_code
 
@@ -202,6 +303,9 @@ def run_server_test(args: argparse.Namespace) -> dict[str, Any]:
                                                         args.concurrency_requests)))
     if "disconnect" in phases:
         result["disconnect"] = asyncio.run(disconnect_phase(args.url, args.clients // 2))
+    if "soak" in phases:
+        result["soak"] = asyncio.run(soak_phase(args.url, args.clients, args.soak_seconds, lengths,
+                                                args.soak_methods.split(",")))
     result["health_after"] = health(args.url)
     return result
 
@@ -271,15 +375,23 @@ def markdown(result: dict[str, Any], command: str) -> str:
                      f"{fmt(s['ttft_p95_s'])} | {fmt(s.get('itl_p50_s'))} | {fmt(s.get('itl_p99_s'))} | {s['tokens']} "
                      f"| {s['aggregate_tokens_per_s']} |")
 
+    soak_lines: list[str] = []
     for key, value in result.items():
         if isinstance(value, dict) and "statuses" in value:
             row(key, value)
         elif key == "disconnect":
             row("after disconnects", value["later_requests"])
+        elif key == "soak":
+            soak_lines.append(
+                f"Soak: {value['clients']} clients for {value['seconds']} s: outcomes {value['outcomes']}; "
+                f"{value['failures']} failures, {value['server_errors_5xx']} 5xx, {value['text_mismatches']} "
+                f"mismatched texts of {value['streams_served']} streams; {value['aggregate_tokens_per_s']} tok/s; "
+                f"resident memory {value['resident_mb_first']} MB first, {value['resident_mb_max']} MB max, "
+                f"{value['resident_mb_second_half_range']} MB over the second half, {value['resident_mb_last']} MB last.")
         elif key == "replica_kill":
             row("during replica kill", value["during"])
             row("after replacement", value["after_replacement"])
-    lines += ["", "```json", json.dumps(result, indent=2), "```", ""]
+    lines += ["", *soak_lines, "", "```json", json.dumps(result, indent=2), "```", ""]
     return "\n".join(lines)
 
 
@@ -295,6 +407,8 @@ def main() -> int:
     parser.add_argument("--concurrency-tokens", type=int, default=48, help="phase 'concurrency': max_tokens")
     parser.add_argument("--concurrency-requests", type=int, default=1,
                         help="phase 'concurrency': rounds of requests (each level sends every prompt equally often)")
+    parser.add_argument("--soak-seconds", type=float, default=600, help="phase 'soak': how long")
+    parser.add_argument("--soak-methods", default=",".join(METHODS), help="phase 'soak': methods the streams use")
     parser.add_argument("--ray-replicas", default=None, help="e.g. 1,2: deploy on a local Ray and compare")
     parser.add_argument("--server-command", default="", help="how the server was started (recorded in COMMAND.txt)")
     parser.add_argument("--out", type=Path, default=None, help="directory for result.json, result.md, COMMAND.txt")
@@ -315,7 +429,7 @@ def main() -> int:
         (args.out / "COMMAND.txt").write_text(f"{server}load: {command}\n\nMachine: {machine()}\n")
     bad = [s for phase in result.values() if isinstance(phase, dict)
            for s in phase.get("statuses", {}) if s.startswith("5")]
-    return 1 if bad or result.get("health_after") != 200 else 0
+    return 1 if bad or result.get("health_after") != 200 or result.get("soak", {}).get("failures") else 0
 
 
 if __name__ == "__main__":

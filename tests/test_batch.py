@@ -312,3 +312,59 @@ def test_drafters_of_a_batch_draft_together_what_each_drafts_alone(arch, method,
             assert together.draft.tokens == alone.draft.tokens and len(alone.draft.tokens) >= 1
             if settings:
                 torch.testing.assert_close(together.draft.probs, alone.draft.probs, rtol=1e-4, atol=1e-6)
+
+
+def _fixed_costs(a: float, b: float):
+    """A row-cost line that stays ``a + b·rows`` whatever the step measures."""
+    from specdecode.engine.batch import RowCost
+
+    costs = RowCost()
+    for rows in range(1, 20):
+        costs.add(rows, a + b * rows)
+    costs.add = lambda rows, seconds: None
+    return costs
+
+
+@pytest.mark.parametrize("method", ["ssd", "eagle"])
+def test_draft_budgets_skip_drafting_that_cannot_pay(method):
+    """Batch-aware speculation decides before drafting: where rows cost more than they can return
+    no request drafts at all (no draft forward), where they are cheap every request drafts; the
+    output stays each request's own."""
+    target = _target("llama", fast=True)
+    options = dict(skip_attention=[1], skip_mlp=[2], max_draft=4, threshold=0.01) if method == "ssd" else dict(
+        head=_head(target, vocab_ids=list(range(VOCAB))).freeze(), gamma=4, min_confidence=0.0)
+    decoder = SpeculativeDecoder(target, method, **options)
+    prompts = _prompts(3, 3)
+    alone = [decoder.generate(p, max_new_tokens=12).token_ids for p in prompts]
+    for (a, b), drafts in (((0.01, 1.0), False), ((1.0, 0.001), True)):
+        generations = [decoder.start(p, max_new_tokens=12) for p in prompts]
+        stepper = BatchStepper(generations, adaptive_drafts=True)
+        stepper.costs = _fixed_costs(a, b)
+        stepper.run()
+        assert [g.result().token_ids for g in generations] == alone
+        assert all((g.stats.draft_forwards > 0) == drafts for g in generations), [g.stats.draft_forwards for g in generations]
+
+
+def test_a_batched_generation_is_freed_as_soon_as_it_is_dropped():
+    """Its KV cache goes with the last reference, without Python's cycle collector: a reference
+    cycle (a generation and its own unstarted step generator) kept every batched request's cache
+    until the collector ran — the server grew from 4.7 to 10 GB in a 10-minute soak."""
+    import gc
+    import weakref
+
+    target = _target("llama", fast=True)
+    decoder = SpeculativeDecoder(target, "pld", gamma=4)
+    gc.collect()
+    gc.disable()
+    try:
+        generations = [decoder.start(p, max_new_tokens=6) for p in _prompts(1, 3)]
+        stepper = BatchStepper(generations)
+        stepper.step()
+        stepper.remove(generations[0])  # a client that went away
+        stepper.run()
+        assert all(len(g.result().token_ids) == 6 for g in generations[1:])
+        refs = [weakref.ref(g) for g in generations] + [weakref.ref(g.kv) for g in generations]
+        del generations, stepper
+        assert [r() is None for r in refs] == [True] * len(refs)
+    finally:
+        gc.enable()

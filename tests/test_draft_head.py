@@ -440,3 +440,43 @@ def test_train_head_refuses_bad_training_settings_before_loading_anything(tmp_pa
     assert main(["train-head", "--max-steps", "0", "--out", str(tmp_path / "out"), "--data", str(tmp_path / "none.jsonl")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "max_steps" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_head_on_float16_weights_drafts_nearly_the_same_and_methods_stay_lossless(arch):
+    """freeze(weights="fp16"): every product of the head (its input projection, its layers, its
+    vocabulary rows) on float16 copies of the weights — the features it predicts stay within
+    float16 rounding of the float32 head's, and greedy methods with it still equal ar; "auto"
+    keeps one of the two by timing once paired; anything else is refused."""
+    from specdecode.models.kernels import Fp16WeightLinear
+    from specdecode.models.loading import LoadedModel
+    from specdecode.models.runtime import build_runtime
+
+    base = tiny_model(arch, seed=3)
+    model = base.model.float()
+    target = LoadedModel(model, None, base.name, runtime=build_runtime(model))
+    head = _head(target, noise=0.05, vocab_ids=list(range(VOCAB)))
+    exact, half, auto = (copy.deepcopy(head).freeze(w) for w in ("float32", "fp16", "auto"))
+    for frozen in (exact, half, auto):
+        pair_head(target, frozen)
+    assert exact.runtime.weights == "float32" and half.runtime.weights == "fp16"
+    assert auto.runtime.weights in ("float32", "fp16") and set(auto.runtimes) == {"float32", "fp16"}
+    assert isinstance(half.rows_product, Fp16WeightLinear) and isinstance(half.runtime.fc, Fp16WeightLinear)
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 11, head.hidden_size, generator=generator)
+    ids = torch.tensor([[(7 * i + 2) % VOCAB for i in range(11)]])
+    with torch.inference_mode():
+        features = [frozen(hidden, ids, KVCache()) for frozen in (exact, half)]
+        logits = [frozen.logits(f[0]) for frozen, f in zip((exact, half), features)]
+    assert not torch.equal(features[0], features[1])  # it did compute on other weights
+    torch.testing.assert_close(features[1], features[0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(logits[1], logits[0], rtol=2e-2, atol=2e-2)
+    prompt = [4, 8, 15, 16, 23, 42, 4, 8, 15]
+    expected = SpeculativeDecoder(target, "ar").generate(prompt, max_new_tokens=30).token_ids
+    for method, options in (("eagle", dict(gamma=4)), ("eagle-mtad", dict(beams=3, gamma=3))):
+        assert SpeculativeDecoder(target, method, head=half, **options).generate(
+            prompt, max_new_tokens=30).token_ids == expected, method
+    with pytest.raises(InvalidSettingError, match="head weights"):
+        copy.deepcopy(head).freeze("int4")
+    with pytest.raises(InvalidSettingError, match="head_weights"):
+        SpeculativeDecoder(target, "eagle", head=half, head_weights="fp16")

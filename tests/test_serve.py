@@ -193,9 +193,30 @@ def test_models_health_and_metrics(server, client):
                  "specdecode_tokens_per_target_forward_bucket", "specdecode_acceptance_rate_bucket",
                  "specdecode_time_to_first_token_seconds_bucket", "specdecode_inter_token_latency_seconds_bucket",
                  "specdecode_queue_depth", "specdecode_kv_budget_tokens", "specdecode_kv_reserved_tokens",
-                 "specdecode_kv_used_tokens"):
+                 "specdecode_kv_used_tokens", *(["process_resident_memory_bytes"] if sys.platform == "linux" else [])):
         assert name in text, name
     assert re.search(r'specdecode_requests_total\{method="ar",route="/v1/completions",status="200"\} [1-9]', text)
+
+
+def test_the_worker_hands_freed_memory_back_at_most_every_half_minute():
+    from specdecode.serve.memory import HeapTrimmer, _glibc_malloc_trim
+
+    if sys.platform == "linux":
+        assert _glibc_malloc_trim() is not None and _glibc_malloc_trim()(0) in (0, 1)
+    now, calls = [0.0], []
+    trimmer = HeapTrimmer(every_s=30.0, clock=lambda: now[0], trim=calls.append)
+    trimmer.idle()
+    assert calls == []  # nothing decoded since the last trim: nothing to hand back
+    for _ in range(10):
+        now[0] += 1.0
+        trimmer.stepped()
+    assert calls == []
+    trimmer.idle()
+    assert calls == [0]
+    for _ in range(40):  # busy for 40 s: one trim after 30
+        now[0] += 1.0
+        trimmer.stepped()
+    assert calls == [0, 0]
 
 
 GOOD = {"model": "default", "prompt": PROMPT, "max_tokens": 1, "temperature": 0}

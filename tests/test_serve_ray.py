@@ -70,3 +70,23 @@ def test_killing_a_replica_leaves_the_other_serving_and_ray_replaces_it(ray_url)
         time.sleep(2)
     assert len(replicas()) == 2 and before[0] not in replicas()
     assert httpx.post(f"{ray_url}/v1/completions", json=body, timeout=120).status_code == 200
+
+
+def test_a_ray_replica_batches_concurrent_requests(ray_url, real_model):
+    """Each replica runs the batching worker: concurrent requests routed to one replica share its
+    verification forwards, and each still gets the text it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [CODE_PROMPT, "The capital of France is", "Once upon a time,", "List three rivers:"]
+    expected = [SpeculativeDecoder(real_model, "ar").generate(p, max_new_tokens=16).text for p in prompts]
+
+    def ask(prompt: str) -> dict:
+        body = {"model": "default", "prompt": prompt, "max_tokens": 16, "temperature": 0,
+                "speculative": {"method": "ar"}}
+        return httpx.post(f"{ray_url}/v1/completions", json=body, timeout=300).json()
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(pool.map(ask, prompts))
+    assert [a["choices"][0]["text"] for a in answers] == expected
+    extras = [a["speculative_stats"]["extra"] for a in answers]
+    assert any(e.get("batch_requests_sum", 0) > e.get("batch_steps", 0) for e in extras), extras

@@ -244,13 +244,21 @@ HeadSpec = str | os.PathLike[str] | DraftHead
 
 
 @functools.lru_cache(maxsize=4)
-def _load_head_cached(spec: str) -> DraftHead:
-    return load_head(spec)
+def _load_head_cached(spec: str, weights: str) -> DraftHead:
+    return load_head(spec, weights)
 
 
-def require_head(ctx: MethodContext, head: HeadSpec) -> DraftHead:
-    """The draft head ``head`` (a directory, ``default-head`` or a loaded head), paired with the target."""
-    loaded = head if isinstance(head, DraftHead) else _load_head_cached(str(head))
+def require_head(ctx: MethodContext, head: HeadSpec, weights: str | None = None) -> DraftHead:
+    """The draft head ``head`` (a directory, ``default-head`` or a loaded head), paired with the
+    target. ``weights`` (heads loaded here; default ``auto``): what its products read, see
+    :meth:`DraftHead.freeze`; a head passed in runs as its caller froze it."""
+    if isinstance(head, DraftHead):
+        if weights is not None:
+            raise InvalidSettingError("head_weights applies to a head loaded by name or path, not to a DraftHead "
+                                      "passed in (freeze it with the weights you want)")
+        loaded = head
+    else:
+        loaded = _load_head_cached(str(head), weights or "auto")
     loaded.to(ctx.target.device)
     pair_head(ctx.target, loaded)
     return loaded
@@ -258,35 +266,41 @@ def require_head(ctx: MethodContext, head: HeadSpec) -> DraftHead:
 
 @register("eagle")
 def build_eagle(
-    ctx: MethodContext, head: HeadSpec = DEFAULT_HEAD, gamma: int = 5, min_confidence: float = 0.5
+    ctx: MethodContext, head: HeadSpec = DEFAULT_HEAD, gamma: int = 5, min_confidence: float = 0.5,
+    head_weights: str | None = None,
 ) -> tuple[Proposer, AcceptanceRule]:
     """EAGLE: a feature-level draft head drafts a chain from the target's hidden states (greedy
     match, or speculative sampling with the head as the draft: exact). Drafting stops after a
     token the head gives less than ``min_confidence``: with a head that agrees ~40 % of the time,
-    every further head step and verified token would cost more than it returns (docs/eagle.md)."""
-    proposer = EagleProposer(require_head(ctx, head), ctx.sampling, ctx.generator, gamma, min_confidence)
+    every further head step and verified token would cost more than it returns (docs/eagle.md).
+    ``head_weights``: ``float32``, ``fp16`` or ``auto`` (the default: whichever drafts faster here),
+    what the head's products read (:meth:`DraftHead.freeze`); every head method takes it."""
+    proposer = EagleProposer(require_head(ctx, head, head_weights), ctx.sampling, ctx.generator, gamma, min_confidence)
     return proposer, default_rule(ctx)
 
 
 @register("eagle-tree")
 def build_eagle_tree(
-    ctx: MethodContext, head: HeadSpec = DEFAULT_HEAD, gamma: int = 5, top_k: int = 4, nodes: int = 16
+    ctx: MethodContext, head: HeadSpec = DEFAULT_HEAD, gamma: int = 5, top_k: int = 4, nodes: int = 16,
+    head_weights: str | None = None,
 ) -> tuple[Proposer, AcceptanceRule]:
     """EAGLE-2: a dynamic draft tree from the head's confidences, verified in one target forward
     with tree attention (greedy decoding only)."""
     if not ctx.sampling.greedy:
         raise InvalidSettingError("method 'eagle-tree' verifies greedily; use 'eagle' or 'eagle-mtad' for sampling")
-    return EagleTreeProposer(require_head(ctx, head), gamma, top_k, nodes), GreedyTreeMatch()
+    return EagleTreeProposer(require_head(ctx, head, head_weights), gamma, top_k, nodes), GreedyTreeMatch()
 
 
 @register("eagle-mtad")
 def build_eagle_mtad(
     ctx: MethodContext, head: HeadSpec = DEFAULT_HEAD, beams: int = 4, gamma: int = 4, threshold: float = 0.5,
     with_replacement: bool = False, tree: bool = False, min_joint: float = 0.0, min_share: float = 0.0,
+    head_weights: str | None = None,
 ) -> tuple[Proposer, AcceptanceRule]:
     """MTAD with the draft head as its auxiliary model: beam sampling over the head, joint-ratio
     verification (``tree``, ``min_joint``, ``min_share``: as ``mtad``)."""
-    proposer = BeamSampleProposer(HeadDrafter(require_head(ctx, head)), ctx.sampling, ctx.generator, beams, gamma,
+    drafter = HeadDrafter(require_head(ctx, head, head_weights))
+    proposer = BeamSampleProposer(drafter, ctx.sampling, ctx.generator, beams, gamma,
                                   with_replacement, tree, min_joint=min_joint, min_share=min_share)
     return proposer, JointRatioAcceptance(ctx.sampling, ctx.generator, threshold)
 
@@ -306,9 +320,10 @@ def build_lookup_then_self_draft(
 @register("pld-eagle")
 def build_lookup_then_eagle(
     ctx: MethodContext, gamma: int = 10, min_ngram: int = 2, max_ngram: int = 3, head: HeadSpec = DEFAULT_HEAD,
-    head_gamma: int = 5, min_confidence: float = 0.5,
+    head_gamma: int = 5, min_confidence: float = 0.5, head_weights: str | None = None,
 ) -> tuple[Proposer, AcceptanceRule]:
     """Prompt lookup where the last ``min_ngram``..``max_ngram`` tokens occurred before; elsewhere
     the draft head drafts a chain as ``eagle`` does (``propose/lookup_first.py``)."""
-    fallback = EagleProposer(require_head(ctx, head), ctx.sampling, ctx.generator, head_gamma, min_confidence)
+    fallback = EagleProposer(require_head(ctx, head, head_weights), ctx.sampling, ctx.generator, head_gamma,
+                             min_confidence)
     return LookupFirstProposer(NgramProposer(gamma, max_ngram, min_ngram), fallback), default_rule(ctx)

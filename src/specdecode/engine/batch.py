@@ -14,9 +14,12 @@ before the step that first includes them; with ``prefill_chunk`` a step prefills
 prompt tokens (oldest joiner first, a long prompt over several steps), so a long prompt joining
 does not stall the streams already decoding: their step runs after each chunk.
 
-Batch-aware speculation: with ``adaptive_drafts`` a step keeps only the draft tokens expected to
-pay for their rows at the batch's current rate (:meth:`BatchStepper._keep_drafts_that_pay`, on
-the measured cost of rows); with ``max_batch_rows`` a step caps the rows it feeds; when the
+Batch-aware speculation: with ``adaptive_drafts`` a step first gives each request a draft budget —
+the draft tokens expected to pay for their rows at the batch's current rate, on the measured cost
+of rows (:meth:`BatchStepper._draft_budgets`) — so that a draft not worth verifying is not drafted
+either (a head step or a self-draft forward costs as much as the row it would feed); the drafts
+are then checked again against the same rule (:meth:`BatchStepper._keep_drafts_that_pay`); with
+``max_batch_rows`` a step caps the rows it feeds; when the
 generations' ``[last token] + draft`` rows exceed it, the draft tokens least likely to be kept
 are cut (by each request's acceptance rate so far; never the last token). On a CPU a batched
 forward turns compute-bound after a dozen or so rows (the 262k-row head costs as much per row as
@@ -37,6 +40,9 @@ from specdecode.engine.loop import Generation, Step
 from specdecode.errors import InvalidSettingError
 from specdecode.models.runner import Readout
 from specdecode.propose.base import Draft
+
+
+MAX_DRAFT_BUDGET = 64  # draft tokens a request may be given in one batched step (the tuned row buckets' top)
 
 
 class BatchStepper:
@@ -120,8 +126,10 @@ class BatchStepper:
     def step(self) -> dict[Generation, list[int]]:
         """One step of every active generation: the tokens each added. Finished ones leave."""
         self.prefill_pending()
-        steps = self._propose([g for g in self.active if g not in self._prefilling])
-        if self.adaptive_drafts and len(steps) > 1:  # alone, a request drafts as its method says
+        ready = [g for g in self.active if g not in self._prefilling]
+        adaptive = self.adaptive_drafts and len(ready) > 1  # alone, a request drafts as its method says
+        steps = self._propose(ready, self._draft_budgets(ready) if adaptive else {})
+        if adaptive:
             self._keep_drafts_that_pay(steps)
         self._cap_rows(steps)
         added: dict[Generation, list[int]] = {}
@@ -152,19 +160,21 @@ class BatchStepper:
         self.active = [g for g in self.active if g.stop_reason is None]
         return {g: added[g] for g in steps}
 
-    def _propose(self, generations: list[Generation]) -> dict[Generation, Step]:
-        """Every generation's step; those whose proposers share a batch key draft together (one
-        draft forward a level for all of them). A drafting error takes its group out of the batch."""
+    def _propose(self, generations: list[Generation], budgets: dict[Generation, int]) -> dict[Generation, Step]:
+        """Every generation's step (at most ``budgets[g]`` draft tokens where given); those whose
+        proposers share a batch key draft together (one draft forward a level for all of them). A
+        drafting error takes its group out of the batch."""
         groups: dict[object, list[Generation]] = {}
         for generation in generations:
             key = self._guarded(generation, generation.proposer.batch_key)
             if generation in self.failed:
                 continue
-            groups.setdefault(id(generation) if key is None else (type(generation.proposer), key), []).append(generation)
+            group = id(generation) if key is None else (type(generation.proposer), key)
+            groups.setdefault(group, []).append(generation)
         steps: dict[Generation, Step] = {}
         for members in groups.values():
             try:
-                steps.update(zip(members, Generation.propose_together(members)))
+                steps.update(zip(members, Generation.propose_together(members, [budgets.get(g) for g in members])))
             except Exception as exc:  # noqa: BLE001 - reported to the caller in ``failed``
                 for generation in members:
                     self.failed[generation] = exc
@@ -175,6 +185,30 @@ class BatchStepper:
         """Step until every generation has finished."""
         while self.active:
             self.step()
+
+    def _draft_budgets(self, generations: list[Generation]) -> dict[Generation, int]:
+        """How many draft tokens each request may draft this step (empty until the cost of rows is
+        known): the goodput rule of :meth:`_keep_drafts_that_pay` run forwards — starting from one
+        row a request (its last token), add the most likely next draft token of any request
+        (``α^(j+1)``) while it is worth what its row costs at the step's rate, ``α^(j+1) / b ≥ E / C(rows)``."""
+        line = self.costs.line()
+        if line is None:
+            return {}
+        a, b = line
+        budgets = dict.fromkeys(generations, 0)
+        caps = {g: min(g.room(), MAX_DRAFT_BUDGET) for g in generations}
+        rows, expected = len(generations), float(len(generations))
+        open_ = [g for g in generations if caps[g] > 0]
+        while open_:
+            best = max(open_, key=lambda g: _acceptance(g) ** (budgets[g] + 1))
+            value = _acceptance(best) ** (budgets[best] + 1)
+            if value / b < expected / (a + b * rows):
+                break
+            budgets[best] += 1
+            rows, expected = rows + 1, expected + value
+            if budgets[best] >= caps[best]:
+                open_.remove(best)
+        return budgets
 
     def _keep_drafts_that_pay(self, steps: dict[Generation, Step]) -> None:
         """Goodput rule (batch-aware speculation): drop the draft token least likely to be kept

@@ -79,7 +79,9 @@ class Generation:
         self.kv: KVCache | None = None  # the target's cache, made by :meth:`prefill`
         self.sequence = list(self.prompt_ids)
         self._emitted = ""  # text streamed so far
-        self._steps = self._run()
+        # made on first iteration: an unstarted generator's frame holds ``self``, a reference cycle
+        # that kept every batched request's KV cache alive until Python's cycle collector ran
+        self._steps: Iterator[list[int]] | None = None
 
     # One step in three parts, so that engine/batch.py can verify several generations in one forward.
 
@@ -109,21 +111,27 @@ class Generation:
         return self.propose_together([self])[0]
 
     @staticmethod
-    def propose_together(generations: Sequence[Generation]) -> list[Step]:
+    def propose_together(generations: Sequence[Generation], budgets: Sequence[int | None] | None = None) -> list[Step]:
         """:meth:`propose` of generations whose proposers draft together (one class, equal
-        :meth:`Proposer.batch_key`; engine/batch.py groups them): each waited for all the drafting."""
+        :meth:`Proposer.batch_key`; engine/batch.py groups them): each waited for all the drafting.
+        ``budgets``: at most that many draft tokens each (a batch's choice; None: the method's)."""
         first = generations[0]
+        budgets = budgets or [None] * len(generations)
         t0 = _now(first.target.device)
         with torch.inference_mode():
             drafts = type(first.proposer).propose_batch(
                 [g.proposer for g in generations], [g.sequence for g in generations],
-                [g.settings.max_new_tokens - len(g.generated) - 1 for g in generations])
+                [min(g.room(), budget if budget is not None else g.room()) for g, budget in zip(generations, budgets)])
         elapsed = _now(first.target.device) - t0
         steps = []
         for generation, draft in zip(generations, drafts):
             generation.stats.draft_s += elapsed
             steps.append(Step(draft, [generation.sequence[-1], *draft.tokens], generation.rule.readout(draft)))
         return steps
+
+    def room(self) -> int:
+        """Draft tokens the request can still use (its step adds one token of the target's own)."""
+        return self.settings.max_new_tokens - len(self.generated) - 1
 
     def accept(self, step: Step, out: Forward, verify_s: float) -> list[int]:
         """Apply the rule to the verification ``out`` of ``step``; cut the cache; return the new tokens."""
@@ -175,14 +183,19 @@ class Generation:
         self._emitted = text
         return text[len(emitted):]
 
+    def _stepping(self) -> Iterator[list[int]]:
+        if self._steps is None:
+            self._steps = self._run()
+        return self._steps
+
     def __iter__(self) -> Iterator[str]:
         """Yield newly decoded text as it is generated (needs a tokenizer)."""
-        for _ in self._steps:
+        for _ in self._stepping():
             if self.target.tokenizer is not None and (text := self.new_text()):
                 yield text
 
     def result(self) -> GenerationResult:
-        for _ in self._steps:
+        for _ in self._stepping():
             pass
         tokenizer = self.target.tokenizer
         text = tokenizer.decode(self.generated, skip_special_tokens=True) if tokenizer is not None else ""

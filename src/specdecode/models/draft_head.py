@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import json
+import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from specdecode.errors import ModelLoadError, VocabularyMismatchError
+from specdecode.errors import InvalidSettingError, ModelLoadError, VocabularyMismatchError
 from specdecode.models.batch import batched_hidden
 from specdecode.models.cache import KVCache
 from specdecode.models.frequent_vocab import validate_token_ids
@@ -49,15 +51,20 @@ def _layer_source(model: nn.Module) -> nn.ModuleList:
     return base.layers if hasattr(base, "layers") else base.h
 
 
+HEAD_WEIGHTS = ("float32", "fp16", "auto")  # what a frozen head's products read (DraftHead.freeze)
+
+
 @dataclass(frozen=True)
 class _HeadRuntime:
     """What a frozen head drafts with on a CPU: the native decoder over its layers (None where the
-    family has none) and its input projection on the tuned product kernels."""
+    family has none) and its input projection on the tuned product kernels, or all its products on
+    float16 copies of the weights (``weights == "fp16"``)."""
 
     decoder: NativeDecoder | None
     fc: nn.Module
     dtype: torch.dtype  # what it was built for: a head moved or cast afterwards runs `transformers`' forward
     device: torch.device
+    weights: str = "float32"
 
 
 class DraftHead(nn.Module):
@@ -93,6 +100,8 @@ class DraftHead(nn.Module):
         object.__setattr__(self, "embedding", None)  # lent by the target (kept out of state_dict and .to())
         object.__setattr__(self, "rows", None)
         object.__setattr__(self, "runtime", None)  # the fast runtime of a frozen head (freeze())
+        object.__setattr__(self, "runtimes", {})  # what freeze() built, by weights ("float32", "fp16")
+        object.__setattr__(self, "weights_choice", "float32")
         object.__setattr__(self, "rows_product", None)  # the lent rows on a tuned kernel (frozen and paired)
 
     # -- building and pairing -------------------------------------------------------------------
@@ -122,16 +131,43 @@ class DraftHead(nn.Module):
         self._tune_rows()
 
     def _tune_rows(self) -> None:
-        """A frozen, paired head scores its vocabulary on the kernel timed fastest per row count:
-        MKL's ``x @ rowsᵀ`` costs ~4 ms for 2-16 rows of the 8k × 640 product on a Zen 4, ``rows @ xᵀ``
-        ~1 ms, and MTAD's beams run 4 rows a level."""
-        from specdecode.models.kernels import tuned_product
+        """A frozen, paired head scores its vocabulary on the kernel timed fastest per row count
+        (MKL's ``x @ rowsᵀ`` costs ~4 ms for 2-16 rows of the 8k × 640 product on a Zen 4, ``rows @ xᵀ``
+        ~1 ms, and MTAD's beams run 4 rows a level), or on float16 copies of the rows with a float16
+        runtime; with ``freeze(weights="auto")`` the runtime is chosen here, once paired, by timing
+        a draft step of each."""
+        candidates = self.runtimes
+        if self.weights_choice == "auto" and len(candidates) > 1 and self.rows is not None:
+            timed = {name: self._step_ms(runtime) for name, runtime in candidates.items()}
+            object.__setattr__(self, "runtime", candidates[min(timed, key=timed.get)])
+        object.__setattr__(self, "rows_product", self._rows_product(self.runtime))
 
-        product = None
-        if self.runtime is not None and self.rows is not None and (self.rows.dtype, self.rows.device) == (
-                self.runtime.dtype, self.runtime.device) and self.rows.dtype in (torch.float32, torch.bfloat16):
-            product = tuned_product(self.rows)
-        object.__setattr__(self, "rows_product", product)
+    def _rows_product(self, runtime: _HeadRuntime | None) -> nn.Module | None:
+        from specdecode.models.kernels import Fp16WeightLinear, tuned_product
+
+        if runtime is None or self.rows is None or (
+                self.rows.dtype, self.rows.device) != (runtime.dtype, runtime.device):
+            return None
+        if runtime.weights == "fp16":
+            return Fp16WeightLinear(self.rows, None)
+        return tuned_product(self.rows) if self.rows.dtype in (torch.float32, torch.bfloat16) else None
+
+    def _step_ms(self, runtime: _HeadRuntime, context: int = 32, repeats: int = 7) -> float:
+        """Median ms of one chain step (a row through the head and its vocabulary) on ``runtime``."""
+        object.__setattr__(self, "runtime", runtime)
+        object.__setattr__(self, "rows_product", self._rows_product(runtime))
+        generator = torch.Generator().manual_seed(0)
+        hidden = torch.randn(1, context + 1, self.hidden_size, generator=generator).to(self.fc.weight)
+        ids = torch.randint(0, self.target_vocab_size, (1, context + 1), generator=generator).to(self.fc.weight.device)
+        kv, times = KVCache(), []
+        with torch.inference_mode():
+            self(hidden[:, :context], ids[:, :context], kv)
+            for _ in range(repeats + 2):
+                start = time.perf_counter()
+                self.logits(self(hidden[:, context:], ids[:, context:], kv)[0])
+                times.append(time.perf_counter() - start)
+                kv.crop(context)
+        return statistics.median(times[2:]) * 1000
 
     # -- running --------------------------------------------------------------------------------
 
@@ -199,19 +235,33 @@ class DraftHead(nn.Module):
             return None
         return plan
 
-    def freeze(self) -> DraftHead:
+    def freeze(self, weights: str = "float32") -> DraftHead:
         """Mark the head's weights final: on a CPU its drafting then runs on the fast runtime (the
         native decoder and tuned products of ``models/runtime.py``, built here over the same
-        weights); a head still being trained keeps `transformers`' forward."""
-        from specdecode.models.kernels import tuned_linear
+        weights); a head still being trained keeps `transformers`' forward.
+
+        ``weights`` (a float32 head on a CPU with fbgemm): ``"float32"`` computes with the weights
+        as they are; ``"fp16"`` runs every product on float16 copies (float32 activations and
+        sums: a draft need not be exact, only consistent — its distributions are what the
+        acceptance rules read — and a head step is bound by its products); ``"auto"`` keeps
+        whichever drafts a step faster here, timed once the head is paired with its target."""
+        from specdecode.models.kernels import Fp16WeightLinear, fbgemm_fp16_available, tuned_linear
         from specdecode.models.runtime import build_runtime
 
-        plan = build_runtime(self.layers) if self.fc.weight.device.type == "cpu" else None
-        runtime = None
+        if weights not in HEAD_WEIGHTS:
+            raise InvalidSettingError(f"head weights must be one of {', '.join(HEAD_WEIGHTS)}, got {weights!r}")
+        dtype, device = self.fc.weight.dtype, self.fc.weight.device
+        runtimes: dict[str, _HeadRuntime] = {}
+        plan = build_runtime(self.layers) if device.type == "cpu" else None
         if plan is not None:
-            runtime = _HeadRuntime(plan.decoder, tuned_linear(self.fc, plan.kernels), self.fc.weight.dtype,
-                                   self.fc.weight.device)
-        object.__setattr__(self, "runtime", runtime)
+            runtimes["float32"] = _HeadRuntime(plan.decoder, tuned_linear(self.fc, plan.kernels), dtype, device)
+            if weights != "float32" and dtype == torch.float32 and fbgemm_fp16_available():
+                half = build_runtime(self.layers, quantize="fp16")
+                runtimes["fp16"] = _HeadRuntime(half.decoder, Fp16WeightLinear(self.fc.weight, None), dtype, device,
+                                                "fp16")
+        object.__setattr__(self, "runtimes", runtimes)
+        object.__setattr__(self, "weights_choice", weights)
+        object.__setattr__(self, "runtime", runtimes.get(weights, runtimes.get("float32")))
         self._tune_rows()
         return self
 
@@ -237,8 +287,9 @@ class DraftHead(nn.Module):
         return out
 
 
-def load_head(spec: str | Path) -> DraftHead:
-    """A saved head directory (``"default-head"``: the one shipped for the embedded default)."""
+def load_head(spec: str | Path, weights: str = "auto") -> DraftHead:
+    """A saved head directory (``"default-head"``: the one shipped for the embedded default), frozen
+    with ``weights`` (:meth:`DraftHead.freeze`)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
@@ -256,7 +307,7 @@ def load_head(spec: str | Path) -> DraftHead:
     if unexpected or any(not _unused(k) for k in missing):
         raise ModelLoadError(f"draft head {str(spec)!r} does not match its config (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
-    return head.to(torch.float32).eval().freeze()
+    return head.to(torch.float32).eval().freeze(weights)
 
 
 def pair_head(target: LoadedModel, head: DraftHead) -> None:

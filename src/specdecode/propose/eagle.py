@@ -160,7 +160,8 @@ class EagleProposer(Proposer):
         forward a level; each stops at its own γ or below its own ``min_confidence``."""
         limits = [min(p.gamma, m) for p, m in zip(proposers, max_tokens)]
         live = [i for i, limit in enumerate(limits) if limit >= 1]
-        roots = HeadDrafter.roots([proposers[i].drafter for i in live], [sequences[i] for i in live]) if live else []
+        drafters = [proposers[i].drafter for i in live]
+        roots = HeadDrafter.roots(drafters, [sequences[i] for i in live]) if live else []
         logits = {i: row for i, row in zip(live, roots) if row is not None}
         tokens: list[list[int]] = [[] for _ in proposers]
         probs: list[list[torch.Tensor]] = [[] for _ in proposers]

@@ -40,6 +40,7 @@ import torch
 from specdecode.engine.batch import BatchStepper
 from specdecode.engine.loop import Generation
 from specdecode.errors import PromptError, SpecDecodeError
+from specdecode.serve.memory import HeapTrimmer
 from specdecode.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ class Scheduler:
         self._closed = False
         self._waiting: deque[Job] = deque()  # started, waiting for a slot (worker thread only)
         self._active: list[Job] = []  # being decoded (worker thread only)
+        self._trimmer = HeapTrimmer()  # hands finished requests' memory back (worker thread only)
         self._thread = threading.Thread(target=self._loop, name="specdecode-worker", daemon=True)
         self._thread.start()
 
@@ -178,7 +180,8 @@ class Scheduler:
             while True:
                 with self._cond:
                     while not (self._closed or self._incoming or self._waiting or self._active):
-                        self._cond.wait()
+                        if not self._cond.wait(timeout=self._trimmer.every_s):
+                            self._trimmer.idle()  # idle a while: hand the last requests' memory back
                     if self._closed:
                         break
                     incoming, self._incoming = self._incoming, []
@@ -187,6 +190,7 @@ class Scheduler:
                 self._admit()
                 if self._active:
                     self._step()
+                    self._trimmer.stepped()
                 self._update_gauges()
             for job in [*self._incoming, *self._waiting, *self._active]:
                 self._release(job, Failed(ShuttingDownError("server is shutting down")), "error")
