@@ -196,6 +196,30 @@ def test_greedy_knn_ssd_equals_ar_and_routes_like_the_offline_embedding(arch):
     assert single.token_ids == ar.generate([5], max_new_tokens=4).token_ids
 
 
+def test_knn_ssd_in_a_batch_equals_each_request_alone_and_drafts_together_by_route():
+    """In a batch (the fast runtime's batched forwards), every knn-ssd request decodes what it
+    decodes alone, and requests routed to the same profile share one batch key (they draft
+    together), those routed elsewhere do not."""
+    from specdecode.engine.batch import BatchStepper
+    from specdecode.models.loading import LoadedModel
+    from specdecode.models.runtime import build_runtime
+
+    base = tiny_model("llama", seed=1)
+    model = base.model.float()
+    target = LoadedModel(model, None, base.name, runtime=build_runtime(model))
+    bundle, prompts = _tiny_bundle(target, random.Random("knn-batch"))
+    knn = SpeculativeDecoder(target, "knn-ssd", bundle=bundle)
+    batch = [p for rows in prompts.values() for p in rows[:3]]
+    alone = [knn.generate(p, max_new_tokens=20).token_ids for p in batch]
+    generations = [knn.start(p, max_new_tokens=20) for p in batch]
+    BatchStepper(generations).run()
+    assert [g.result().token_ids for g in generations] == alone
+    routes = [g.stats.extra["route"]["profile"] for g in generations]
+    keys = [g.proposer.batch_key() for g in generations]
+    assert len(set(routes)) > 1 and len(set(keys)) == len(set(routes))
+    assert all((a == b) == (keys[i] == keys[j]) for i, a in enumerate(routes) for j, b in enumerate(routes))
+
+
 def test_mixed_stream_switches_as_asked():
     prompts = {c: [BenchPrompt(f"{c}{i}", c, "t") for i in range(4)] for c in ("a", "b", "c")}
 

@@ -1,13 +1,16 @@
-"""Several requests' chains in one target forward (issue 28): :func:`forward_batch`.
+"""Several requests' chains in one forward (issue 28): the decoder-level parts of
+:meth:`TargetRunner.forward_batch`.
 
 On a CPU a decode step is bound by reading the weights; a forward over a few more rows costs far
-less than a second forward. The batched forward packs the rows of every request side by side —
+less than a second forward. :func:`batched_hidden` packs the rows of every request side by side —
 ragged, no padding: ``[1, N_total, H]`` — and runs each layer's norms and products (q/k/v, o_proj,
 gate/up, down) once on all of them, so each weight is read once per step; the q/k norms and
 rotary are per row too (each row at its own position). What depends on the request runs on its
-own slice: its cache update, its causal (and sliding-window) mask and its attention. The LM head
-runs once on the kept rows of every request that reads the same top ``k`` — for greedy chains
-block by block, so that as alone a chain's rows after its first mismatch skip the head.
+own slice: its cache update, its causal (and sliding-window) mask and its attention. The same
+function runs a draft head's layer over several requests (``DraftHead.forward_batch``) and a
+self-draft's skipping stack. :func:`greedy_chains` runs the LM head once on the kept rows of every
+greedy chain, block by block, so that as alone a chain's rows after its first mismatch skip the
+head.
 
 Per row the arithmetic is that of the request's own forward (same norms, same rotary, same
 attention over the same keys); only the products see more rows. In float64 each row of a product
@@ -15,74 +18,19 @@ is the same dot product; in float32 the fast runtime picks its kernel by row cou
 verification already does against k one-row steps), so a row may round differently in its last
 bit — the tests check greedy output token for token against each request alone, on the tiny
 models and on the embedded one.
-
-Without the native decoder (eager mode, a family outside the table, a self-draft runner) it is
-one forward per request: correct, not faster.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
 import torch
 
-from specdecode.models.cache import KVCache
 from specdecode.models.layer_skip import SkipSet
 from specdecode.models.native import NativeDecoder, _chain_mask, _rotary_factors, _window_start
 from specdecode.models.heads import HEAD_BLOCK_ROWS, ScreenedHead
 
-if TYPE_CHECKING:
-    from specdecode.models.runner import Forward, Readout, TargetRunner
 
-
-def forward_batch(runner: TargetRunner, kvs: Sequence[KVCache], id_lists: Sequence[Sequence[int]],
-                  readouts: Sequence[Readout]) -> list[Forward]:
-    """:meth:`TargetRunner.forward` of each ``(kv, ids, readout)`` chain, in one forward where the
-    runner has the native decoder; each ``kv`` is extended by its ``ids``."""
-    from specdecode.models.runner import Forward, Readout
-
-    if not (len(kvs) == len(id_lists) == len(readouts)):
-        raise ValueError("forward_batch needs one cache, one id list and one readout per request")
-    if len({id(kv) for kv in kvs}) != len(kvs):
-        raise ValueError("forward_batch needs a distinct cache per request")
-    if runner.decoder is None or len(kvs) == 1 or any(not ids for ids in id_lists):
-        return [runner.forward(kv, ids, readout) for kv, ids, readout in zip(kvs, id_lists, readouts)]
-    input_ids = torch.tensor([[t for ids in id_lists for t in ids]], dtype=torch.long, device=runner.device)
-    hidden = batched_hidden(runner.decoder, [kv.cache for kv in kvs], [len(ids) for ids in id_lists],
-                            runner.decoder.embed_tokens(input_ids), runner.skip)  # [N, H]
-    spans, offset = [], 0
-    for kv, ids in zip(kvs, id_lists):
-        kv.token_ids.extend(ids)
-        spans.append((offset, offset + len(ids)))
-        offset += len(ids)
-    outs: list[Forward | None] = [None] * len(kvs)
-    groups: dict[int | None, list[int]] = {}  # requests that read the same top k share one head call
-    for index, ((start, end), readout) in enumerate(zip(spans, readouts)):
-        rows = end - start if readout.rows is None else readout.rows
-        if rows == 0:
-            outs[index] = Forward(None, hidden[start:end])
-        else:
-            spans[index] = (end - rows, end)
-            groups.setdefault(readout.top_k, []).append(index)
-    for top_k, members in groups.items():
-        chains = [readouts[i].until_mismatch for i in members]
-        if top_k == 1 and runner.screened_head is not None and all(c is not None for c in chains):
-            rows = [hidden[spans[i][0]:spans[i][1]] for i in members]
-            for i, h, logits in zip(members, rows, _greedy_chains(runner.screened_head, rows, chains)):
-                outs[i] = Forward(logits, h)
-            continue
-        kept = torch.cat([hidden[spans[i][0]:spans[i][1]] for i in members])
-        logits = runner.logits(kept, Readout(top_k=top_k))
-        at = 0
-        for i in members:
-            n = spans[i][1] - spans[i][0]
-            outs[i] = Forward(logits[at:at + n], kept[at:at + n])
-            at += n
-    return outs  # type: ignore[return-value]
-
-
-def _greedy_chains(head: ScreenedHead, rows: list[torch.Tensor], drafts: list[tuple[int, ...]]) -> list[torch.Tensor]:
+def greedy_chains(head: ScreenedHead, rows: list[torch.Tensor], drafts: list[tuple[int, ...]]) -> list[torch.Tensor]:
     """:meth:`ScreenedHead.top` ``(k=1, until_mismatch)`` of several chains with one head call per
     block of :data:`HEAD_BLOCK_ROWS` rows of every chain still matching: as alone, the rows after a
     chain's first mismatching block stay ``-inf`` and cost nothing (on the 262k-row head a row

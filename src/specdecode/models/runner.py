@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from specdecode.models.batch import batched_hidden, greedy_chains
 from specdecode.models.cache import KVCache
 from specdecode.models.frequent_vocab import SubVocabHead
 from specdecode.models.layer_skip import Int8Copies, SkipSet, layer_skip_view, shallow_replace
@@ -178,10 +179,46 @@ class TargetRunner:
     def forward_batch(self, kvs: Sequence[KVCache], id_lists: Sequence[Sequence[int]],
                       readouts: Sequence[Readout]) -> list[Forward]:
         """:meth:`forward` of several requests' chains (each on its own cache, which it extends) in
-        one forward: every product reads its weights once for all rows (``models/batch.py``)."""
-        from specdecode.models.batch import forward_batch
-
-        return forward_batch(self, kvs, id_lists, readouts)
+        one forward where the runner has the native decoder — every product reads its weights once
+        for all rows (``models/batch.py``) — else one forward a request. Requests that read the
+        same top ``k`` share one head call (greedy chains block by block, as alone)."""
+        if not (len(kvs) == len(id_lists) == len(readouts)):
+            raise ValueError("forward_batch needs one cache, one id list and one readout per request")
+        if len({id(kv) for kv in kvs}) != len(kvs):
+            raise ValueError("forward_batch needs a distinct cache per request")
+        decoder = self._decoder
+        if decoder is None or len(kvs) == 1 or any(not ids for ids in id_lists):
+            return [self.forward(kv, ids, readout) for kv, ids, readout in zip(kvs, id_lists, readouts)]
+        input_ids = torch.tensor([[t for ids in id_lists for t in ids]], dtype=torch.long, device=self.device)
+        hidden = batched_hidden(decoder, [kv.cache for kv in kvs], [len(ids) for ids in id_lists],
+                                decoder.embed_tokens(input_ids), self.skip)  # [N, H]
+        spans, offset = [], 0
+        for kv, ids in zip(kvs, id_lists):
+            kv.token_ids.extend(ids)
+            spans.append((offset, offset + len(ids)))
+            offset += len(ids)
+        outs: list[Forward | None] = [None] * len(kvs)
+        groups: dict[int | None, list[int]] = {}  # requests that read the same top k share one head call
+        for index, ((start, end), readout) in enumerate(zip(spans, readouts)):
+            rows = end - start if readout.rows is None else readout.rows
+            if rows == 0:
+                outs[index] = Forward(None, hidden[start:end])
+            else:
+                spans[index] = (end - rows, end)
+                groups.setdefault(readout.top_k, []).append(index)
+        for top_k, members in groups.items():
+            rows = [hidden[spans[i][0]:spans[i][1]] for i in members]
+            chains = [readouts[i].until_mismatch for i in members]
+            if top_k == 1 and self._head is not None and all(c is not None for c in chains):
+                for i, h, logits in zip(members, rows, greedy_chains(self._head, rows, chains)):
+                    outs[i] = Forward(logits, h)
+                continue
+            logits = self.logits(torch.cat(rows), Readout(top_k=top_k))
+            at = 0
+            for i, h in zip(members, rows):
+                outs[i] = Forward(logits[at:at + len(h)], h)
+                at += len(h)
+        return outs  # type: ignore[return-value]
 
     @property
     def vocabulary_ids(self) -> torch.Tensor | None:
