@@ -121,7 +121,7 @@ class Generation:
         with torch.inference_mode():
             drafts = type(first.proposer).propose_batch(
                 [g.proposer for g in generations], [g.sequence for g in generations],
-                [min(g.room(), budget if budget is not None else g.room()) for g, budget in zip(generations, budgets)])
+                [g.room() if budget is None else min(g.room(), budget) for g, budget in zip(generations, budgets)])
         elapsed = _now(first.target.device) - t0
         steps = []
         for generation, draft in zip(generations, drafts):
