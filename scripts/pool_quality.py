@@ -9,6 +9,9 @@ seeds narrow the interval only as far as they really do.
 ``--calibrate``: first the A/A check of each interval on the baseline's own samples (``ar``
 against ``ar`` under other seeds, ``bench/quality.py: aa_exclusion_rate``): how often its 95 %
 interval excludes 0, per number of samples a side and per number of prompts — near 5 %.
+
+A method's sample of a prompt under a seed counts once: runs that repeat a seed (every bench run
+includes ``ar``) add nothing new.
 """
 
 from __future__ import annotations
@@ -22,6 +25,24 @@ from specdecode.bench.quality import INTERVALS, Sample, aa_exclusion_rate, compa
 from specdecode.bench.runner import BASELINE
 
 
+def read_samples(runs: list[Path]) -> dict[str, list[Sample]]:
+    """Every method's samples over ``runs`` (benchmark folders), one per (method, prompt, seed)."""
+    samples: dict[str, list[Sample]] = defaultdict(list)
+    seen: set[tuple[str, object, object]] = set()
+    for run in runs:
+        seed = json.loads((run / "summary.json").read_text(encoding="utf-8"))["config"]["seed"]
+        for line in (run / "records.jsonl").read_text(encoding="utf-8").split("\n"):  # U+2028 may sit in a text
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            key = (record["method"], record["question_id"], seed)
+            if record["nll"] is not None and key not in seen:
+                seen.add(key)
+                samples[record["method"]].append(Sample(record["question_id"], record["nll"],
+                                                        record["stats"]["new_tokens"], tuple(record["token_ids"])))
+    return samples
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="benchmark output folders (records.jsonl)")
@@ -30,15 +51,7 @@ def main() -> None:
     parser.add_argument("--splits", type=int, default=200, help="A/A splits per interval and size")
     parser.add_argument("--subsets", default="12,30", help="A/A also on random subsets of this many prompts")
     args = parser.parse_args()
-    samples: dict[str, list[Sample]] = defaultdict(list)
-    for run in args.runs:
-        for line in (run / "records.jsonl").read_text(encoding="utf-8").split("\n"):  # U+2028 may sit in a text
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if record["nll"] is not None:
-                samples[record["method"]].append(Sample(record["question_id"], record["nll"],
-                                                        record["stats"]["new_tokens"], tuple(record["token_ids"])))
+    samples = read_samples(args.runs)
     if BASELINE not in samples:
         parser.error(f"no sampled {BASELINE!r} records with NLLs in {', '.join(map(str, args.runs))}")
     baseline = samples[BASELINE]

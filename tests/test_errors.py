@@ -124,3 +124,10 @@ def test_cli_and_bench_read_method_options_alike():
     assert method_kwargs(args) == expected
     assert parse_spec("eagle-mtad:" + ",".join(args.option)).options == expected
     validate_options("eagle-mtad", expected)
+
+
+def test_a_draft_weight_format_that_does_not_exist_is_refused_before_loading():
+    from specdecode.models.loading import load_draft
+
+    with pytest.raises(InvalidSettingError, match="draft quantize must be one of auto, none, fp16, int8"):
+        load_draft("default-draft", None, quantize="bf16")

@@ -32,7 +32,8 @@ def _joint_log_prob(model, prompt, block):
 @pytest.mark.parametrize("tree", [False, True])
 def test_self_draft_accepts_every_token(tree):
     target = tiny_model("llama", seed=1)
-    decoder = SpeculativeDecoder(target, "mtad", draft=target, beams=4, gamma=4, threshold=0.5, tree=tree)
+    decoder = SpeculativeDecoder(target, "mtad", draft=target, beams=4, gamma=4, threshold=0.5, tree=tree,
+                                 min_joint=0)  # the paper's fixed depth: every round drafts 4
     stats = decoder.generate([1, 2, 3], max_new_tokens=25, seed=0, **PAPER_SAMPLING).stats
     assert stats.tokens_per_target_forward == 5.0
     assert stats.acceptance_rate == (0.25 if tree else 1.0)  # a tree offers 4 beams a level, one path is kept

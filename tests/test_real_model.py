@@ -67,6 +67,27 @@ def test_shipped_draft_serves_sps_and_mtad(real_model):
     assert len(mtad.token_ids) == 16
 
 
+@pytest.mark.parametrize("quantize", ["fp16", "auto"])
+def test_the_shipped_draft_on_its_chosen_weights_keeps_sps_and_greedy_mtad_lossless(real_model, quantize):
+    """A draft's weights are a speed choice (models/loading.py: load_draft): float16 copies move the
+    draft's probabilities, never the target's output."""
+    from specdecode.models.loading import load_draft
+
+    draft = load_draft("default-draft", real_model, quantize=quantize)
+    if quantize == "auto":
+        assert draft.runtime.chosen_by.startswith("draft weights auto: ")
+        assert "float32" in draft.runtime.chosen_by and "fp16" in draft.runtime.chosen_by
+    else:
+        assert draft.quantize == "fp16"
+    prompt = PROMPTS[1]
+    expected = SpeculativeDecoder(real_model, "ar").generate(prompt, max_new_tokens=16, stop_at_eos=False)
+    for method, options in (("sps", dict(gamma=4)), ("mtad", {})):
+        result = SpeculativeDecoder(real_model, method, draft=draft, **options).generate(
+            prompt, max_new_tokens=16, stop_at_eos=False)
+        assert result.token_ids == expected.token_ids, method
+        assert result.stats.draft_forwards > 0
+
+
 def test_demo_runs_every_method_with_the_shipped_draft_and_profile(real_model, capsys):
     from specdecode.cli.main import main
 

@@ -4,7 +4,7 @@ from specdecode.api import SpeculativeDecoder, generate, make_settings
 from specdecode.engine import Generation, GenerationResult, GenerationStats
 from specdecode.errors import SpecDecodeError
 from specdecode.methods import method_names
-from specdecode.models import LoadedModel, load_model, pair_draft
+from specdecode.models import LoadedModel, load_draft, load_model, pair_draft
 
 __all__ = [
     "Generation",
@@ -14,6 +14,7 @@ __all__ = [
     "SpecDecodeError",
     "SpeculativeDecoder",
     "generate",
+    "load_draft",
     "load_model",
     "make_settings",
     "method_names",

@@ -151,15 +151,22 @@ def build_speculative_sampling(
     return proposer, default_rule(ctx)
 
 
+# MTAD's default depth: up to 6 levels, stopping after a level where even the best beam's joint draft
+# probability is below 0.05 (results/mtad-depth-threshold: on 100 prompts × 3 seeds τ +4 % over the
+# paper's fixed γ 4 at the same perplexity; float32 held-out 1.31× -> 1.40× `ar`)
+MTAD_GAMMA, MTAD_MIN_JOINT = 6, 0.05
+
+
 @register("mtad")
 def build_mtad(
-    ctx: MethodContext, beams: int = 4, gamma: int = 4, threshold: float = 0.5, with_replacement: bool = False,
-    tree: bool = False, min_joint: float = 0.0, min_share: float = 0.0,
+    ctx: MethodContext, beams: int = 4, gamma: int = MTAD_GAMMA, threshold: float = 0.5, with_replacement: bool = False,
+    tree: bool = False, min_joint: float = MTAD_MIN_JOINT, min_share: float = 0.0,
 ) -> tuple[Proposer, AcceptanceRule]:
     """Multi-token assisted decoding: beam-sampled joint drafts, joint-ratio verification. ``tree``:
     the multi-candidate variant, every level's beams verified together in one tree forward.
     ``min_joint`` (adaptive depth): stop after a level whose best beam's joint draft probability is
-    below it; ``min_share`` (adaptive width): drop beams below that share of their level."""
+    below it; ``min_share`` (adaptive width): drop beams below that share of their level.
+    ``gamma=4, min_joint=0`` is the paper's fixed B 4 × γ 4 draft."""
     draft = require_draft(ctx, "mtad")
     proposer = BeamSampleProposer(ModelDrafter(draft.runner), ctx.sampling, ctx.generator, beams, gamma,
                                   with_replacement, tree, min_joint=min_joint, min_share=min_share)
@@ -293,8 +300,8 @@ def build_eagle_tree(
 
 @register("eagle-mtad")
 def build_eagle_mtad(
-    ctx: MethodContext, head: HeadSpec = DEFAULT_HEAD, beams: int = 4, gamma: int = 4, threshold: float = 0.5,
-    with_replacement: bool = False, tree: bool = False, min_joint: float = 0.0, min_share: float = 0.0,
+    ctx: MethodContext, head: HeadSpec = DEFAULT_HEAD, beams: int = 4, gamma: int = MTAD_GAMMA, threshold: float = 0.5,
+    with_replacement: bool = False, tree: bool = False, min_joint: float = MTAD_MIN_JOINT, min_share: float = 0.0,
     head_weights: str | None = None,
 ) -> tuple[Proposer, AcceptanceRule]:
     """MTAD with the draft head as its auxiliary model: beam sampling over the head, joint-ratio

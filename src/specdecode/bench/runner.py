@@ -250,7 +250,9 @@ def environment(target: LoadedModel, draft: LoadedModel | None, meter: EnergyMet
         "quantize": target.quantize,
         "runtime": target.runtime.describe() if target.runtime is not None else "eager (transformers kernels)",
         **cpu_description(),
-        "draft": draft.name if draft is not None else None,
+        "draft": None if draft is None else " ".join(
+            [draft.name] + ([f"({draft.quantize} weights)"] if draft.quantize else [])
+            + ([f"[{draft.runtime.chosen_by}]"] if draft.runtime is not None and draft.runtime.chosen_by else [])),
         "device": str(target.device),
         "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),

@@ -10,7 +10,7 @@ import time
 from specdecode.bench import BenchConfig, load_prompts, render_table, run_bench, summary_lines, write_report
 from specdecode.bench.dataset import DEFAULT_TEMPLATE
 from specdecode.bench.peers import peer_names, peer_options
-from specdecode.cli.common import add_model_args, model_kwargs
+from specdecode.cli.common import add_model_args, load_draft_arg, model_kwargs
 from specdecode.methods import method_names, method_options
 from specdecode.models.loading import load_model
 
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if args.concurrency or args.adaptive_drafts:
         return _run_throughput(args, config, prompts)
     target = load_model(args.model, **model_kwargs(args))
-    draft = load_model(args.draft, **model_kwargs(args)) if args.draft else None
+    draft = load_draft_arg(args, target)
     result = run_bench(target, prompts, args.method or ["ar", "pld"], args.peer, draft, config,
                        progress=not args.no_progress)
     written = write_report(result, args.out, command=command_line(args))
@@ -144,7 +144,7 @@ def _run_throughput(args: argparse.Namespace, config: BenchConfig, prompts: list
                                   "batches): drop --peer")
     levels = parse_concurrency(args.concurrency)
     target = load_model(args.model, **model_kwargs(args))
-    draft = load_model(args.draft, **model_kwargs(args)) if args.draft else None
+    draft = load_draft_arg(args, target)
     rows, meta = run_throughput(target, prompts, args.method or ["ar", "pld"], levels, draft, config,
                                 adaptive_drafts=args.adaptive_drafts, progress=not args.no_progress)
     written = write_throughput(rows, meta, config, len(prompts), args.out, command_line(args))

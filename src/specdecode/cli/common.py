@@ -7,6 +7,7 @@ from typing import Any
 
 from specdecode.errors import InvalidSettingError
 from specdecode.methods import parse_option_value
+from specdecode.models.loading import DRAFT_QUANTIZE, LoadedModel, load_draft
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +20,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                             "whichever of float32 and bf16 runs this model faster here (timed once, cached)")
     group.add_argument("--quantize", default=None, choices=["fp16", "int8"],
                        help="run the linear layers on float16 or int8 weights (CPU, fbgemm): faster, a different target")
+    group.add_argument("--draft-quantize", default="auto", choices=DRAFT_QUANTIZE,
+                       help="the draft's weights: auto (as loaded or float16 copies, whichever runs its steps faster "
+                            "here; timed at load), none, fp16, int8 — a speed choice: the target's output is unchanged")
     group.add_argument("--eager", action="store_true",
                        help="the model's own kernels and forward: no fast CPU runtime "
                             "(screened head, tuned products, native decoder)")
@@ -74,3 +78,11 @@ def method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(dtype=args.dtype, device=args.device, threads=args.threads, quantize=args.quantize,
                 fast=not args.eager)
+
+
+def load_draft_arg(args: argparse.Namespace, target: LoadedModel) -> LoadedModel | None:
+    """``--draft`` for ``target`` on the weights ``--draft-quantize`` names (None without ``--draft``)."""
+    if not args.draft:
+        return None
+    load = {key: value for key, value in model_kwargs(args).items() if key != "quantize"}
+    return load_draft(args.draft, target, quantize=args.draft_quantize, **load)

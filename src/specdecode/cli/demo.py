@@ -9,7 +9,7 @@ import sys
 import torch
 
 from specdecode.api import SpeculativeDecoder
-from specdecode.cli.common import add_model_args, model_kwargs
+from specdecode.cli.common import add_model_args, load_draft_arg, model_kwargs
 from specdecode.models.draft_head import DEFAULT_HEAD, shipped_head_dir
 from specdecode.models.loading import DEFAULT_DRAFT, DEFAULT_MODEL, load_model, shipped_draft_dir, shipped_ssd_profile
 
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if args.draft is None and args.model == DEFAULT_MODEL and (shipped_draft_dir() / "config.json").is_file():
         args.draft = DEFAULT_DRAFT
     if args.draft:
-        draft, draft_label = load_model(args.draft, **model_kwargs(args)), args.draft
+        draft, draft_label = load_draft_arg(args, target), args.draft
     else:
         draft, draft_label = target, "the target itself (sanity check: every draft is accepted)"
     decoders = {

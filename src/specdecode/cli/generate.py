@@ -12,6 +12,7 @@ from specdecode.cli.common import (
     add_method_args,
     add_model_args,
     generation_kwargs,
+    load_draft_arg,
     method_kwargs,
     model_kwargs,
 )
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise PromptError("prompt is empty")
     target = load_model(args.model, **model_kwargs(args))
-    draft = load_model(args.draft, **model_kwargs(args)) if args.draft else None
+    draft = load_draft_arg(args, target)
     decoder = SpeculativeDecoder(target, args.method, draft, **method_kwargs(args))
     generation = decoder.start(prompt, **generation_kwargs(args))
     if args.json:

@@ -63,6 +63,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         raise InvalidSettingError(f"option(s) {', '.join(sorted(unused))} not taken by any served method")
     config = EngineConfig(model=args.model, draft=args.draft, methods=served, served_name=args.served_model_name,
                           dtype=args.dtype, device=args.device, threads=args.threads, quantize=args.quantize,
+                          draft_quantize=args.draft_quantize,
                           fast=not args.eager, max_batch=args.max_batch, max_kv_tokens=args.max_kv_tokens,
                           max_batch_rows=args.max_batch_rows, adaptive_drafts=args.adaptive_drafts,
                           prefill_chunk=args.prefill_chunk or None,

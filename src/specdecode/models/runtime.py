@@ -77,7 +77,7 @@ class RuntimePlan:
     kernels: KernelPlan | None  # float32 / bf16 products (None with quantized weights)
     quantize: str | None
     decoder: NativeDecoder | None
-    chosen_by: str = ""  # how the dtype was chosen, where ``--dtype auto`` measured it
+    chosen_by: str = ""  # how the dtype (a draft: its weights) was chosen, where a timing chose it
 
     def describe(self) -> str:
         parts = [self.chosen_by] if self.chosen_by else []

@@ -11,7 +11,7 @@ from specdecode import methods
 from specdecode.api import SpeculativeDecoder, make_settings
 from specdecode.engine.loop import Generation
 from specdecode.errors import InvalidSettingError, ModelLoadError, PromptError
-from specdecode.models.loading import LoadedModel, load_model
+from specdecode.models.loading import DRAFT_QUANTIZE, LoadedModel, load_draft, load_model
 from specdecode.serve.metrics import ServerMetrics
 from specdecode.serve.scheduler import Scheduler
 
@@ -33,6 +33,7 @@ class EngineConfig:
     device: str | None = None
     threads: int | None = None
     quantize: str | None = None
+    draft_quantize: str = "auto"  # the draft's weights (models/loading.py: load_draft)
     fast: bool = True  # the fast CPU runtime (models/runtime.py); False: the model's own kernels
     max_batch: int = 16  # requests decoded at once, verified in one forward per step
     max_queue: int = 16
@@ -52,6 +53,8 @@ class EngineConfig:
             raise InvalidSettingError("serve at least one method")
         for name, options in self.methods.items():
             methods.validate_options(name, options)
+        if self.draft_quantize not in DRAFT_QUANTIZE:
+            raise InvalidSettingError(f"--draft-quantize must be one of {', '.join(DRAFT_QUANTIZE)}")
         if self.max_batch < 1 or self.max_queue < 0:
             raise InvalidSettingError("--max-batch must be >= 1 and --max-queue >= 0")
         if self.max_kv_tokens is not None and self.max_kv_tokens < 1:
@@ -73,7 +76,9 @@ class Engine:
         self.target: LoadedModel = load_model(config.model, **load)
         if self.target.tokenizer is None:
             raise ModelLoadError(f"model {config.model!r} has no tokenizer; the server needs one")
-        self.draft = load_model(config.draft, **load) if config.draft else None
+        draft_load = {key: value for key, value in load.items() if key != "quantize"}
+        self.draft = (load_draft(config.draft, self.target, quantize=config.draft_quantize, **draft_load)
+                      if config.draft else None)
         self.decoders = {name: SpeculativeDecoder(self.target, name, self.draft, **options)
                          for name, options in config.methods.items()}
         self.metrics = ServerMetrics()
