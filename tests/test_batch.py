@@ -345,6 +345,19 @@ def test_draft_budgets_skip_drafting_that_cannot_pay(method):
         assert all((g.stats.draft_forwards > 0) == drafts for g in generations), [g.stats.draft_forwards for g in generations]
 
 
+def test_a_request_that_never_drafts_takes_no_draft_budget():
+    """In a batch mixing `ar` with a drafting method, `ar`'s requests are rows, not drafters: before,
+    they drew draft budget (rows and expected tokens that never came) ahead of the drafters."""
+    target = _target("llama", fast=True)
+    prompts = _prompts(4, 3)
+    drafting = SpeculativeDecoder(target, "pld", gamma=8).start(prompts[0], max_new_tokens=20)
+    plain = [SpeculativeDecoder(target, "ar").start(p, max_new_tokens=20) for p in prompts[1:]]
+    stepper = BatchStepper([drafting, *plain], adaptive_drafts=True)
+    stepper.costs = _fixed_costs(0.05, 0.001)  # rows nearly free: every drafter drafts
+    budgets = stepper._draft_budgets(stepper.active)
+    assert budgets[drafting] > 0 and all(budgets[g] == 0 for g in plain), budgets
+
+
 def test_a_batched_generation_is_freed_as_soon_as_it_is_dropped():
     """Its KV cache goes with the last reference, without Python's cycle collector: a reference
     cycle (a generation and its own unstarted step generator) kept every batched request's cache

@@ -130,8 +130,9 @@ class Generation:
         return steps
 
     def room(self) -> int:
-        """Draft tokens the request can still use (its step adds one token of the target's own)."""
-        return self.settings.max_new_tokens - len(self.generated) - 1
+        """Draft tokens the request can still use (its step adds one token of the target's own; none
+        where its proposer never drafts)."""
+        return self.settings.max_new_tokens - len(self.generated) - 1 if self.proposer.drafts else 0
 
     def accept(self, step: Step, out: Forward, verify_s: float) -> list[int]:
         """Apply the rule to the verification ``out`` of ``step``; cut the cache; return the new tokens."""

@@ -67,6 +67,12 @@ class Proposer:
         """Draft at most ``max_tokens`` tokens continuing ``sequence`` (prompt + generated so far)."""
         return Draft()
 
+    @property
+    def drafts(self) -> bool:
+        """Whether it ever drafts: not the base class (``ar``), whose request a batch's draft budget
+        must not count as a drafter."""
+        return type(self).propose is not Proposer.propose
+
     def batch_key(self) -> Hashable | None:
         """Proposers of several requests (in a batch, ``engine/batch.py``) of the same class whose keys
         are equal and not None draft together in :meth:`propose_batch`: each draft forward then
