@@ -338,6 +338,14 @@ def test_cli_refuses_an_option_no_served_method_takes():
     assert main(["serve", "--method", "ar", "--gamma", "3"]) == 2
 
 
+def test_a_draft_weight_format_that_does_not_exist_is_refused_before_loading():
+    from specdecode.errors import InvalidSettingError
+    from specdecode.serve.engine import EngineConfig
+
+    with pytest.raises(InvalidSettingError, match="--draft-quantize must be one of auto, none, fp16, int8"):
+        EngineConfig(draft="default-draft", methods={"sps": {}}, draft_quantize="bf16").validate()
+
+
 def test_full_queue_gets_429_and_the_deadline_cuts_a_long_generation():
     with running_server("--max-batch", "1", "--max-queue", "1", "--request-timeout", "3") as url:
         results: list[dict] = []
