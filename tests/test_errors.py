@@ -105,6 +105,9 @@ def test_all_errors_are_value_errors():
         ["generate", "--method", "pld", "--gamma", "0", "hello"],
         ["generate", "--option", "broken", "hello"],
         ["generate", "  "],
+        ["generate", "--draft-quantize", "bf16", "hello"],  # argparse's own errors: one line too
+        ["generate", "--no-such-flag", "hello"],
+        ["no-such-command"],
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(argv, capsys):

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from specdecode.errors import SpecDecodeError
 
@@ -22,9 +23,18 @@ SUBCOMMANDS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one ``error: ...`` line and exit status 2, as every other bad
+    input does (argparse's own error prints the whole usage block first). Subcommand parsers
+    inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser for ``command`` alone, or for every command when it is not one of them."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="specdecode", description="Speculative decoding for Hugging Face causal LMs."
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -37,7 +47,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(next((arg for arg in argv if not arg.startswith("-")), None))
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a bad flag (2, one line: OneLineParser)
+        return int(exc.code or 0)
     try:
         return int(args.run(args) or 0)
     except SpecDecodeError as exc:
