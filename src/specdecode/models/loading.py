@@ -424,8 +424,8 @@ def load_draft(spec: str | os.PathLike[str], target: LoadedModel, *, quantize: s
                **load: Any) -> LoadedModel:
     """A draft model for ``target`` (loaded with ``load``, :func:`load_model`'s keywords), paired
     with it, on the weights ``quantize`` names: ``"none"`` (as loaded), ``"fp16"`` / ``"int8"``, or
-    ``"auto"``: as loaded or on float16 copies (fbgemm), whichever runs its steps faster here,
-    timed now (a draft is small; the shipped one's step is ~4 ms in float32, ~2 ms on float16
+    ``"auto"``: as loaded or on float16 copies (fbgemm), whichever runs its steps faster here
+    (a float32 or bf16 draft on a CPU's fast runtime; others keep their weights), timed now (a draft is small; the shipped one's step is ~4 ms in float32, ~2 ms on float16
     weights on a 2-core Zen 4).
 
     Unlike a target's, a draft's weights are a speed choice: they move only the draft's
@@ -437,8 +437,9 @@ def load_draft(spec: str | os.PathLike[str], target: LoadedModel, *, quantize: s
     draft = load_model(spec, **{**load, "quantize": None if quantize in ("auto", "none") else quantize})
     pair_draft(target, draft)
     weights = next(draft.model.parameters())
-    if quantize != "auto" or draft.runtime is None or weights.device.type != "cpu" or not fbgemm_fp16_available():
-        return draft
+    if (quantize != "auto" or draft.runtime is None or weights.device.type != "cpu"
+            or weights.dtype not in AUTO_CANDIDATES or not fbgemm_fp16_available()):
+        return draft  # float64 (a reference run) and CUDA keep the weights they asked for
     fp16 = load_model(spec, **{**load, "dtype": "float32", "quantize": "fp16"})
     pair_draft(target, fp16)
     candidates = {str(weights.dtype).removeprefix("torch."): draft, "fp16": fp16}
