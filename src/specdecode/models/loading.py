@@ -424,9 +424,9 @@ def load_draft(spec: str | os.PathLike[str], target: LoadedModel, *, quantize: s
                **load: Any) -> LoadedModel:
     """A draft model for ``target`` (loaded with ``load``, :func:`load_model`'s keywords), paired
     with it, on the weights ``quantize`` names: ``"none"`` (as loaded), ``"fp16"`` / ``"int8"``, or
-    ``"auto"``: as loaded or on float16 copies (fbgemm), whichever runs its steps faster here
-    (a float32 or bf16 draft on a CPU's fast runtime; others keep their weights), timed now (a draft is small; the shipped one's step is ~4 ms in float32, ~2 ms on float16
-    weights on a 2-core Zen 4).
+    ``"auto"``: as loaded or on float16 copies (fbgemm), whichever runs its steps faster here,
+    timed now (a float32 or bf16 draft on a CPU's fast runtime; others keep their weights). A draft
+    is small: the shipped one's step is ~4 ms in float32, ~2 ms on float16 weights on a 2-core Zen 4.
 
     Unlike a target's, a draft's weights are a speed choice: they move only the draft's
     probabilities, so ``sps`` stays lossless and MTAD's q changes by float16 rounding."""
