@@ -9,7 +9,8 @@ the ratio B/A, whether the tokens were identical, and ``ar`` measured twice per 
 Usage:
     git worktree add /tmp/specdecode-before <commit>
     python scripts/ab_bench.py /tmp/specdecode-before . --data results/prompts/heldout-12.jsonl \
-        --method ar --method pld --method eagle ... [--max-new-tokens 64] [--threads 2] [--json OUT]
+        --method ar --method pld --method eagle ... [--max-new-tokens 64] [--threads 2] [--dtype bfloat16]
+        [--json OUT]
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ sys.path.insert(0, sys.argv[1])
 import torch
 from specdecode import SpeculativeDecoder, load_model
 torch.set_num_threads(int(sys.argv[2]))
-target = load_model("default")
+target = load_model("default", dtype=sys.argv[3])
 decoders = {}
 print(json.dumps({"ready": True, "file": __import__("specdecode").__file__}), flush=True)
 for line in sys.stdin:
@@ -37,7 +38,7 @@ for line in sys.stdin:
     if key not in decoders:
         options = dict(job["options"])
         if "draft" in options:
-            options["draft"] = load_model(options["draft"])
+            options["draft"] = load_model(options["draft"], dtype=sys.argv[3])
         decoders[key] = SpeculativeDecoder(target, job["method"], **options)
         decoders[key].generate("Warm up.", max_new_tokens=8)
     start = time.perf_counter()
@@ -65,8 +66,8 @@ def parse_method(spec: str) -> tuple[str, dict]:
 
 
 class Worker:
-    def __init__(self, checkout: Path, threads: int) -> None:
-        self.process = subprocess.Popen([sys.executable, "-c", WORKER, str(checkout / "src"), str(threads)],
+    def __init__(self, checkout: Path, threads: int, dtype: str) -> None:
+        self.process = subprocess.Popen([sys.executable, "-c", WORKER, str(checkout / "src"), str(threads), dtype],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info = json.loads(self.process.stdout.readline())
 
@@ -84,6 +85,7 @@ def main() -> int:
     parser.add_argument("--method", action="append", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", help="the target's dtype on both sides (float32, bfloat16)")
     parser.add_argument("--template", default="User: {turn}\nAssistant:")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -92,7 +94,7 @@ def main() -> int:
     methods = [parse_method(m) for m in args.method]
     if ("ar", {}) in methods:
         methods.append(("ar", {}))  # ar twice: the noise floor
-    workers = {"A": Worker(args.a, args.threads), "B": Worker(args.b, args.threads)}
+    workers = {"A": Worker(args.a, args.threads, args.dtype), "B": Worker(args.b, args.threads, args.dtype)}
     for side, worker in workers.items():
         print(f"{side}: {worker.info['file']}", file=sys.stderr)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -117,7 +119,7 @@ def main() -> int:
     flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("flags")), [])
     report = {"started": started, "cpu": cpu, "features": [f for f in flags if f.startswith(("avx", "amx", "fma"))],
-              "threads": args.threads, "a": str(args.a), "b": str(args.b), "data": args.data,
+              "threads": args.threads, "dtype": args.dtype, "a": str(args.a), "b": str(args.b), "data": args.data,
               "max_new_tokens": args.max_new_tokens, "rows": rows}
     print("| method | A s | B s | B/A | identical tokens |\n|---|---:|---:|---:|---:|")
     for label, row in rows.items():

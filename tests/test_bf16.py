@@ -22,6 +22,7 @@ from specdecode import SpeculativeDecoder
 from specdecode.errors import InvalidSettingError, ModelLoadError
 from specdecode.models.cache import KVCache
 from specdecode.models.loading import LoadedModel, load_model, resolve_dtype
+from specdecode.models.layer_skip import SkipSet
 from specdecode.models.native import NativeDecoder
 from specdecode.models.runner import Readout, TargetRunner
 from specdecode.models.heads import TunedHead
@@ -185,3 +186,61 @@ def test_dtype_names_the_machine_cannot_run_get_one_line():
         message = str(info.value)
         assert "\n" not in message and "float32" in message and "bfloat16" in message and "auto" in message
     assert resolve_dtype("bf16") == torch.bfloat16 and resolve_dtype("auto") == torch.float32
+
+
+class _UpcastAtAttention(NativeDecoder):
+    """The decoder as it was before the cache kept upcast keys: the cache in the model's dtype, its
+    whole history upcast at every attention call."""
+
+    def store(self, cache, k, v, index):
+        return cache.update(k, v, index)
+
+    def store_placeholder(self, cache, index, layer, n, like):
+        placeholder = like.new_zeros(1, layer.kv_heads, n, layer.head_dim)
+        cache.update(placeholder, placeholder, index)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_upcast_attention_keeps_the_cache_upcast_with_the_same_floats(arch):
+    """With float32 attention the bf16 decoder keeps its keys and values upcast (made once a token,
+    not for the whole history at every step): the same hidden states bit for bit, for the target's
+    chains and trees and for an int8 self-draft sharing its cache (which must attend as the target
+    does, and not make the shared cache reallocate at every step)."""
+    model = _tiny_bf16(arch, seed=5, half_exact=True)
+    plan = build_runtime(model, attention="float32")
+    decoder = plan.decoder
+    old = _UpcastAtAttention(decoder.module, attention_dtype=torch.float32)
+    old.layers = decoder.layers  # the same fused products
+    context = torch.tensor([[(11 * i + 2) % VOCAB for i in range(21)]])
+
+    @torch.inference_mode()
+    def run(dec):
+        cache = KVCache().cache
+        out = [dec(cache, context)]
+        for ids in ([[4]], [[5, 6, 7]], [[8]] * 1):
+            out.append(dec(cache, torch.tensor(ids)))
+        positions = torch.tensor([[cache.get_seq_length()] * 2])  # two siblings: a tree level
+        out.append(dec(cache, torch.tensor([[9, 10]]), positions, torch.ones(1, 1, 2, cache.get_seq_length() + 2,
+                                                                            dtype=torch.bool)))
+        out.append(dec(cache, torch.tensor([[3, 1]]), skip=SkipSet.of([1], [0], layers=len(dec.layers))))
+        return out, cache
+
+    new_out, cache = run(decoder)
+    old_out, old_cache = run(old)
+    assert all(torch.equal(a, b) for a, b in zip(new_out, old_out))
+    assert all(layer.keys.dtype == torch.float32 for layer in cache.layers)
+    assert all(torch.equal(a.keys, b.keys.float()) for a, b in zip(cache.layers, old_cache.layers))
+
+    runner = TargetRunner(model, plan)
+    draft = runner.skipping(SkipSet.of([1], [], layers=len(decoder.layers)), int8=True)
+    assert draft.decoder.attention_dtype == torch.float32
+    with torch.inference_mode():
+        kv = runner.new_cache()
+        runner.forward(kv, context[0].tolist(), Readout.hidden_only())
+        buffer = kv.cache.layers[0]._key_buffer.data_ptr()
+        for _ in range(3):
+            draft.forward(kv, [5, 6], Readout.hidden_only())
+            kv.crop(21)
+            runner.forward(kv, [5], Readout(top_k=1))
+            kv.crop(21)
+        assert kv.cache.layers[0]._key_buffer.data_ptr() == buffer

@@ -84,8 +84,7 @@ def batched_hidden(decoder: NativeDecoder, caches: Sequence, lengths: Sequence[i
         layer_type = types[index]
         if index in skipped_attention:
             for _, cache, a, b in requests:
-                placeholder = hidden.new_zeros(1, layer.kv_heads, b - a, layer.head_dim)
-                cache.update(placeholder, placeholder, index)
+                decoder.store_placeholder(cache, index, layer, b - a, hidden)
             if index not in skipped_mlp:
                 hidden = layer.feed_forward(hidden)
             continue
@@ -96,7 +95,7 @@ def batched_hidden(decoder: NativeDecoder, caches: Sequence, lengths: Sequence[i
         outs = []
         for r, cache, a, b in requests:
             q = q_all[:, :, a:b]
-            k, v = cache.update(k_all[:, :, a:b], v_all[:, :, a:b], index)
+            k, v = decoder.store(cache, k_all[:, :, a:b], v_all[:, :, a:b], index)
             start = starts[layer_type][r]
             if start:
                 k, v = k[..., start:, :], v[..., start:, :]

@@ -295,6 +295,7 @@ class TargetRunner:
         if shared.int8_decoder is None:
             linears = {m: shared.int8_copies(m) for layer in decoder_layers(self.model)
                        for m in layer.modules() if isinstance(m, nn.Linear)}
+            # attention as the target runs it: the draft shares (and extends) the target's cache
             shared.int8_decoder = NativeDecoder(shallow_replace(self.model, linears),
-                                                int8_fused_projections(self.model))
+                                                int8_fused_projections(self.model), self.plan.decoder.attention_dtype)
         return shared.int8_decoder
