@@ -19,7 +19,7 @@ from specdecode.models.loading import LoadedModel
 from specdecode.models.runner import Readout
 from specdecode.models.runtime import build_runtime
 from test_draft_head import _head
-from tiny_models import ARCHITECTURES, VOCAB, tiny_model
+from tiny_models import ARCHITECTURES, VOCAB, perturbed_copy, tiny_model
 
 
 def _target(arch: str, fast: bool) -> LoadedModel:
@@ -65,6 +65,29 @@ def test_batched_greedy_equals_each_request_alone(arch, fast):
         batched = [g.result() for g in generations]
         assert [r.token_ids for r in batched] == alone, (method, options)
         assert all(r.stats.new_tokens == n for r, n in zip(batched, lengths))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_the_other_chain_methods_batch_losslessly_too(arch):
+    """``sps`` and greedy chain ``mtad`` (a separate draft model, drafting per request inside the
+    batched step), ``pld-eagle`` and ``pld-ssd`` (lookup, else a head or a self-draft): each request
+    of a batch decodes what it decodes alone."""
+    target = _target(arch, fast=True)
+    draft = perturbed_copy(tiny_model(arch, seed=0), 0.05)
+    draft = LoadedModel(draft.model.float(), None, draft.name, runtime=build_runtime(draft.model.float()))
+    head = _head(target, vocab_ids=list(range(VOCAB))).freeze()
+    prompts = _prompts(hash(arch) % 991, 4)
+    lengths = [3, 30, 17, 9]
+    for method, options in [("sps", dict(draft=draft, gamma=3)), ("mtad", dict(draft=draft, beams=2, gamma=3)),
+                            ("pld-eagle", dict(head=head, head_gamma=3)), ("pld-ssd", dict(gamma=6))]:
+        decoder = SpeculativeDecoder(target, method, **options)
+        alone = [decoder.generate(p, max_new_tokens=n).token_ids for p, n in zip(prompts, lengths)]
+        generations = [decoder.start(p, max_new_tokens=n) for p, n in zip(prompts, lengths)]
+        BatchStepper(generations).run()
+        results = [g.result() for g in generations]
+        assert [r.token_ids for r in results] == alone, method
+        assert results[1].stats.extra["batch_requests_sum"] > results[1].stats.target_forwards  # really batched
+        assert results[1].stats.proposed_tokens > 0  # and drafting
 
 
 def test_generate_takes_a_list_of_prompts_and_returns_one_result_each():
