@@ -30,6 +30,12 @@ def _target(arch: str, fast: bool) -> LoadedModel:
     return LoadedModel(model, None, loaded.name, runtime=build_runtime(model))
 
 
+def _draft(arch: str) -> LoadedModel:
+    """A separate draft model (``sps``, ``mtad``) on the fast runtime: the tiny target, perturbed."""
+    model = perturbed_copy(tiny_model(arch, seed=0), 0.05).model.float()
+    return LoadedModel(model, None, f"tiny-{arch}-draft", runtime=build_runtime(model))
+
+
 def _prompts(seed: int, count: int) -> list[list[int]]:
     rng = random.Random(seed)
     prompts = []
@@ -73,8 +79,7 @@ def test_the_other_chain_methods_batch_losslessly_too(arch):
     batched step), ``pld-eagle`` and ``pld-ssd`` (lookup, else a head or a self-draft): each request
     of a batch decodes what it decodes alone."""
     target = _target(arch, fast=True)
-    draft = perturbed_copy(tiny_model(arch, seed=0), 0.05)
-    draft = LoadedModel(draft.model.float(), None, draft.name, runtime=build_runtime(draft.model.float()))
+    draft = _draft(arch)
     head = _head(target, vocab_ids=list(range(VOCAB))).freeze()
     prompts = _prompts(hash(arch) % 991, 4)
     lengths = [3, 30, 17, 9]
@@ -296,22 +301,23 @@ def test_chunked_prefill_setting_is_checked():
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "llama"])
-@pytest.mark.parametrize("method", ["eagle", "ssd"])
+@pytest.mark.parametrize("method", ["eagle", "ssd", "sps"])
 def test_drafters_of_a_batch_draft_together_what_each_drafts_alone(arch, method, monkeypatch):
-    """Batch-aware drafting: the requests' drafters share one draft forward a level (the head's, or
-    the skipping target's), and each request drafts the tokens it drafts alone (float32; its own
-    confidence stop), greedy and seeded sampling alike."""
+    """Batch-aware drafting: the requests' drafters share one draft forward a level (the head's, the
+    skipping target's, or the draft model's), and each request drafts the tokens it drafts alone
+    (float32; its own confidence stop or γ), greedy and seeded sampling alike."""
     from specdecode.engine.loop import Generation
     from specdecode.models.draft_head import DraftHead
     from specdecode.models.runner import TargetRunner
 
     target = _target(arch, fast=True)
     head = _head(target, vocab_ids=list(range(VOCAB))).freeze()
-    options = dict(head=head, gamma=4, min_confidence=0.05) if method == "eagle" else dict(
-        skip_attention=[1], skip_mlp=[0], max_draft=5, threshold=0.3)
+    options = {"eagle": dict(head=head, gamma=4, min_confidence=0.05),
+               "ssd": dict(skip_attention=[1], skip_mlp=[0], max_draft=5, threshold=0.3),
+               "sps": dict(draft=_draft(arch), gamma=4)}[method]
     decoder = SpeculativeDecoder(target, method, **options)
     calls = []
-    batched_of = {"eagle": (DraftHead, "forward_batch"), "ssd": (TargetRunner, "forward_batch")}[method]
+    batched_of = (DraftHead, "forward_batch") if method == "eagle" else (TargetRunner, "forward_batch")
     real = getattr(*batched_of)
 
     def counted(self, *args):  # the real batched forward, counting the requests it serves

@@ -364,3 +364,22 @@ def test_sps_on_a_reduced_draft_reads_its_own_ids_and_hands_over_wide_distributi
             rows.append(runner.forward(check, [token], Readout(rows=1)).logits[-1])
         torch.testing.assert_close(draft.probs, process_logits(torch.stack(rows), settings))
         assert set(draft.tokens) <= set(ids)
+
+
+def test_a_batched_forward_of_a_reduced_draft_reads_its_own_ids():
+    """``forward_batch`` (sps drafting together) keeps ``Readout.own_vocabulary``: each request gets
+    the reduced draft's own columns, as its forward alone does."""
+    from specdecode.models.runner import Readout
+    from specdecode.models.runtime import build_runtime
+
+    loaded, ids = _reduced_draft()
+    model = loaded.model.float()
+    runner = LoadedModel(model, None, "tiny-reduced", runtime=build_runtime(model)).runner
+    assert runner.native and runner.vocabulary_ids.tolist() == list(ids)
+    readout = Readout(rows=1, own_vocabulary=True)
+    with torch.inference_mode():
+        together = runner.forward_batch([runner.new_cache(), runner.new_cache()], [[1, 2, 3], [4, 5]], [readout] * 2)
+        for out, prompt in zip(together, ([1, 2, 3], [4, 5])):
+            alone = runner.forward(runner.new_cache(), prompt, readout).logits
+            assert out.logits.shape == (1, len(ids))
+            torch.testing.assert_close(out.logits, alone)

@@ -198,22 +198,23 @@ class TargetRunner:
             spans.append((offset, offset + len(ids)))
             offset += len(ids)
         outs: list[Forward | None] = [None] * len(kvs)
-        groups: dict[int | None, list[int]] = {}  # requests that read the same top k share one head call
+        # requests that read the same top k (over the same vocabulary) share one head call
+        groups: dict[tuple[int | None, bool], list[int]] = {}
         for index, ((start, end), readout) in enumerate(zip(spans, readouts)):
             rows = end - start if readout.rows is None else readout.rows
             if rows == 0:
                 outs[index] = Forward(None, hidden[start:end])
             else:
                 spans[index] = (end - rows, end)
-                groups.setdefault(readout.top_k, []).append(index)
-        for top_k, members in groups.items():
+                groups.setdefault((readout.top_k, readout.own_vocabulary), []).append(index)
+        for (top_k, own_vocabulary), members in groups.items():
             rows = [hidden[spans[i][0]:spans[i][1]] for i in members]
             chains = [readouts[i].until_mismatch for i in members]
             if top_k == 1 and self._head is not None and all(c is not None for c in chains):
                 for i, h, logits in zip(members, rows, greedy_chains(self._head, rows, chains)):
                     outs[i] = Forward(logits, h)
                 continue
-            logits = self.logits(torch.cat(rows), Readout(top_k=top_k))
+            logits = self.logits(torch.cat(rows), Readout(top_k=top_k, own_vocabulary=own_vocabulary))
             at = 0
             for i, h in zip(members, rows):
                 outs[i] = Forward(logits[at:at + len(h)], h)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+
 import torch
 
 from specdecode.errors import InvalidSettingError
@@ -47,32 +49,52 @@ class DraftModelProposer(Proposer):
         self.schedule = DraftLengthSchedule(gamma, adaptive)
         self.kv = draft.new_cache()
 
+    def batch_key(self) -> Hashable | None:
+        """Requests drafting with the same draft runner (on the native decoder: its batched forward)
+        draft together; each keeps its own γ, cache, sampling settings and seed."""
+        return id(self.runner) if self.runner.native else None
+
     def propose(self, sequence: list[int], max_tokens: int) -> Draft:
-        limit = min(self.schedule.gamma, max_tokens)
-        if limit < 1:
-            return Draft()
-        pending = self.kv.sync(sequence)
-        tokens: list[int] = []
-        probs: list[torch.Tensor] = []
-        ids = self.runner.vocabulary_ids  # a reduced-vocabulary draft samples among its own ids
-        for _ in range(limit):
-            logits = self.runner.forward(self.kv, pending, Readout(rows=1, own_vocabulary=True)).logits[-1]
-            self.stats.forwards += 1
-            if self.sampling.greedy:
-                local = int(logits.argmax())
-            else:
-                dist = process_logits(logits, self.sampling)
-                local = sample(dist, self.generator)
-                probs.append(dist)
-            token = local if ids is None else int(ids[local])
-            tokens.append(token)
-            pending = [token]
-        self.stats.proposed += len(tokens)
-        if not probs:
-            return Draft(tokens=tokens)
-        q = torch.stack(probs)  # over the target's vocabulary for the verifier: 0 outside a reduced draft's ids
-        vocab = self.runner.model.config.get_text_config().vocab_size
-        return Draft(tokens=tokens, probs=q if ids is None else expand_logits(q, ids, vocab, fill=0.0))
+        return self.propose_batch([self], [sequence], [max_tokens])[0]
+
+    @classmethod
+    def propose_batch(cls, proposers: Sequence[DraftModelProposer], sequences: Sequence[list[int]],
+                      max_tokens: Sequence[int]) -> list[Draft]:
+        """Token by token, one draft forward a step for every request still drafting (each on its
+        own cache, synced to its sequence first): the draft's weights are read once for all."""
+        runner = proposers[0].runner
+        limits = [min(p.schedule.gamma, m) for p, m in zip(proposers, max_tokens)]
+        pending = [p.kv.sync(s) if limit >= 1 else [] for p, s, limit in zip(proposers, sequences, limits)]
+        tokens: list[list[int]] = [[] for _ in proposers]
+        probs: list[list[torch.Tensor]] = [[] for _ in proposers]
+        ids = runner.vocabulary_ids  # a reduced-vocabulary draft samples among its own ids
+        live = [i for i, limit in enumerate(limits) if limit >= 1]
+        while live:
+            outs = runner.forward_batch([proposers[i].kv for i in live], [pending[i] for i in live],
+                                        [Readout(rows=1, own_vocabulary=True)] * len(live))
+            for i, out in zip(live, outs):
+                proposer, logits = proposers[i], out.logits[-1]
+                proposer.stats.forwards += 1
+                if proposer.sampling.greedy:
+                    local = int(logits.argmax())
+                else:
+                    dist = process_logits(logits, proposer.sampling)
+                    local = sample(dist, proposer.generator)
+                    probs[i].append(dist)
+                token = local if ids is None else int(ids[local])
+                tokens[i].append(token)
+                pending[i] = [token]
+            live = [i for i in live if len(tokens[i]) < limits[i]]
+        vocab = runner.model.config.get_text_config().vocab_size
+        drafts = []
+        for proposer, drafted, drawn in zip(proposers, tokens, probs):
+            proposer.stats.proposed += len(drafted)
+            if not drawn:
+                drafts.append(Draft(tokens=drafted))
+                continue
+            q = torch.stack(drawn)  # over the target's vocabulary for the verifier: 0 outside a reduced draft's ids
+            drafts.append(Draft(tokens=drafted, probs=q if ids is None else expand_logits(q, ids, vocab, fill=0.0)))
+        return drafts
 
     def observe(self, proposed: int, accepted: int) -> None:
         self.schedule.observe(proposed, accepted)
