@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,3 +92,33 @@ class Proposer:
     def observe_hidden(self, hidden: torch.Tensor) -> None:
         """See the target's final hidden states ``[a + 1, H]`` at the positions the last verification
         kept (the previous last token and the ``a`` accepted ones): feature-level heads read them."""
+
+
+def draft_chains(
+    limits: Sequence[int],
+    first: dict[int, torch.Tensor],
+    extend: Callable[[list[int], list[int]], Sequence[torch.Tensor]],
+    choose: Callable[[int, torch.Tensor], tuple[int, torch.Tensor | None, bool]],
+) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+    """Several requests' chain drafts, level by level: the loop every drafter that drafts together
+    shares. ``first[i]``: request ``i``'s logits for its first draft token (a request without
+    them drafts nothing); ``choose(i, logits)``: its token, the distribution it was drawn from
+    (None: greedy) and whether it may go on; ``extend(requests, tokens)``: those requests' next
+    logits after their last tokens, in one draft forward. A request stops after ``limits[i]``
+    tokens or when ``choose`` says so. Returns each request's tokens and distributions."""
+    tokens: list[list[int]] = [[] for _ in limits]
+    probs: list[list[torch.Tensor]] = [[] for _ in limits]
+    live, logits = list(first), list(first.values())
+    while live:
+        going = []
+        for i, row in zip(live, logits):
+            token, dist, go_on = choose(i, row)
+            tokens[i].append(token)
+            if dist is not None:
+                probs[i].append(dist)
+            if go_on and len(tokens[i]) < limits[i]:
+                going.append(i)
+        live = going
+        if live:
+            logits = extend(live, [tokens[i][-1] for i in live])
+    return tokens, probs

@@ -9,7 +9,7 @@ import torch
 from specdecode.errors import InvalidSettingError
 from specdecode.models.frequent_vocab import expand_logits
 from specdecode.models.runner import Readout, TargetRunner
-from specdecode.propose.base import Draft, Proposer
+from specdecode.propose.base import Draft, Proposer, draft_chains
 from specdecode.sampling import SamplingSettings, process_logits, sample
 
 
@@ -64,27 +64,24 @@ class DraftModelProposer(Proposer):
         own cache, synced to its sequence first): the draft's weights are read once for all."""
         runner = proposers[0].runner
         limits = [min(p.schedule.gamma, m) for p, m in zip(proposers, max_tokens)]
-        pending = [p.kv.sync(s) if limit >= 1 else [] for p, s, limit in zip(proposers, sequences, limits)]
-        tokens: list[list[int]] = [[] for _ in proposers]
-        probs: list[list[torch.Tensor]] = [[] for _ in proposers]
-        ids = runner.vocabulary_ids  # a reduced-vocabulary draft samples among its own ids
         live = [i for i, limit in enumerate(limits) if limit >= 1]
-        while live:
-            outs = runner.forward_batch([proposers[i].kv for i in live], [pending[i] for i in live],
-                                        [Readout(rows=1, own_vocabulary=True)] * len(live))
-            for i, out in zip(live, outs):
-                proposer, logits = proposers[i], out.logits[-1]
-                proposer.stats.forwards += 1
-                if proposer.sampling.greedy:
-                    local = int(logits.argmax())
-                else:
-                    dist = process_logits(logits, proposer.sampling)
-                    local = sample(dist, proposer.generator)
-                    probs[i].append(dist)
-                token = local if ids is None else int(ids[local])
-                tokens[i].append(token)
-                pending[i] = [token]
-            live = [i for i in live if len(tokens[i]) < limits[i]]
+        ids = runner.vocabulary_ids  # a reduced-vocabulary draft samples among its own ids
+
+        def next_logits(going: list[int], new_ids: list[list[int]]) -> list[torch.Tensor]:
+            outs = runner.forward_batch([proposers[i].kv for i in going], new_ids,
+                                        [Readout(rows=1, own_vocabulary=True)] * len(going))
+            return [out.logits[-1] for out in outs]
+
+        def choose(i: int, logits: torch.Tensor) -> tuple[int, torch.Tensor | None, bool]:
+            proposer = proposers[i]
+            proposer.stats.forwards += 1
+            dist = None if proposer.sampling.greedy else process_logits(logits, proposer.sampling)
+            local = int(logits.argmax()) if dist is None else sample(dist, proposer.generator)
+            return (local if ids is None else int(ids[local])), dist, True
+
+        pending = [proposers[i].kv.sync(sequences[i]) for i in live]
+        tokens, probs = draft_chains(limits, dict(zip(live, next_logits(live, pending))) if live else {},
+                                     lambda going, last: next_logits(going, [[t] for t in last]), choose)
         vocab = runner.model.config.get_text_config().vocab_size
         drafts = []
         for proposer, drafted, drawn in zip(proposers, tokens, probs):

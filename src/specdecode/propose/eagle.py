@@ -18,7 +18,7 @@ from specdecode.models.cache import KVCache
 from specdecode.models.draft_head import DraftHead
 from specdecode.models.frequent_vocab import expand_logits
 from specdecode.models.tree import tree_attention_mask
-from specdecode.propose.base import Draft, Proposer
+from specdecode.propose.base import Draft, Proposer, draft_chains
 from specdecode.propose.beam_sampler import TreeDrafter
 from specdecode.sampling import SamplingSettings, process_logits, sample
 
@@ -160,27 +160,15 @@ class EagleProposer(Proposer):
         forward a level; each stops at its own γ or below its own ``min_confidence``."""
         limits = [min(p.gamma, m) for p, m in zip(proposers, max_tokens)]
         live = [i for i, limit in enumerate(limits) if limit >= 1]
-        drafters = [proposers[i].drafter for i in live]
-        roots = HeadDrafter.roots(drafters, [sequences[i] for i in live]) if live else []
-        logits = {i: row for i, row in zip(live, roots) if row is not None}
-        tokens: list[list[int]] = [[] for _ in proposers]
-        probs: list[list[torch.Tensor]] = [[] for _ in proposers]
-        live = list(logits)
-        while live:
-            going = []
-            for i in live:
-                proposer = proposers[i]
-                proposer.stats.forwards += 1
-                token, dist, confident = proposer._choose(logits[i])
-                tokens[i].append(token)
-                if dist is not None:
-                    probs[i].append(dist)
-                if len(tokens[i]) < limits[i] and confident:
-                    going.append(i)
-            if going:
-                rows = HeadDrafter.extend_chains([proposers[i].drafter for i in going], [tokens[i][-1] for i in going])
-                logits = dict(zip(going, rows))
-            live = going
+        roots = HeadDrafter.roots([proposers[i].drafter for i in live], [sequences[i] for i in live]) if live else []
+
+        def choose(i: int, logits: torch.Tensor) -> tuple[int, torch.Tensor | None, bool]:
+            proposers[i].stats.forwards += 1
+            return proposers[i]._choose(logits)
+
+        tokens, probs = draft_chains(
+            limits, {i: row for i, row in zip(live, roots) if row is not None},
+            lambda going, last: HeadDrafter.extend_chains([proposers[i].drafter for i in going], last), choose)
         drafts = []
         for proposer, chain, dists in zip(proposers, tokens, probs):
             proposer.drafter.reset()

@@ -26,7 +26,7 @@ from specdecode.models.frequent_vocab import SubVocabHead, expand_logits
 from specdecode.models.families import num_layers
 from specdecode.models.loading import LoadedModel
 from specdecode.models.runner import Readout
-from specdecode.propose.base import Draft, Proposer
+from specdecode.propose.base import Draft, Proposer, draft_chains
 from specdecode.sampling import SamplingSettings, process_logits, sample
 
 
@@ -86,24 +86,22 @@ class SelfDraftProposer(Proposer):
             raise RuntimeError("SelfDraftProposer.propose called before bind_target_cache")
         limits = [min(p.settings.max_draft, m) for p, m in zip(proposers, max_tokens)]
         live = [i for i, limit in enumerate(limits) if limit >= 1]
-        pending = {i: proposers[i].kv.sync(sequences[i]) for i in live}  # the context minus its last token
-        keep = {i: len(proposers[i].kv) for i in live}
-        tokens: list[list[int]] = [[] for _ in proposers]
-        probs: list[list[torch.Tensor]] = [[] for _ in proposers]
+        keep: dict[int, int] = {}  # each borrowed cache's length after the sync (the context minus its last token)
+
+        def next_logits(going: list[int], new_ids: list[list[int]]) -> list[torch.Tensor]:
+            return cls._next_logits([proposers[i] for i in going], new_ids)
+
+        def choose(i: int, logits: torch.Tensor) -> tuple[int, torch.Tensor | None, bool]:
+            proposer = proposers[i]
+            proposer.stats.forwards += 1
+            token, dist, confidence = proposer._choose(logits)
+            return token, dist, confidence >= proposer.settings.threshold
+
         try:
-            while live:
-                going = []
-                for i, logits in zip(live, cls._next_logits([proposers[i] for i in live], [pending[i] for i in live])):
-                    proposer = proposers[i]
-                    proposer.stats.forwards += 1
-                    token, dist, confidence = proposer._choose(logits)
-                    tokens[i].append(token)
-                    if dist is not None:
-                        probs[i].append(dist)
-                    pending[i] = [token]
-                    if len(tokens[i]) < limits[i] and confidence >= proposer.settings.threshold:
-                        going.append(i)
-                live = going
+            pending = [proposers[i].kv.sync(sequences[i]) for i in live]
+            keep = {i: len(proposers[i].kv) for i in live}
+            tokens, probs = draft_chains(limits, dict(zip(live, next_logits(live, pending))) if live else {},
+                                         lambda going, last: next_logits(going, [[t] for t in last]), choose)
         finally:
             for i, length in keep.items():
                 proposers[i].kv.crop(length)  # the target's cache must come back exactly as it was lent
