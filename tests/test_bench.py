@@ -466,3 +466,21 @@ def test_prompt_files_split_on_newlines_only(tmp_path):
                               for i, t in enumerate(turns)) + "\n", encoding="utf-8")
     assert [p.turn for p in load_prompts(path)] == turns
     assert [prompt for _, prompt in load_labelled_prompts(path)] == turns
+
+
+def test_concurrency_mode_reports_aggregate_and_decoding_rates(model_dir, data_file, tmp_path, capsys):
+    """``--concurrency``: every method at every level, lossless per request (float32), and a decoding
+    rate that leaves each wave's prefill out (so it is above the aggregate one)."""
+    out = tmp_path / "throughput"
+    argv = ["bench", "--data", str(data_file), "--model", str(model_dir), "--dtype", "float32",
+            "--method", "pld:gamma=3", "--concurrency", "1,2", "--adaptive-drafts", "--max-new-tokens", "6",
+            "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    table = (out / "table.md").read_text()
+    assert "## Decoding only" in table and "| `pld:gamma=3` |" in table
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert {(r["method"], r["concurrency"]) for r in rows} == {(m, c) for m in ("ar", "pld:gamma=3") for c in (1, 2)}
+    for row in rows:
+        assert 0 < row["prefill_seconds"] < row["seconds"]
+        assert row["differing_from_solo"] == 0
+    capsys.readouterr()
