@@ -75,9 +75,9 @@ def test_batched_greedy_equals_each_request_alone(arch, fast):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_the_other_chain_methods_batch_losslessly_too(arch):
-    """``sps`` and greedy chain ``mtad`` (a separate draft model, drafting per request inside the
-    batched step), ``pld-eagle`` and ``pld-ssd`` (lookup, else a head or a self-draft): each request
-    of a batch decodes what it decodes alone."""
+    """``sps`` and greedy chain ``mtad`` (a separate draft model: ``sps`` requests draft together,
+    ``mtad``'s beams per request), ``pld-eagle`` and ``pld-ssd`` (lookup, else a head or a
+    self-draft): each request of a batch decodes what it decodes alone."""
     target = _target(arch, fast=True)
     draft = _draft(arch)
     head = _head(target, vocab_ids=list(range(VOCAB))).freeze()

@@ -217,7 +217,7 @@ def test_upcast_attention_keeps_the_cache_upcast_with_the_same_floats(arch):
     def run(dec):
         cache = KVCache().cache
         out = [dec(cache, context)]
-        for ids in ([[4]], [[5, 6, 7]], [[8]] * 1):
+        for ids in ([[4]], [[5, 6, 7]], [[8]]):
             out.append(dec(cache, torch.tensor(ids)))
         positions = torch.tensor([[cache.get_seq_length()] * 2])  # two siblings: a tree level
         out.append(dec(cache, torch.tensor([[9, 10]]), positions, torch.ones(1, 1, 2, cache.get_seq_length() + 2,
