@@ -194,8 +194,7 @@ class DraftHead(nn.Module):
         A frozen head (:meth:`freeze`) drafts on the fast runtime, as the target runs.
         """
         plan = self._fast_plan() if kv is not None else None
-        fc = self.fc if plan is None else plan.fc
-        fused = fc(torch.cat([hidden.to(self.fc.weight.dtype), self.embed(token_ids)], dim=-1))
+        fused = self._fused_input(self.fc if plan is None else plan.fc, hidden, token_ids)
         if plan is not None and plan.decoder is not None:
             out = plan.decoder(kv.cache, None, position_ids, attention_mask, inputs_embeds=fused)
         else:
@@ -219,13 +218,17 @@ class DraftHead(nn.Module):
                 out.append(self(hidden[None, at:at + n], token_ids[None, at:at + n], kv)[0])
                 at += n
             return torch.cat(out)
-        fused = plan.fc(torch.cat([hidden.to(self.fc.weight.dtype), self.embed(token_ids)], dim=-1))
+        fused = self._fused_input(plan.fc, hidden, token_ids)
         out = batched_hidden(plan.decoder, [kv.cache for kv in kvs], lengths, fused[None])
         at = 0
         for kv, n in zip(kvs, lengths):
             kv.token_ids.extend(token_ids[at:at + n].tolist())
             at += n
         return out
+
+    def _fused_input(self, fc: nn.Module, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """The layers' input ``fc([h ; e(x)])``, by ``fc`` (the head's own, or its runtime's)."""
+        return fc(torch.cat([hidden.to(self.fc.weight.dtype), self.embed(token_ids)], dim=-1))
 
     def _fast_plan(self) -> _HeadRuntime | None:
         """The fast runtime where it applies now: frozen, not training, not moved or cast since."""
