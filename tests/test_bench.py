@@ -3,6 +3,7 @@ on tiny random models with a tiny character tokenizer (no downloads)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import string
@@ -468,9 +469,15 @@ def test_prompt_files_split_on_newlines_only(tmp_path):
     assert [prompt for _, prompt in load_labelled_prompts(path)] == turns
 
 
-def test_concurrency_mode_reports_aggregate_and_decoding_rates(model_dir, data_file, tmp_path, capsys):
-    """``--concurrency``: every method at every level, lossless per request (float32), and a decoding
-    rate that leaves each wave's prefill out (so it is above the aggregate one)."""
+def test_concurrency_mode_reports_aggregate_and_decoding_rates(model_dir, data_file, tmp_path, capsys, monkeypatch):
+    """``--concurrency``: every method at every level, lossless per request (float32), a decoding
+    rate that leaves each wave's prefill out (so it is above the aggregate one), and the methods
+    interleaved wave by wave (a drift of the machine hits them alike)."""
+    from specdecode.bench.contenders import OurMethod
+
+    started = []
+    real_start = OurMethod.start
+    monkeypatch.setattr(OurMethod, "start", lambda self, *args: started.append(self.label) or real_start(self, *args))
     out = tmp_path / "throughput"
     argv = ["bench", "--data", str(data_file), "--model", str(model_dir), "--dtype", "float32",
             "--method", "pld:gamma=3", "--concurrency", "1,2", "--adaptive-drafts", "--max-new-tokens", "6",
@@ -483,4 +490,8 @@ def test_concurrency_mode_reports_aggregate_and_decoding_rates(model_dir, data_f
     for row in rows:
         assert 0 < row["prefill_seconds"] < row["seconds"]
         assert row["differing_from_solo"] == 0
+    prompts = rows[0]["requests"]
+    solo = started[2 * 2:2 * 2 + 2 * prompts]  # after the warm-up (a wave of 2 a method): c = 1, one start a wave
+    runs = [len(list(group)) for _, group in itertools.groupby(solo)]
+    assert len(solo) == 2 * prompts and max(runs) <= 2, solo  # not one method's prompts all in a row
     capsys.readouterr()

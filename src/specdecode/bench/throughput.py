@@ -4,10 +4,11 @@ The prompts are served in waves of ``c`` requests decoded together (``BatchStepp
 verifies all requests' drafts in one target forward), and the aggregate rate is every new token
 over the wall time of all waves; the decoding rate leaves out each wave's prefill (long prompts'
 prefills otherwise pull every method's ratio toward 1: about half the wall time on the dev
-prompts at c = 4). Each method is measured at each concurrency in the same run,
-methods interleaved per concurrency, after a warm-up at the largest one. Greedy runs check that
-every request's tokens equal the same method's at concurrency 1 (batched decoding is lossless
-per request in float32/float64); reduced precision reports how many differ instead.
+prompts at c = 4). Each method is measured at each concurrency in the same run, wave by wave
+(every method's wave back to back, the order rotating), after a warm-up at the largest one.
+Greedy runs check that every request's tokens equal the same method's at concurrency 1 (batched
+decoding is lossless per request in float32/float64); reduced precision reports how many differ
+instead.
 
 `transformers`' assisted generation refuses batches, so only our methods run here.
 """
@@ -82,43 +83,50 @@ def run_throughput(
     encoded = encode_prompts(target, prompts, config)
     widest = max(concurrency)
 
-    def serve(contender: OurMethod, ids: list[list[int]], max_new_tokens: int,
-              c: int) -> tuple[list, float, float, int]:
-        results, forwards, prefill = [], 0, 0.0
+    def serve_wave(contender: OurMethod, wave: int, max_new_tokens: int, c: int) -> tuple[list, float, float, int]:
+        """Requests ``wave .. wave + c`` decoded together: results, seconds, of which prefill, steps."""
         start = clock(target.device)
-        for wave in range(0, len(ids), c):
-            settings = config.settings(wave, max_new_tokens)
-            generations = [contender.start(p, settings) for p in ids[wave:wave + c]]
-            stepper = BatchStepper(generations, adaptive_drafts=adaptive_drafts)
-            began = clock(target.device)
-            stepper.prefill_pending()  # the wave's prompts, together (the first step would do it)
-            prefill += clock(target.device) - began
-            while stepper.active:
-                stepper.step()
-                forwards += 1
-            if stepper.failed:
-                raise next(iter(stepper.failed.values()))
-            results += [g.result() for g in generations]
-        return results, clock(target.device) - start, prefill, forwards
+        settings = config.settings(wave, max_new_tokens)
+        generations = [contender.start(p, settings) for p in encoded[wave:wave + c]]
+        stepper = BatchStepper(generations, adaptive_drafts=adaptive_drafts)
+        stepper.prefill_pending()  # the wave's prompts, together (the first step would do it)
+        prefill = clock(target.device) - start
+        forwards = 0
+        while stepper.active:
+            stepper.step()
+            forwards += 1
+        if stepper.failed:
+            raise next(iter(stepper.failed.values()))
+        return [g.result() for g in generations], clock(target.device) - start, prefill, forwards
 
     for contender in contenders:  # untimed: lazy initialisation and kernel planning at every row count
-        serve(contender, encoded[:widest], min(WARMUP_TOKENS, config.max_new_tokens), widest)
+        serve_wave(contender, 0, min(WARMUP_TOKENS, config.max_new_tokens), widest)
 
     rows: list[ThroughputRow] = []
     solo: dict[str, list[list[int]]] = {}
     with tqdm(total=len(concurrency) * len(contenders), desc="throughput", disable=not progress,
               file=sys.stderr) as bar:
         for level, c in enumerate(concurrency):
-            order = contenders[level % len(contenders):] + contenders[:level % len(contenders)]
-            for contender in order:
-                results, seconds, prefill, forwards = serve(contender, encoded, config.max_new_tokens, c)
-                tokens = [r.token_ids for r in results]
+            results = {contender.label: [] for contender in contenders}
+            totals = {contender.label: [0.0, 0.0, 0] for contender in contenders}  # seconds, prefill, steps
+            for index, wave in enumerate(range(0, len(encoded), c)):
+                # every method's wave back to back, the order rotating: a drift of the machine (its
+                # bandwidth moved 1.6x within minutes on a shared host) hits every method alike
+                shift = (level + index) % len(contenders)
+                for contender in contenders[shift:] + contenders[:shift]:
+                    done, seconds, prefill, forwards = serve_wave(contender, wave, config.max_new_tokens, c)
+                    results[contender.label] += done
+                    total = totals[contender.label]
+                    total[0], total[1], total[2] = total[0] + seconds, total[1] + prefill, total[2] + forwards
+            for contender in contenders:
+                tokens = [r.token_ids for r in results[contender.label]]
                 if c == 1:
                     solo[contender.label] = tokens
                 differing = (sum(a != b for a, b in zip(tokens, solo[contender.label]))
                              if config.sampling.greedy else None)
-                rows.append(ThroughputRow(contender.label, c, len(results), sum(map(len, tokens)), seconds,
-                                          prefill, forwards, differing))
+                seconds, prefill, forwards = totals[contender.label]
+                rows.append(ThroughputRow(contender.label, c, len(tokens), sum(map(len, tokens)), seconds,
+                                          prefill, int(forwards), differing))
                 bar.update()
     meta = environment(target, draft, EnergyMeter(target.device))
     meta["adaptive_drafts"] = adaptive_drafts
