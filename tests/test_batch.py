@@ -374,24 +374,6 @@ def test_draft_budgets_skip_drafting_that_cannot_pay(method):
         assert all((g.stats.draft_forwards > 0) == drafts for g in generations), [g.stats.draft_forwards for g in generations]
 
 
-def test_draft_budgets_count_what_a_draft_level_costs():
-    """A draft token costs its row and its share of a draft level: where rows are nearly free but a
-    self-draft level costs a whole step, no request drafts; the stepper measures that cost."""
-    target = _target("llama", fast=True)
-    decoder = SpeculativeDecoder(target, "ssd", skip_attention=[1], skip_mlp=[2], max_draft=4, threshold=0.01)
-    generations = [decoder.start(p, max_new_tokens=12) for p in _prompts(5, 3)]
-    stepper = BatchStepper(generations, adaptive_drafts=True)
-    stepper.costs = _fixed_costs(0.05, 0.001)  # rows nearly free
-    assert all(budget > 0 for budget in stepper._draft_budgets(stepper.active).values())
-    key = (type(generations[0].proposer), generations[0].proposer.batch_key())
-    stepper.level_costs[key] = 1.0  # a draft level: 20 steps' worth
-    assert all(budget == 0 for budget in stepper._draft_budgets(stepper.active).values())
-    stepper.level_costs.clear()
-    for _ in range(3):
-        stepper.step()
-    assert 0 < stepper.level_costs[key] < 1.0
-
-
 def test_a_request_that_never_drafts_takes_no_draft_budget():
     """In a batch mixing `ar` with a drafting method, `ar`'s requests are rows, not drafters: before,
     they drew draft budget (rows and expected tokens that never came) ahead of the drafters."""

@@ -56,9 +56,6 @@ class BatchStepper:
         self.prefill_chunk = prefill_chunk
         self._prefilling: dict[Generation, _Prefill] = {}  # joined, prompt not yet all in the cache
         self.costs = RowCost()
-        # seconds one draft level costs a group that drafts together (its batch key; a lone drafter:
-        # its generation), measured on its last steps: what a draft token costs besides its row
-        self.level_costs: dict[object, float] = {}
         # generations whose prefill or drafting raised (a bug in a method), taken out of the batch
         # before any shared forward: the others go on; the caller reads and clears this
         self.failed: dict[Generation, Exception] = {}
@@ -167,28 +164,6 @@ class BatchStepper:
         """Every generation's step (at most ``budgets[g]`` draft tokens where given); those whose
         proposers share a batch key draft together (one draft forward a level for all of them). A
         drafting error takes its group out of the batch."""
-        steps: dict[Generation, Step] = {}
-        groups = self._groups(generations)
-        self.level_costs = {key: cost for key, cost in self.level_costs.items() if key in groups}  # gone: forgotten
-        for key, members in groups.items():
-            t0 = time.perf_counter()
-            try:
-                together = Generation.propose_together(members, [budgets.get(g) for g in members])
-            except Exception as exc:  # noqa: BLE001 - reported to the caller in ``failed``
-                for generation in members:
-                    self.failed[generation] = exc
-                    self.remove(generation)
-                continue
-            steps.update(zip(members, together))
-            levels = max(len(step.draft) for step in together)
-            if levels and all(step.draft.parents is None for step in together):  # a chain: a level a token
-                seconds = (time.perf_counter() - t0) / levels
-                last = self.level_costs.get(key)
-                self.level_costs[key] = seconds if last is None else 0.8 * last + 0.2 * seconds
-        return steps
-
-    def _groups(self, generations: list[Generation]) -> dict[object, list[Generation]]:
-        """The generations that draft together, by their proposers' batch key (alone: by generation)."""
         groups: dict[object, list[Generation]] = {}
         for generation in generations:
             key = self._guarded(generation, generation.proposer.batch_key)
@@ -196,7 +171,15 @@ class BatchStepper:
                 continue
             group = id(generation) if key is None else (type(generation.proposer), key)
             groups.setdefault(group, []).append(generation)
-        return groups
+        steps: dict[Generation, Step] = {}
+        for members in groups.values():
+            try:
+                steps.update(zip(members, Generation.propose_together(members, [budgets.get(g) for g in members])))
+            except Exception as exc:  # noqa: BLE001 - reported to the caller in ``failed``
+                for generation in members:
+                    self.failed[generation] = exc
+                    self.remove(generation)
+        return steps
 
     def run(self) -> None:
         """Step until every generation has finished."""
@@ -206,32 +189,23 @@ class BatchStepper:
     def _draft_budgets(self, generations: list[Generation]) -> dict[Generation, int]:
         """How many draft tokens each request may draft this step (empty until the cost of rows is
         known): the goodput rule of :meth:`_keep_drafts_that_pay` run forwards — starting from one
-        row a request (its last token), add the next draft token of any request worth most for
-        what it costs (``α^(j+1) / c``) while it is worth what it costs at the step's rate,
-        ``α^(j+1) / c ≥ E / T``. A token's cost ``c`` is its row (``b``) plus its share of a draft
-        level of its group (what a head step or a self-draft forward costs, measured, over the
-        requests drafting together): a self-draft level costs as much as a dozen rows."""
+        row a request (its last token), add the most likely next draft token of any request
+        (``α^(j+1)``) while it is worth what its row costs at the step's rate, ``α^(j+1) / b ≥ E / C(rows)``."""
         line = self.costs.line()
         if line is None:
             return {}
         a, b = line
-        groups = self._groups(generations)
-        generations = [g for members in groups.values() for g in members]
         budgets = dict.fromkeys(generations, 0)
         caps = {g: min(g.room(), MAX_DRAFT_BUDGET) for g in generations}
-        # a draft token's cost: its row, plus its share of a draft level (the group's level cost
-        # over the requests drafting it together)
-        cost = {g: b + self.level_costs.get(key, 0.0) / len(members)
-                for key, members in groups.items() for g in members}
-        seconds, expected = a + b * len(generations), float(len(generations))
+        rows, expected = len(generations), float(len(generations))
         open_ = [g for g in generations if caps[g] > 0]
         while open_:
-            best = max(open_, key=lambda g: _acceptance(g) ** (budgets[g] + 1) / cost[g])
+            best = max(open_, key=lambda g: _acceptance(g) ** (budgets[g] + 1))
             value = _acceptance(best) ** (budgets[best] + 1)
-            if value / cost[best] < expected / seconds:
+            if value / b < expected / (a + b * rows):
                 break
             budgets[best] += 1
-            seconds, expected = seconds + cost[best], expected + value
+            rows, expected = rows + 1, expected + value
             if budgets[best] >= caps[best]:
                 open_.remove(best)
         return budgets
