@@ -85,7 +85,7 @@ def main() -> int:
     parser.add_argument("--method", action="append", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dtype", default="float32", help="the target's dtype on both sides (float32, bfloat16)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the target's dtype on both sides")
     parser.add_argument("--template", default="User: {turn}\nAssistant:")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
