@@ -10,7 +10,10 @@ Usage:
     git worktree add /tmp/specdecode-before <commit>
     python scripts/ab_bench.py /tmp/specdecode-before . --data results/prompts/heldout-12.jsonl \
         --method ar --method pld --method eagle ... [--max-new-tokens 64] [--threads 2] [--dtype bfloat16]
-        [--json OUT]
+        [--sampling 1.0,10,0.9] [--json OUT]
+
+``--sampling T,TOP_K,TOP_P`` samples instead of decoding greedily, each prompt under its own seed (its
+index), the same on both sides: an exact change keeps the tokens identical there too.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ for line in sys.stdin:
         decoders[key] = SpeculativeDecoder(target, job["method"], **options)
         decoders[key].generate("Warm up.", max_new_tokens=8)
     start = time.perf_counter()
-    result = decoders[key].generate(job["prompt"], max_new_tokens=job["max_new_tokens"], temperature=0.0)
+    result = decoders[key].generate(job["prompt"], max_new_tokens=job["max_new_tokens"], **job["sampling"])
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "tokens": result.token_ids}), flush=True)
 """
@@ -87,8 +90,15 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the target's dtype on both sides")
     parser.add_argument("--template", default="User: {turn}\nAssistant:")
+    parser.add_argument("--sampling", default=None, metavar="T,TOP_K,TOP_P",
+                        help="sample (seed = the prompt's index) instead of greedy decoding")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    try:
+        temperature, top_k, top_p = (args.sampling or "0,0,1").split(",")
+        sampling = {"temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p)}
+    except ValueError:
+        parser.error(f"--sampling takes T,TOP_K,TOP_P (e.g. 1.0,10,0.9), got {args.sampling!r}")
     prompts = [args.template.format(turn=json.loads(line)["turns"][0])
                for line in Path(args.data).read_text(encoding="utf-8").split("\n") if line.strip()]
     methods = [parse_method(m) for m in args.method]
@@ -105,7 +115,8 @@ def main() -> int:
             label += " (again)"
         row = rows[label] = {"A": 0.0, "B": 0.0, "identical": 0, "prompts": 0}
         for p, prompt in enumerate(prompts):
-            job = {"method": name, "options": options, "prompt": prompt, "max_new_tokens": args.max_new_tokens}
+            job = {"method": name, "options": options, "prompt": prompt, "max_new_tokens": args.max_new_tokens,
+                   "sampling": {**sampling, "seed": p}}
             order = ("A", "B") if (index + p) % 2 == 0 else ("B", "A")
             out = {side: workers[side].run(job) for side in order}
             for side in ("A", "B"):
@@ -119,7 +130,8 @@ def main() -> int:
     flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("flags")), [])
     report = {"started": started, "cpu": cpu, "features": [f for f in flags if f.startswith(("avx", "amx", "fma"))],
-              "threads": args.threads, "dtype": args.dtype, "a": str(args.a), "b": str(args.b), "data": args.data,
+              "threads": args.threads, "dtype": args.dtype, "sampling": sampling, "a": str(args.a), "b": str(args.b),
+              "data": args.data,
               "max_new_tokens": args.max_new_tokens, "rows": rows}
     print("| method | A s | B s | B/A | identical tokens |\n|---|---:|---:|---:|---:|")
     for label, row in rows.items():

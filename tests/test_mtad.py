@@ -10,7 +10,7 @@ from scipy.stats import chisquare
 from specdecode import SpeculativeDecoder
 from specdecode.errors import InvalidSettingError, VocabularyMismatchError
 from specdecode.propose.exact_joint import ExactJointProposer
-from specdecode.sampling import SamplingSettings, process_logits
+from specdecode.sampling import SamplingSettings, process_logits, sample
 from tiny_models import ARCHITECTURES, tiny_model
 
 PAPER_SAMPLING = dict(temperature=1.0, top_k=10, top_p=0.9)
@@ -72,6 +72,56 @@ def test_multi_candidate_verification_follows_the_reference_rule(case):
     verdict = JointRatioAcceptance(SamplingSettings(temperature=1.0), torch.Generator().manual_seed(0))(
         draft, rows.log())
     assert verdict.path == path and verdict.accepted == len(path) - 1
+
+
+def _reference_tree_verdict(draft, p, log_threshold):
+    """Multi-candidate MTAD's rule read off every row at once (module docstring of accept/joint_ratio.py)."""
+    depth, log_p, log_q = [0], [0.0], [0.0]
+    step = torch.log(p[torch.tensor(draft.parents, dtype=torch.long), torch.tensor(draft.tokens, dtype=torch.long)]).tolist()
+    for parent, lp, lq in zip(draft.parents, step, draft.log_q.tolist()):
+        depth.append(depth[parent] + 1)
+        log_p.append(log_p[parent] + lp)
+        log_q.append(log_q[parent] + lq)
+    best = {d: max(q for q, e in zip(log_q, depth) if e == d) for d in set(depth[1:])}
+    passing = [n for n in range(1, len(depth)) if log_p[n] - best[depth[n]] > log_threshold]
+    chosen = max(passing, key=lambda n: (depth[n], log_p[n], -n), default=0)
+    path = [chosen]
+    while path[-1]:
+        path.append(draft.parents[path[-1] - 1])
+    return tuple(reversed(path))
+
+
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("greedy", [False, True])
+def test_tree_rule_reading_rows_on_demand_gives_the_all_rows_verdict(greedy, block):
+    """The tree rule reads only the rows of nodes that something below could still pass through (and
+    the next level's along, up to ``block`` rows a call); over random trees and target rows (top-k 3
+    of 12 ids, so many drafted tokens get p = 0) its verdict and next token are those of reading
+    every row, and it reads fewer rows in total."""
+    from specdecode.accept.joint_ratio import JointRatioAcceptance
+    from specdecode.models.runner import LogitRows
+    from specdecode.propose.base import Draft
+
+    rng = np.random.default_rng(0)
+    sampling = SamplingSettings(temperature=0.0 if greedy else 1.0, top_k=3, top_p=0.9)
+    read = every = 0
+    for case in range(300):
+        nodes = int(rng.integers(0, 14))
+        parents = [int(rng.integers(0, i + 1)) if rng.random() < 0.7 else i for i in range(nodes)]
+        tokens = [int(t) for t in rng.integers(0, 12, nodes)]
+        log_q = torch.tensor(rng.uniform(-2.5, 0.0, nodes), dtype=torch.float32)
+        logits = torch.tensor(rng.normal(0, 2, (nodes + 1, 12)), dtype=torch.float32)
+        threshold = float(rng.choice([0.05, 0.5, 1.0, 2.0]))
+        draft = Draft(tokens=tokens, parents=parents, log_q=log_q)
+        rows = LogitRows(lambda indices: logits[indices], nodes + 1, block)
+        verdict = JointRatioAcceptance(sampling, torch.Generator().manual_seed(case), threshold)(draft, rows)
+        p = process_logits(logits, sampling)
+        path = _reference_tree_verdict(draft, p, float(np.log(threshold)))
+        assert verdict.path == path and verdict.accepted == len(path) - 1, case
+        expected = int(p[path[-1]].argmax()) if greedy else sample(p[path[-1]], torch.Generator().manual_seed(case))
+        assert verdict.next_token == expected, case
+        read, every = read + rows.computed, every + nodes + 1
+    assert read < 0.8 * every, (read, every)
 
 
 def test_unreachable_threshold_gives_single_token_sampling():

@@ -43,6 +43,26 @@ def _exact_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (hidden.double() @ weight.double().t()).float()
 
 
+def test_kth_floor_never_exceeds_the_kth_highest_value():
+    """The screen's candidate floor may sit below each row's k-th highest value (more rows rescored)
+    but never above it (a true top-k row missed): top values crowded into one block, a tail block,
+    fewer blocks than k; and it is the k-th value itself when the top k lie in different blocks."""
+    from specdecode.models.heads import KTH_BLOCK, _kth_floor
+
+    generator = torch.Generator().manual_seed(0)
+    for vocab in (KTH_BLOCK * 40, KTH_BLOCK * 40 + 17, KTH_BLOCK * 2 + 5):
+        values = torch.randn(5, vocab, generator=generator)
+        values[0, 10:30] += 50             # row 0: its top 20 all in the first block
+        values[1, -3:] += 50               # row 1: its top 3 in the tail block
+        for k in (1, 3, 10, 20):
+            floor = _kth_floor(values, k)
+            kth = torch.topk(values, k, dim=1).values[:, -1:]
+            assert bool((floor <= kth).all()), (vocab, k)
+    spread = torch.full((2, KTH_BLOCK * 16), -1.0)
+    spread[:, torch.arange(10) * KTH_BLOCK + 3] = torch.arange(10, dtype=torch.float32)
+    assert torch.equal(_kth_floor(spread, 10), torch.zeros(2, 1))
+
+
 @pytest.mark.parametrize("screen", offered_screens())
 def test_screened_head_finds_the_exact_top_k_among_near_ties(screen):
     torch.manual_seed(0)

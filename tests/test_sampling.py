@@ -128,8 +128,8 @@ def _masked_reference(logits, settings):
 
 def test_top_k_processing_equals_masking_the_whole_row_ties_included():
     """process_logits handles top-k rows on their k best entries only (a 262k-entry row costs ~10 ms
-    to mask and normalise); it must give what masking the whole row gives, ties at the k-th place
-    (all kept) and -inf entries included."""
+    to mask and normalise), and rows finite on few columns on those columns alone; it must give
+    what masking the whole row gives, ties at the k-th place (all kept) and -inf entries included."""
     generator = torch.Generator().manual_seed(0)
     for trial in range(200):
         vocab = int(torch.randint(12, 400, (1,), generator=generator))
@@ -140,6 +140,8 @@ def test_top_k_processing_equals_masking_the_whole_row_ties_included():
             logits, top_p = logits.round(), 1.0
         if trial % 3 == 0:
             logits[:, torch.randperm(vocab, generator=generator)[: vocab // 2]] = float("-inf")
+        elif trial % 3 == 1:  # a screened head's rows: finite only on a few columns (processed on those alone)
+            logits[:, torch.randperm(vocab, generator=generator)[: vocab - max(1, vocab // 12)]] = float("-inf")
         settings = SamplingSettings(temperature=0.5 + trial / 200, top_k=1 + trial % 10, top_p=top_p)
         torch.testing.assert_close(process_logits(logits, settings), _masked_reference(logits, settings),
                                    rtol=0, atol=1e-12)

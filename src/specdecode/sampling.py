@@ -73,6 +73,9 @@ def process_logits(logits: torch.Tensor, settings: SamplingSettings) -> torch.Te
         return probs
     vocab = logits.shape[-1]
     if 0 < settings.top_k < vocab:
+        if (columns := _few_finite_columns(logits)) is not None:  # a screened head's rows: work on those
+            return torch.zeros_like(logits).index_copy_(
+                -1, columns, process_logits(logits.index_select(-1, columns), settings))
         # Only the top k can survive: process those and scatter them into zeros, instead of masking
         # and normalising whole 262k-entry rows (16 ms for a 5-row verification on this CPU, 3 ms
         # this way). Masking keeps every token tied with the k-th, so TIE_ROOM more values are
@@ -97,6 +100,19 @@ def process_logits(logits: torch.Tensor, settings: SamplingSettings) -> torch.Te
         drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top_idx, _beyond_top_p(top_vals, settings.top_p))
         logits = logits.masked_fill(drop, float("-inf"))
     return torch.softmax(logits, dim=-1)
+
+
+def _few_finite_columns(logits: torch.Tensor) -> torch.Tensor | None:
+    """The columns where some row is finite, where those are under an eighth of the vocabulary.
+
+    A screened head (``models/heads.py``) leaves all but a row's top-k candidates ``-inf``; every
+    value top-k can keep is among the finite ones, and a ``-inf`` logit gets probability 0 either
+    way, so processing only those columns gives the same distribution — without a top-k over
+    262k entries a row (~0.7 ms each, 17 ms of a 25-row tree verification on a Zen 4)."""
+    finite = logits.reshape(-1, logits.shape[-1]).amax(dim=0) > float("-inf")
+    if int(finite.sum()) * 8 > logits.shape[-1]:
+        return None
+    return finite.nonzero().squeeze(1)
 
 
 def _beyond_top_p(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -12,17 +12,25 @@ times the *largest* joint draft probability among the depth-d beams (the best dr
 offers at that length, not the node's own); the deepest depth with a passing node is accepted,
 along the passing node of highest joint target probability. Greedy stays exact for the same
 reason as the chain rule: only the greedy path has a finite target probability.
+
+The tree rule reads the target's rows level by level (``Readout.on_demand``): a node's row is
+read only where some node below it could still pass — a path's target probability only falls
+going down, so a node whose own joint target probability clears no deeper depth's bar has no
+passing descendant — and the chosen node's row for the next token (the next level's rows are
+read along while a head call costs about what one row does). The verdict is the one that reading
+every row gives; the head, most of a wide tree's verification, runs on a few rows.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
 from specdecode.accept.rules import Verdict, sampling_readout
 from specdecode.errors import InvalidSettingError
-from specdecode.models.runner import Readout
+from specdecode.models.runner import LogitRows, Readout
 from specdecode.propose.base import Draft
 from specdecode.sampling import SamplingSettings, process_logits, sample
 
@@ -35,15 +43,18 @@ class JointRatioAcceptance:
         self.sampling, self.generator, self.log_threshold = sampling, generator, math.log(threshold)
 
     def readout(self, draft: Draft) -> Readout:
-        return sampling_readout(self.sampling)  # every row: the longest passing prefix may pass a failing one
+        # a chain reads every row (the longest passing prefix may pass a failing one); a tree, the rows of its walk
+        return replace(sampling_readout(self.sampling), on_demand=draft.parents is not None)
 
-    def __call__(self, draft: Draft, target_logits: torch.Tensor,  # [k + 1, V] (tree: [nodes + 1, V])
+    def __call__(self, draft: Draft, target_logits: torch.Tensor | LogitRows,  # [k + 1, V] (tree: [nodes + 1, V])
                  ) -> Verdict:
-        p = process_logits(target_logits, self.sampling)
         if len(draft) and draft.log_q is None:
             raise InvalidSettingError("joint-ratio acceptance needs the draft's log-probabilities")
         if draft.parents is not None:
-            return self._tree(draft, p)
+            return self._tree(draft, LogitRows.of(target_logits))
+        if isinstance(target_logits, LogitRows):
+            target_logits = target_logits(range(len(target_logits)))
+        p = process_logits(target_logits, self.sampling)
         accepted = 0
         if len(draft):
             k = len(draft)
@@ -53,26 +64,51 @@ class JointRatioAcceptance:
             accepted = int(passing[-1]) + 1 if len(passing) else 0
         return Verdict(accepted, self._next_token(p[accepted]))
 
-    def _tree(self, draft: Draft, p: torch.Tensor) -> Verdict:
-        """Multi-candidate MTAD: rows of ``p`` follow nodes (0: the last token), see the module docstring."""
-        step_log_p = torch.log(p[torch.tensor(draft.parents), torch.tensor(draft.tokens)]).tolist()
-        depth, log_p, log_q = [0], [0.0], [0.0]                 # per node, node 0 first
-        for parent, lp, lq in zip(draft.parents, step_log_p, draft.log_q.tolist()):
+    def _tree(self, draft: Draft, rows: LogitRows) -> Verdict:
+        """Multi-candidate MTAD: row ``n`` of ``rows`` follows node ``n`` (0: the last token), see the
+        module docstring."""
+        parents, nodes = draft.parents, len(draft) + 1
+        depth, log_q = [0], [0.0]                               # per node, node 0 first
+        children: list[list[int]] = [[] for _ in range(nodes)]
+        for node, (parent, lq) in enumerate(zip(parents, draft.log_q.tolist() if nodes > 1 else []), start=1):
             depth.append(depth[parent] + 1)
-            log_p.append(log_p[parent] + lp)
             log_q.append(log_q[parent] + lq)
+            children[parent].append(node)
         best_draft: dict[int, float] = {}
-        for node in range(1, len(depth)):
+        for node in range(1, nodes):
             best_draft[depth[node]] = max(best_draft.get(depth[node], -math.inf), log_q[node])
+        deepest = list(depth)                                   # the deepest depth in each node's subtree
+        for node in range(nodes - 1, 0, -1):
+            deepest[parents[node - 1]] = max(deepest[parents[node - 1]], deepest[node])
+
+        def passes(value: float, at_depth: int) -> bool:
+            return value - best_draft[at_depth] > self.log_threshold
+
+        def worth_reading(node: int) -> bool:  # could a node below it pass? (a path's log p only falls)
+            return any(passes(log_p[node], d) for d in range(depth[node] + 1, deepest[node] + 1))
+
+        log_p = [0.0] + [-math.inf] * (nodes - 1)
+        p: dict[int, torch.Tensor] = {}
+        level = [0] if nodes > 1 else []
+        while level:
+            below = [kid for node in level for kid in children[node]]  # likely next: those with children first
+            logits = rows(level, likely=sorted(below, key=lambda kid: not children[kid]))
+            for node, row in zip(level, process_logits(logits, self.sampling)):
+                p[node] = row
+                kids = children[node]
+                for kid, lp in zip(kids, torch.log(row[[draft.tokens[k - 1] for k in kids]]).tolist()):
+                    log_p[kid] = log_p[node] + lp
+            level = [kid for node in level for kid in children[node] if children[kid] and worth_reading(kid)]
         chosen = 0
-        for node in range(1, len(depth)):
-            if log_p[node] - best_draft[depth[node]] > self.log_threshold and (
+        for node in range(1, nodes):
+            if passes(log_p[node], depth[node]) and (
                     depth[node] > depth[chosen] or (depth[node] == depth[chosen] and log_p[node] > log_p[chosen])):
                 chosen = node
         path = [chosen]
         while path[-1]:
-            path.append(draft.parents[path[-1] - 1])
-        return Verdict(depth[chosen], self._next_token(p[chosen]), tuple(reversed(path)))
+            path.append(parents[path[-1] - 1])
+        bonus = p[chosen] if chosen in p else process_logits(rows([chosen]), self.sampling)[0]
+        return Verdict(depth[chosen], self._next_token(bonus), tuple(reversed(path)))
 
     def _next_token(self, p: torch.Tensor) -> int:
         return int(p.argmax()) if self.sampling.greedy else sample(p, self.generator)

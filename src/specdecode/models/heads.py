@@ -71,6 +71,24 @@ def offered_screens() -> tuple[str, ...]:
     return tuple(name for name, ok in (("fp16", fbgemm_fp16_available()), ("bf16", onednn_available())) if ok)
 
 
+KTH_BLOCK = 256  # columns per block of _kth_floor
+
+
+def _kth_floor(values: torch.Tensor, k: int) -> torch.Tensor:
+    """A value at most each row's k-th highest of ``values [n, V]``: the k-th highest of its blocks'
+    maxima (k blocks hold a value at least that high). With the top k of 262k in k different
+    blocks of 256, as they nearly always are, it is the k-th highest itself — for one max over
+    the row and a top-k over 1,024 maxima instead of a top-k over 262k values (~0.5 ms a row)."""
+    n, vocab = values.shape
+    whole = vocab - vocab % KTH_BLOCK
+    maxima = values[:, :whole].view(n, -1, KTH_BLOCK).amax(dim=-1)
+    if whole < vocab:
+        maxima = torch.cat([maxima, values[:, whole:].amax(dim=-1, keepdim=True)], dim=1)
+    if maxima.shape[1] < k:
+        return torch.topk(values, k, dim=1).values[:, -1:]
+    return torch.topk(maxima, k, dim=1).values[:, -1:]
+
+
 class ScreenedHead:
     """Exact top-``k`` logits of a float32 head, reading a cheap copy of it first (module docstring).
 
@@ -136,8 +154,9 @@ class ScreenedHead:
 
         With ``|s − x·w| ≤ A + ρ|s|`` for every screened value ``s`` (:class:`_Screen`), the ``k``
         rows screened highest are each worth at least ``h(s_k) − A`` in truth (``h(s) = s − ρ|s|``,
-        ``s_k`` the k-th highest screened value), so a row of the true top ``k`` has
-        ``s + A + ρ|s| ≥ h(s_k) − A``; those candidates are rescored exactly."""
+        ``s_k`` the k-th highest screened value, or any value below it: :func:`_kth_floor`), so a
+        row of the true top ``k`` has ``s + A + ρ|s| ≥ h(s_k) − A``; those candidates are rescored
+        exactly."""
         hidden = hidden.float()
         screen = self.screens[self.plan.kernels[-1] if hidden.shape[0] > ROW_BUCKETS[-1]
                               else self.plan.kernel_for(hidden.shape[0])]
@@ -146,7 +165,7 @@ class ScreenedHead:
         if self.bias is not None:
             values = values + self.bias
             bound = bound + rho * self.bias_max  # ρ applies to the value before the bias
-        kth = values.amax(dim=1, keepdim=True) if k == 1 else torch.topk(values, k, dim=1).values[:, -1:]
+        kth = values.amax(dim=1, keepdim=True) if k == 1 else _kth_floor(values, k)
         slack = 1e-6 * (kth.abs() + 2 * bound) + 1e-6  # float32 rounding of values near the k-th
         floor = kth - rho * kth.abs() - 2 * bound - slack
         floor = torch.where(floor >= 0, floor / (1 + rho), floor / (1 - rho))  # s + ρ|s| ≥ floor

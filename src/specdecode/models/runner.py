@@ -10,14 +10,15 @@ several threads at once.
 
 A forward's consumer says what it reads in one :class:`Readout`: every logit, only each row's
 top k (the screened head computes those exactly and leaves the rest ``-inf``), the rows of a
-greedy chain until its first mismatch, or no logits at all (hidden states only).
+greedy chain until its first mismatch, the rows it asks for as it goes (:class:`LogitRows`), or
+no logits at all (hidden states only).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ from specdecode.models.cache import KVCache
 from specdecode.models.frequent_vocab import SubVocabHead
 from specdecode.models.layer_skip import Int8Copies, SkipSet, layer_skip_view, shallow_replace
 from specdecode.models.native import NativeDecoder
-from specdecode.models.heads import ScreenedHead
+from specdecode.models.heads import HEAD_BLOCK_ROWS, ScreenedHead
 from specdecode.models.vocab_map import MappedHead
 from specdecode.models.runtime import RuntimePlan, int8_fused_projections
 from specdecode.models.families import decoder_layers
@@ -50,25 +51,69 @@ class Readout:
     ``own_vocabulary``: logits over the model's own reduced vocabulary (column ``j`` is target
     token ``runner.vocabulary_ids[j]``), not widened to the target's: a reduced-vocabulary draft
     (8k ids) then never writes or reads 262k-wide rows. Same as the default for other models.
+    ``on_demand``: the forward's logits are a :class:`LogitRows` that runs the head on the rows
+    the consumer asks for, when it asks (a rule that walks a tree reads only the rows on its
+    walk); forwards of several requests together may still return them all computed.
     """
 
     rows: int | None = None
     top_k: int | None = None
     until_mismatch: tuple[int, ...] | None = None
     own_vocabulary: bool = False
+    on_demand: bool = False
 
     @classmethod
     def hidden_only(cls) -> Readout:
         return cls(rows=0)
 
 
+class LogitRows:
+    """A forward's logits, row by row as they are asked for (``Readout.on_demand``).
+
+    On a 262k vocabulary the head is most of a verification's cost at tree widths — its screen
+    reads 335 MB a call and turns compute-bound past a few rows (~11 ms for one row, ~31 ms for 25
+    on a 2-core Zen 4, docs/perf.md) — while a rule that walks a tree needs only the rows of the
+    nodes it can still accept through. Each row is computed once; its values are those an
+    all-rows readout gives that row (the head works row by row). A call also reads rows the
+    caller expects to ask for next (``likely``) while the call stays within ``block`` rows, which
+    cost about what one does. ``computed``: rows the head has run on so far.
+    """
+
+    def __init__(self, compute: Callable[[list[int]], torch.Tensor], count: int, block: int = 1) -> None:
+        self._compute, self._count, self._block = compute, count, block
+        self._rows: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def of(cls, logits: torch.Tensor | LogitRows) -> LogitRows:
+        """``logits`` as rows on demand (a tensor: rows read from it)."""
+        return logits if isinstance(logits, LogitRows) else cls(lambda indices: logits[indices], logits.shape[0])
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def computed(self) -> int:
+        return len(self._rows)
+
+    def __call__(self, indices: Sequence[int], likely: Sequence[int] = ()) -> torch.Tensor:
+        """Logits ``[len(indices), V]`` of those rows."""
+        missing = [i for i in dict.fromkeys(indices) if i not in self._rows]
+        if missing:
+            ahead = [i for i in dict.fromkeys(likely) if i not in self._rows and i not in missing]
+            missing += ahead[:max(0, self._block - len(missing))]
+            if min(missing) < 0 or max(missing) >= self._count:
+                raise IndexError(f"rows {missing} of a forward of {self._count}")
+            self._rows.update(zip(missing, self._compute(missing)))
+        return torch.stack([self._rows[i] for i in indices])
+
+
 @dataclass
 class Forward:
-    """What one forward returns: ``logits [rows, V]`` (None for :meth:`Readout.hidden_only`) and the
-    final (post-norm) hidden states ``[rows, H]`` of the same positions (all positions fed when
-    no logits were read)."""
+    """What one forward returns: ``logits [rows, V]`` (None for :meth:`Readout.hidden_only`; a
+    :class:`LogitRows` for ``Readout.on_demand``) and the final (post-norm) hidden states
+    ``[rows, H]`` of the same positions (all positions fed when no logits were read)."""
 
-    logits: torch.Tensor | None
+    logits: torch.Tensor | LogitRows | None
     hidden: torch.Tensor
 
 
@@ -174,6 +219,9 @@ class TargetRunner:
         if rows == 0:
             return Forward(None, hidden)
         hidden = hidden[-rows:]
+        if readout.on_demand:
+            return Forward(LogitRows(lambda indices: self.logits(hidden[indices], readout), rows, HEAD_BLOCK_ROWS),
+                           hidden)
         return Forward(self.logits(hidden, readout), hidden)
 
     def forward_batch(self, kvs: Sequence[KVCache], id_lists: Sequence[Sequence[int]],
@@ -273,7 +321,7 @@ class TargetRunner:
         tree = [-1, *parents]
         positions = [start + d for d in depths(tree)]
         return self.forward_tree(kv, ids, positions, ancestors_visible(tree), start, [],
-                                 Readout(readout.rows, readout.top_k))
+                                 replace(readout, until_mismatch=None))
 
     # -- per-model artifacts --------------------------------------------------------------------
 
