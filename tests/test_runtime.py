@@ -342,7 +342,7 @@ def test_int8_target_quantises_each_row_on_its_own():
         together = linear(rows)
         apart = torch.cat([linear(rows[i:i + 1]) for i in range(9)])
         assert torch.equal(together, apart)
-        static, linear.static = linear.static, None
+        linear.static = None
         linear.packed = pack_int8(linear.weight, linear.bias)
         dynamic_together, dynamic_apart = linear(rows), torch.cat([linear(rows[i:i + 1]) for i in range(9)])
     assert not torch.equal(dynamic_together, dynamic_apart)  # what the static grid is for
