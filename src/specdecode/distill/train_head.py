@@ -85,7 +85,6 @@ def _windows(sequences: list[FeatureSequence], settings: HeadTrainSettings, rng:
 
 def _unroll_mask(head: DraftHead, layout: list[tuple[int, int]], positions: torch.Tensor, step: int) -> object:
     """Visibility for unroll step ``step`` (1-based) over the entries of steps 1..step."""
-    n = int(positions.numel())
     window = torch.cat([torch.full((length,), b) for b, (_, length) in enumerate(layout)])
     local = torch.cat([torch.arange(length) for _, length in layout])
     same = window[:, None] == window[None, :]
