@@ -124,6 +124,32 @@ def test_tree_rule_reading_rows_on_demand_gives_the_all_rows_verdict(greedy, blo
     assert read < 0.8 * every, (read, every)
 
 
+def test_node_budget_keeps_the_most_probable_nodes_and_their_ancestors():
+    """``nodes``: the budget's nodes are the highest joint draft probabilities, every kept node's
+    parent kept, renumbered in level order; each depth keeps its best beam (the rule's bar)."""
+    from specdecode.propose.beam_sampler import BeamSampleProposer
+
+    proposer = BeamSampleProposer(None, SamplingSettings(temperature=1.0), None, tree=True, nodes=4)
+    # node: parent, step q → joint: 1: root .5 → .5; 2: root .4 → .4; 3: 1 .9 → .45; 4: 2 .9 → .36;
+    # 5: 3 .1 → .045; 6: 1 .05 → .025
+    parents = [0, 0, 1, 2, 3, 1]
+    log_q = torch.tensor([0.5, 0.4, 0.9, 0.9, 0.1, 0.05]).log()
+    nodes, kept_parents, kept_log_q = proposer._most_probable(torch.arange(10, 16), parents, log_q)
+    assert nodes.tolist() == [10, 11, 12, 13] and kept_parents == [0, 0, 1, 2]
+    assert torch.equal(kept_log_q, log_q[:4])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_greedy_tree_mtad_with_a_node_budget_equals_ar(arch):
+    target = tiny_model(arch, seed=2)
+    ar = SpeculativeDecoder(target, "ar")
+    decoder = SpeculativeDecoder(target, "mtad", draft=tiny_model(arch, seed=9), beams=3, gamma=4, tree=True, nodes=5)
+    for prompt in ([1, 2, 3], [5] * 9 + [6]):
+        result = decoder.generate(prompt, max_new_tokens=30)
+        assert result.token_ids == ar.generate(prompt, max_new_tokens=30).token_ids
+        assert result.stats.proposed_tokens <= 5 * result.stats.target_forwards
+
+
 def test_unreachable_threshold_gives_single_token_sampling():
     vocab = 7
     target = tiny_model("qwen2", seed=3, vocab=vocab)
@@ -197,7 +223,7 @@ def test_reproducible_by_seed():
 @pytest.mark.parametrize(
     "options, error",
     [(dict(beams=0), "beams"), (dict(gamma=0), "gamma"), (dict(threshold=0.0), "threshold"),
-     (dict(threshold=-1.0), "threshold")],
+     (dict(threshold=-1.0), "threshold"), (dict(tree=True, nodes=-1), "nodes"), (dict(nodes=4), "nodes")],
 )
 def test_bad_options(options, error):
     target = tiny_model("llama")

@@ -160,16 +160,17 @@ MTAD_GAMMA, MTAD_MIN_JOINT = 6, 0.05
 @register("mtad")
 def build_mtad(
     ctx: MethodContext, beams: int = 4, gamma: int = MTAD_GAMMA, threshold: float = 0.5, with_replacement: bool = False,
-    tree: bool = False, min_joint: float = MTAD_MIN_JOINT, min_share: float = 0.0,
+    tree: bool = False, min_joint: float = MTAD_MIN_JOINT, min_share: float = 0.0, nodes: int = 0,
 ) -> tuple[Proposer, AcceptanceRule]:
     """Multi-token assisted decoding: beam-sampled joint drafts, joint-ratio verification. ``tree``:
-    the multi-candidate variant, every level's beams verified together in one tree forward.
-    ``min_joint`` (adaptive depth): stop after a level whose best beam's joint draft probability is
-    below it; ``min_share`` (adaptive width): drop beams below that share of their level.
-    ``gamma=4, min_joint=0`` is the paper's fixed B 4 × γ 4 draft."""
+    the multi-candidate variant, every level's beams verified together in one tree forward
+    (``nodes``: only that many, the most probable; 0: all). ``min_joint`` (adaptive depth): stop
+    after a level whose best beam's joint draft probability is below it; ``min_share`` (adaptive
+    width): drop beams below that share of their level. ``gamma=4, min_joint=0`` is the paper's
+    fixed B 4 × γ 4 draft."""
     draft = require_draft(ctx, "mtad")
     proposer = BeamSampleProposer(ModelDrafter(draft.runner), ctx.sampling, ctx.generator, beams, gamma,
-                                  with_replacement, tree, min_joint=min_joint, min_share=min_share)
+                                  with_replacement, tree, min_joint=min_joint, min_share=min_share, nodes=nodes)
     return proposer, JointRatioAcceptance(ctx.sampling, ctx.generator, threshold)
 
 
@@ -302,13 +303,13 @@ def build_eagle_tree(
 def build_eagle_mtad(
     ctx: MethodContext, head: HeadSpec = DEFAULT_HEAD, beams: int = 4, gamma: int = MTAD_GAMMA, threshold: float = 0.5,
     with_replacement: bool = False, tree: bool = False, min_joint: float = MTAD_MIN_JOINT, min_share: float = 0.0,
-    head_weights: str | None = None,
+    nodes: int = 0, head_weights: str | None = None,
 ) -> tuple[Proposer, AcceptanceRule]:
     """MTAD with the draft head as its auxiliary model: beam sampling over the head, joint-ratio
-    verification (``tree``, ``min_joint``, ``min_share``: as ``mtad``)."""
+    verification (``tree``, ``nodes``, ``min_joint``, ``min_share``: as ``mtad``)."""
     drafter = HeadDrafter(require_head(ctx, head, head_weights))
     proposer = BeamSampleProposer(drafter, ctx.sampling, ctx.generator, beams, gamma,
-                                  with_replacement, tree, min_joint=min_joint, min_share=min_share)
+                                  with_replacement, tree, min_joint=min_joint, min_share=min_share, nodes=nodes)
     return proposer, JointRatioAcceptance(ctx.sampling, ctx.generator, threshold)
 
 

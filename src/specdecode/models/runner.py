@@ -71,7 +71,7 @@ class LogitRows:
     """A forward's logits, row by row as they are asked for (``Readout.on_demand``).
 
     On a 262k vocabulary the head is most of a verification's cost at tree widths — its screen
-    reads 335 MB a call and turns compute-bound past a few rows (~11 ms for one row, ~31 ms for 25
+    reads 335 MB a call and turns compute-bound past a few rows (~11 ms for one row, ~36-45 ms for 25
     on a 2-core Zen 4, docs/perf.md) — while a rule that walks a tree needs only the rows of the
     nodes it can still accept through. Each row is computed once; its values are those an
     all-rows readout gives that row (the head works row by row). A call also reads rows the

@@ -134,7 +134,9 @@ class BeamSampleProposer(Proposer):
     nodes). Both only shorten or thin the draft; the acceptance rule is unchanged (greedy MTAD
     still equals greedy decoding), but the draft distribution is no longer plain beam sampling's.
     ``draft_levels`` and ``draft_beams`` in ``stats.extra`` count the levels drawn and the beams
-    kept over them.
+    kept over them. ``nodes`` (``tree`` only; 0: all): verify only the tree's ``nodes`` most
+    probable nodes by joint draft probability, as EAGLE-2 caps its tree — a wide tree's rows cost
+    the target ~1.3 ms each on a 2-core CPU whether kept or not (docs/eagle.md).
     """
 
     def __init__(
@@ -148,6 +150,7 @@ class BeamSampleProposer(Proposer):
         tree: bool = False,
         min_joint: float = 0.0,
         min_share: float = 0.0,
+        nodes: int = 0,
     ) -> None:
         super().__init__()
         if beams < 1:
@@ -160,9 +163,11 @@ class BeamSampleProposer(Proposer):
         if not 0 <= min_share < 1:
             raise InvalidSettingError(f"min_share (drop beams below this share of the level) must be in [0, 1), "
                                       f"got {min_share}")
+        if nodes < 0 or (nodes and not tree):
+            raise InvalidSettingError(f"nodes (tree nodes verified, 0: all) must be >= 0 and needs tree=true, got {nodes}")
         self.drafter, self.sampling, self.generator = drafter, sampling, generator
         self.beams, self.depth, self.with_replacement, self.tree = beams, depth, with_replacement, tree
-        self.min_joint, self.min_share = min_joint, min_share
+        self.min_joint, self.min_share, self.nodes = min_joint, min_share, nodes
         slots = (depth - 1) * beams
         self._ancestry = torch.zeros(slots, slots, dtype=torch.bool)  # [slot, slot]: sees (ancestor or itself)
         for key in ("draft_forward_s", "draft_bookkeeping_s", "draft_tree_s"):
@@ -333,10 +338,27 @@ class BeamSampleProposer(Proposer):
         firsts = [1]  # node number of each level's first beam
         for width in widths[:-1]:
             firsts.append(firsts[-1] + width)
-        nodes = [local_ids[level, :width] for level, width in enumerate(widths)]
-        parents = [torch.zeros(widths[0], dtype=torch.long)] + [
-            parent[level, :width] + firsts[level - 1] for level, width in enumerate(widths) if level]
+        nodes = torch.cat([local_ids[level, :width] for level, width in enumerate(widths)])
+        parents = torch.cat([torch.zeros(widths[0], dtype=torch.long)] + [
+            parent[level, :width] + firsts[level - 1] for level, width in enumerate(widths) if level]).tolist()
         log_q = torch.cat([step_log_q[level, :width] for level, width in enumerate(widths)])
+        if self.nodes and len(log_q) > self.nodes:
+            nodes, parents, log_q = self._most_probable(nodes, parents, log_q)
         self.stats.proposed += len(log_q)
-        return Draft(tokens=self.drafter.to_target(torch.cat(nodes)).tolist(), log_q=log_q,
-                     parents=torch.cat(parents).tolist())
+        return Draft(tokens=self.drafter.to_target(nodes).tolist(), log_q=log_q, parents=parents)
+
+    def _most_probable(self, nodes: torch.Tensor, parents: list[int],
+                       log_q: torch.Tensor) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """``nodes`` budget: keep the tree's ``self.nodes`` nodes of highest joint draft probability,
+        renumbered in level order. A child's joint is at most its parent's (and it comes a level
+        later on ties), so the kept set holds every kept node's ancestors, and every depth keeps
+        its best beam if it keeps any — the joint-ratio rule's bar at each depth is unchanged."""
+        joint, depth = [0.0], [0]
+        for parent, step in zip(parents, log_q.tolist()):
+            joint.append(joint[parent] + step)
+            depth.append(depth[parent] + 1)
+        ranked = sorted(range(1, len(joint)), key=lambda node: (-joint[node], depth[node], node))
+        kept = sorted(ranked[:self.nodes])
+        renumber = {0: 0, **{node: i + 1 for i, node in enumerate(kept)}}
+        index = torch.tensor([node - 1 for node in kept])
+        return nodes[index], [renumber[parents[node - 1]] for node in kept], log_q[index]
