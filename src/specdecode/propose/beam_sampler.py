@@ -163,8 +163,10 @@ class BeamSampleProposer(Proposer):
         if not 0 <= min_share < 1:
             raise InvalidSettingError(f"min_share (drop beams below this share of the level) must be in [0, 1), "
                                       f"got {min_share}")
-        if nodes < 0 or (nodes and not tree):
-            raise InvalidSettingError(f"nodes (tree nodes verified, 0: all) must be >= 0 and needs tree=true, got {nodes}")
+        if nodes < 0:
+            raise InvalidSettingError(f"nodes (tree nodes verified, 0: all) must be >= 0, got {nodes}")
+        if nodes and not tree:
+            raise InvalidSettingError("nodes (a budget of tree nodes) needs tree=true")
         self.drafter, self.sampling, self.generator = drafter, sampling, generator
         self.beams, self.depth, self.with_replacement, self.tree = beams, depth, with_replacement, tree
         self.min_joint, self.min_share, self.nodes = min_joint, min_share, nodes
