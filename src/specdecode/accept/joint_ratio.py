@@ -52,9 +52,7 @@ class JointRatioAcceptance:
             raise InvalidSettingError("joint-ratio acceptance needs the draft's log-probabilities")
         if draft.parents is not None:
             return self._tree(draft, LogitRows.of(target_logits))
-        if isinstance(target_logits, LogitRows):
-            target_logits = target_logits(range(len(target_logits)))
-        p = process_logits(target_logits, self.sampling)
+        p = process_logits(target_logits, self.sampling)  # a chain's readout is not on demand: a tensor
         accepted = 0
         if len(draft):
             k = len(draft)
