@@ -20,13 +20,15 @@ from transformers import AutoModelForCausalLM
 
 from specdecode import SpeculativeDecoder
 from specdecode.errors import InvalidSettingError, ModelLoadError
+from specdecode.models import bf16_rows
 from specdecode.models.cache import KVCache
 from specdecode.models.loading import LoadedModel, load_model, resolve_dtype
 from specdecode.models.layer_skip import SkipSet
 from specdecode.models.native import NativeDecoder
 from specdecode.models.runner import Readout, TargetRunner
 from specdecode.models.heads import TunedHead
-from specdecode.models.kernels import BF16_KERNELS, ROW_BUCKETS, KernelPlan, TunedLinear, exact_half_pack, tune_kernels
+from specdecode.models.kernels import (BF16_KERNELS, COPIED, ROW_BUCKETS, KernelPlan, TunedLinear, exact_half_pack,
+                                       tune_kernels, weight_copy)
 from specdecode.models.runtime import build_runtime
 from tiny_models import VOCAB, tiny_config
 
@@ -49,20 +51,22 @@ def test_every_bf16_kernel_computes_the_bf16_product():
     torch.manual_seed(0)
     weight = (torch.randn(96, 48) * 0.2).bfloat16()
     bias = torch.randn(96).bfloat16()
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 8)
-    half = exact_half_pack(weight)
-    assert half is not None  # bf16 values in float16's normal range convert exactly
+    copies = {kernel: weight_copy(kernel, weight) for kernel in COPIED}
+    assert copies["fp16"] is not None  # bf16 values in float16's normal range convert exactly
     assert exact_half_pack(torch.tensor([[1e-30, 1.0]]).bfloat16()) is None  # below it they do not
+    copies = {kernel: copy for kernel, copy in copies.items() if copy is not None}  # dpbf16: AVX-512 BF16 only
     with torch.inference_mode():
         for kernel in BF16_KERNELS:
-            linear = TunedLinear(weight, bias, KernelPlan((kernel,) * 5), packed, half)
+            if kernel in COPIED and kernel not in copies:
+                continue
+            linear = TunedLinear(weight, bias, KernelPlan((kernel,) * 5), copies)
             for rows in (1, 3, 8, 16, 40):
                 x = torch.randn(1, rows, 48).bfloat16()
                 exact = x.double() @ weight.double().t() + bias.double()
                 out = linear(x)
                 assert out.dtype == torch.bfloat16 and out.shape == (1, rows, 96)
                 torch.testing.assert_close(out.double(), exact, rtol=2 ** -7, atol=2 ** -7 * exact.abs().max().item())
-    plan = tune_kernels([TunedLinear(weight, bias, KernelPlan(("mkl",) * 5), packed, half)])
+    plan = tune_kernels([TunedLinear(weight, bias, KernelPlan(("mkl",) * 5), copies)])
     assert set(plan.kernels) <= set(BF16_KERNELS) and len(plan.measured_ms) == len(ROW_BUCKETS)
 
 
@@ -85,13 +89,48 @@ def test_bf16_runtime_tunes_products_and_head_and_leaves_the_model_alone(arch, t
         build_runtime(model, kernels="wxt")
 
 
-@pytest.mark.parametrize("kernels, attention", [("mkl", "model"), ("onednn", "auto"), ("mkl", "float32"), ("fp16", "auto")])
+@pytest.mark.skipif(not bf16_rows.available(), reason="needs AVX-512 BF16 and a C compiler")
+def test_the_avx512_bf16_kernel_sums_each_row_alike_whatever_the_row_count():
+    """Each row's product is a float32 sum of exact bf16 products, the same bits whether the row
+    comes alone or among 2-40 others (that is what makes a k-token verification's products those
+    of k one-token steps); output columns not a multiple of 16 and a bias included."""
+    torch.manual_seed(0)
+    for out_features, in_features in ((37, 48), (96, 64), (1000, 130)):
+        weight = (torch.randn(out_features, in_features) * 0.2).bfloat16()
+        bias = torch.randn(out_features)
+        packed = bf16_rows.pack(weight)
+        x = torch.randn(40, in_features).bfloat16()
+        exact = x.double() @ weight.double().t() + bias.double()
+        for out_dtype in (torch.float32, torch.bfloat16):
+            alone = torch.cat([bf16_rows.product(x[i:i + 1], packed, out_features, bias, out_dtype) for i in range(40)])
+            for rows in (2, 5, 8, 11, 40):
+                together = bf16_rows.product(x[:rows], packed, out_features, bias, out_dtype)
+                assert together.dtype == out_dtype and torch.equal(together, alone[:rows])
+            # float32: a sum of in_features exact products, each add rounded (γ_d bound, generously)
+            tolerance = 2 ** -7 if out_dtype == torch.bfloat16 else in_features * 2 ** -23
+            torch.testing.assert_close(alone.double(), exact, rtol=tolerance,
+                                       atol=tolerance * float((x.double().abs() @ weight.double().abs().t()).max()))
+    assert bf16_rows.pack(torch.randn(16, 7).bfloat16()) is None  # odd inner dimension: not offered
+    assert bf16_rows.pack(torch.randn(16, 8)) is None  # float32: not offered
+
+
+def test_naming_a_kernel_that_cannot_run_here_gets_one_line():
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB), dtype=torch.float32).eval()
+    for kernels in ("fp16", "dpbf16"):
+        with pytest.raises(InvalidSettingError, match=f"the {kernels} kernel cannot run here"):
+            build_runtime(model, kernels=kernels)
+
+
+@pytest.mark.parametrize("kernels, attention", [("mkl", "model"), ("onednn", "auto"), ("mkl", "float32"), ("fp16", "auto"),
+                                                ("dpbf16", "auto")])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_bf16_fast_runtime_computes_the_bf16_eager_forward(arch, kernels, attention):
     """With ``F.linear`` products and bf16 attention the Llama family bit for bit (the same
     products, norms and attention in fewer ops); otherwise (oneDNN's prepacked products, float32
     attention — one rounding instead of bf16's —, Gemma 3's sliding layers reading only their
     window) as close to the same weights' float64 forward as `transformers`' bf16 is."""
+    if kernels == "dpbf16" and not bf16_rows.available():
+        pytest.skip("needs AVX-512 BF16 and a C compiler")
     model = _tiny_bf16(arch, seed=2, half_exact=kernels == "fp16")
     plan = build_runtime(model, kernels=kernels, attention=attention)
     assert (plan.decoder.attention_dtype == torch.float32) == ("float32 attention" in plan.describe())

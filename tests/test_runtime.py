@@ -275,7 +275,7 @@ def test_every_kernel_computes_the_float32_product():
     torch.manual_seed(0)
     reference = torch.nn.Linear(48, 40)
     linear = TunedLinear(reference.weight, reference.bias, KernelPlan(("mkl",) * 5),
-                         torch.ops.mkldnn._reorder_linear_weight(reference.weight.detach(), 8))
+                         {"onednn": torch.ops.mkldnn._reorder_linear_weight(reference.weight.detach(), 8)})
     model = torch.nn.Sequential(linear)
     with torch.inference_mode():
         for kernel in KERNELS:

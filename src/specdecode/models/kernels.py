@@ -30,14 +30,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdecode.errors import InvalidSettingError
+from specdecode.models import bf16_rows
 from specdecode.models.int8 import StaticActivation, int8_product, pack_int8
 
 KERNELS = ("mkl", "wxt", "onednn")  # x @ Wᵀ (MKL), W @ xᵀ, oneDNN on a prepacked weight
-# bf16 candidates: F.linear (oneDNN's bf16 matmul behind it), oneDNN on a prepacked bf16 weight, and
+# bf16 candidates: F.linear (oneDNN's bf16 matmul behind it), oneDNN on a prepacked bf16 weight,
 # fbgemm's float16-weight kernel on an exact float16 copy of the bf16 weight (offered only where
-# every weight converts exactly; float32 sum, rounded once to bf16 like the others). W @ xᵀ is
-# 1.5–2.5× slower than either oneDNN kernel in bf16 on AVX-512 BF16 (docs/perf.md)
-BF16_KERNELS = ("mkl", "onednn", "fp16")
+# every weight converts exactly), and our AVX-512 BF16 kernel for a few rows (``bf16_rows.py``,
+# offered where it builds); each a float32 sum rounded once to bf16. W @ xᵀ is 1.5–2.5× slower than
+# either oneDNN kernel in bf16 on AVX-512 BF16 (docs/perf.md)
+BF16_KERNELS = ("mkl", "onednn", "fp16", "dpbf16")
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # 17-64: draft trees and batched steps (MKL was 2x slower there)
 def cpu_description() -> dict[str, object]:
     """The CPU model and the instruction-set features the kernel choice depends on."""
@@ -88,26 +90,45 @@ class _LinearOver(nn.Module):
         self.weight, self.bias = weight, bias
 
 
+COPIED = ("onednn", "fp16", "dpbf16")  # kernels that read a copy of the weight made at load, not the weight
+
+
+def weight_copy(kernel: str, weight: torch.Tensor) -> object | None:
+    """What ``kernel`` reads in place of ``weight``, made once at load, or None where it cannot
+    take this weight here: oneDNN's packed layout, fbgemm's exact float16 copy of a bf16 weight,
+    or the AVX-512 BF16 kernel's packed blocks."""
+    weight = weight.detach()
+    if kernel == "onednn":
+        # the hint 8 packs for a few rows: 1 row costs what MKL costs, 2–16 rows much less
+        return torch.ops.mkldnn._reorder_linear_weight(weight, 8) if onednn_available() else None
+    if kernel == "fp16":
+        return exact_half_pack(weight) if weight.dtype == torch.bfloat16 else None
+    if kernel == "dpbf16":
+        return bf16_rows.pack(weight)
+    raise ValueError(f"kernel {kernel!r} reads the weight itself")
+
+
 class TunedLinear(_LinearOver):
-    """A float32 or bf16 product whose kernel follows a :class:`KernelPlan` (the oneDNN kernel
-    reads a packed copy of the weight made at load time, the ``fp16`` kernel an fbgemm-packed exact
-    float16 copy of a bf16 weight)."""
+    """A float32 or bf16 product whose kernel follows a :class:`KernelPlan`; ``copies`` holds what
+    the planned kernels of :data:`COPIED` read (:func:`weight_copy`)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: KernelPlan,
-                 packed: torch.Tensor | None = None, half: object | None = None) -> None:
+                 copies: dict[str, object] | None = None) -> None:
         super().__init__(weight, bias)
-        self.plan, self.packed, self.half = plan, packed, half
+        self.plan, self.copies = plan, dict(copies or {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         kernel = self.plan.kernel_for(rows.shape[0])
-        if kernel == "fp16":  # bf16 weights as their exact float16 copy (fbgemm), one rounding back
-            out = torch.ops.quantized.linear_dynamic_fp16(rows.float(), self.half)
+        if kernel == "dpbf16":
+            out = bf16_rows.product(rows, self.copies[kernel], self.out_features, self.bias, rows.dtype)
+        elif kernel == "fp16":  # bf16 weights as their exact float16 copy (fbgemm), one rounding back
+            out = torch.ops.quantized.linear_dynamic_fp16(rows.float(), self.copies[kernel])
             if self.bias is not None:
                 out = out + self.bias.float()
             out = out.to(rows.dtype)
         elif kernel == "onednn":
-            out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+            out = torch.ops.mkldnn._linear_pointwise(rows, self.copies[kernel], self.bias, "none", [], "")
         elif kernel == "wxt":
             # row-major like the other kernels': ops downstream (RMSNorm's sum) round by layout
             out = torch.mm(self.weight, rows.t()).t().contiguous()
@@ -119,12 +140,8 @@ class TunedLinear(_LinearOver):
 
 
 def _offered(kernel: str, linears: Sequence[TunedLinear]) -> bool:
-    """Whether every layer has what ``kernel`` reads (its packed copy)."""
-    if kernel == "onednn":
-        return all(m.packed is not None for m in linears)
-    if kernel == "fp16":
-        return all(m.half is not None for m in linears)
-    return True
+    """Whether every layer has what ``kernel`` reads (its copy of the weight)."""
+    return kernel not in COPIED or all(m.copies.get(kernel) is not None for m in linears)
 
 
 def exact_half_pack(weight: torch.Tensor) -> object | None:
@@ -269,8 +286,8 @@ def tuned_linear(linear: nn.Linear, kernels: KernelPlan | None) -> nn.Module:
     itself where there is no plan (reduced precision, no oneDNN)."""
     if kernels is None:
         return linear
-    packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 8) if "onednn" in kernels.kernels else None
-    return TunedLinear(linear.weight, linear.bias, kernels, packed)
+    return TunedLinear(linear.weight, linear.bias, kernels,
+                       {k: weight_copy(k, linear.weight) for k in set(kernels.kernels) & set(COPIED)})
 
 
 def tuned_product(weight: torch.Tensor) -> nn.Module:
@@ -286,23 +303,21 @@ def tuned_linears(layers: list[nn.Linear], kernels: str,
                    plan_cache: Path | None) -> tuple[KernelPlan | None, dict[nn.Module, nn.Module]]:
     if not layers:
         return None, {}
-    pack = onednn_available() and kernels in ("auto", "onednn")
-    if kernels == "onednn" and not pack:
-        raise InvalidSettingError("the oneDNN kernel is not available in this torch build")
-    # the hint 8 packs for a few rows: 1 row costs what MKL costs, 2–16 rows much less
-    half = layers[0].weight.dtype == torch.bfloat16 and kernels in ("auto", "fp16")
+    dtype = layers[0].weight.dtype
+    wanted = [k for k in candidate_kernels(dtype) if k in COPIED and kernels in ("auto", k)]
     tuned = [TunedLinear(linear.weight, linear.bias, KernelPlan(("mkl",) * len(ROW_BUCKETS)),
-                         torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 8) if pack else None,
-                         exact_half_pack(linear.weight) if half else None)
+                         {k: weight_copy(k, linear.weight) for k in wanted})
              for linear in layers]
-    if kernels == "fp16" and not _offered("fp16", tuned):
-        raise InvalidSettingError("the fp16 kernel needs bf16 weights that convert to float16 exactly, and fbgemm")
+    if kernels in COPIED and not _offered(kernels, tuned):
+        raise InvalidSettingError(f"the {kernels} kernel cannot run here: {KERNEL_NEEDS[kernels]}")
     plan = KernelPlan(tuple(kernels for _ in ROW_BUCKETS)) if kernels != "auto" else _cached_plan(tuned, plan_cache)
     for linear in tuned:
         linear.plan = plan
-        if "onednn" not in plan.kernels:
-            linear.packed = None  # the packed copy is only worth its memory when it is used
-        if "fp16" not in plan.kernels:
-            linear.half = None
+        # a copy is only worth its memory when the plan uses it
+        linear.copies = {k: v for k, v in linear.copies.items() if k in plan.kernels}
     return plan, dict(zip(layers, tuned))
 
+
+KERNEL_NEEDS = {"onednn": "it needs a torch build with oneDNN",
+                "fp16": "it needs bf16 weights that convert to float16 exactly, and fbgemm",
+                "dpbf16": "it needs bf16 weights, a CPU with AVX-512 BF16 and a C compiler"}

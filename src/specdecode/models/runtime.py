@@ -49,7 +49,7 @@ from specdecode.models.heads import ScreenedHead, TunedHead
 from specdecode.models.int8 import InputStatistics, Int8Linear
 from specdecode.models.int8 import calibration_ids as calibration_token_ids
 from specdecode.models.kernels import (BF16_KERNELS, KERNELS, KernelPlan, Fp16WeightLinear, Int8WeightLinear, TunedLinear,
-                                       cpu_description, exact_half_pack, fbgemm_fp16_available, tuned_linears)
+                                       cpu_description, fbgemm_fp16_available, tuned_linears, weight_copy)
 from specdecode.models.layer_skip import shallow_replace
 from specdecode.models.native import FusedGroup, NativeDecoder
 from specdecode.models.vocab_map import awaits_target_embedding
@@ -221,9 +221,8 @@ def _fused_projections(model: nn.Module) -> dict[tuple[int, str], FusedGroup]:
             elif kind is Fp16WeightLinear:
                 fused[index, name] = Fp16WeightLinear(weight, bias)
             else:
-                packed = None if parts[0].packed is None else torch.ops.mkldnn._reorder_linear_weight(weight, 8)
-                half = None if parts[0].half is None else exact_half_pack(weight)
-                fused[index, name] = TunedLinear(weight, bias, parts[0].plan, packed, half)
+                fused[index, name] = TunedLinear(weight, bias, parts[0].plan,
+                                                 {k: weight_copy(k, weight) for k in parts[0].copies})
     return fused
 
 
