@@ -2,8 +2,8 @@
 
 A step of a small model with a big vocabulary is dominated by one product: the 262k-row LM head,
 671 MB in float32 (docs/perf.md). The **screened head** (float32, exact) first evaluates every row
-on a cheaper copy of the weights — fbgemm's float16 kernel, or oneDNN's bf16 kernel where the CPU
-runs bf16 dot products natively — then recomputes exactly (float64 dot products rounded to
+on a cheaper copy of the weights — fbgemm's float16 kernel, or a bf16 kernel (oneDNN's, or ours on
+AVX-512 BF16) where the CPU runs bf16 dot products natively — then recomputes exactly (float64 dot products rounded to
 float32) the rows that a rigorous bound on the screen's error cannot exclude from the top ``k``.
 Greedy decoding needs ``k = 1``, top-k sampling ``k = top_k``: every value such a consumer can
 read is exact, the rest of the row is ``-inf``. Which screen runs is timed at load per row count
@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from specdecode.errors import InvalidSettingError
+from specdecode.models import bf16_rows
 from specdecode.models.kernels import (ROW_BUCKETS, KernelPlan, TunedLinear, cached_plan, fastest_per_bucket,
                                        fbgemm_fp16_available, onednn_available, plan_key)
 
 HEAD_BLOCK_ROWS = 4  # a head screen is memory-bound up to ~4 rows on these CPUs
-SCREENS = ("fp16", "bf16")
+SCREENS = ("fp16", "bf16", "dpbf16")
 
 
 class _Screen:
@@ -36,23 +37,29 @@ class _Screen:
     ``|x̃·w̃ (summed) − x·w| ≤ ‖x‖ (‖w − w̃‖ + γ_d ‖w̃‖) + ‖x − x̃‖ ‖w̃‖ (1 + γ_d)``; the bf16 kernel
     also rounds each result once to bf16 (relative ``2⁻⁸``). ``fp16``: fbgemm's float16-weight
     kernel, float32 inputs and outputs. ``bf16``: oneDNN on a prepacked bf16 copy, bf16 inputs,
-    native bf16 dot products where the CPU has them (AVX-512 BF16, AMX).
+    native bf16 dot products where the CPU has them (AVX-512 BF16, AMX). ``dpbf16``: our AVX-512
+    BF16 kernel (``models/bf16_rows.py``) on the same copy, float32 outputs; its γ takes a unit
+    roundoff of ``2⁻²³`` rather than ``2⁻²⁴`` (an instruction whose intermediate rounding the
+    vendors describe loosely; the kernel test shows ``d·2⁻²³`` holds with room).
     """
 
     def __init__(self, name: str, weight: torch.Tensor) -> None:
         dim = weight.shape[1]
-        gamma = dim * 2.0**-24 / (1 - dim * 2.0**-24)
+        unit = 2.0**-23 if name == "dpbf16" else 2.0**-24
+        gamma = dim * unit / (1 - dim * unit)
+        self.output_rounding = 0.0
         if name == "fp16":
             self.packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
             copy = weight.half().float()
-            self.input_bound, self.output_rounding = 0.0, 0.0
+            self.input_bound = 0.0
         else:
             low = weight.to(torch.bfloat16)
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(low, 8)
+            self.packed = bf16_rows.pack(low) if name == "dpbf16" else torch.ops.mkldnn._reorder_linear_weight(low, 8)
             copy = low.float()
             self.input_bound = float(copy.norm(dim=1).max()) * (1 + gamma) * 1.01
-            self.output_rounding = 2.0**-8 / (1 - 2.0**-8)  # |rounded − s| ≤ this × |rounded|
-        self.name = name
+            if name == "bf16":
+                self.output_rounding = 2.0**-8 / (1 - 2.0**-8)  # |rounded − s| ≤ this × |rounded|
+        self.name, self.vocab = name, weight.shape[0]
         # 1.01 and 1e-7: margin for the norms' own rounding
         self.row_bound = float(((weight - copy).norm(dim=1) + gamma * copy.norm(dim=1)).max()) * 1.01 + 1e-7
 
@@ -63,12 +70,15 @@ class _Screen:
             return torch.ops.quantized.linear_dynamic_fp16(hidden, self.packed), bound
         rounded = hidden.to(torch.bfloat16)
         bound = bound + (hidden - rounded.float()).norm(dim=1, keepdim=True) * self.input_bound
+        if self.name == "dpbf16":
+            return bf16_rows.product(rounded, self.packed, self.vocab, out_dtype=torch.float32), bound
         return torch.ops.mkldnn._linear_pointwise(rounded, self.packed, None, "none", [], "").float(), bound
 
 
 def offered_screens() -> tuple[str, ...]:
     """The screens this torch build can run (whether they pay is timed)."""
-    return tuple(name for name, ok in (("fp16", fbgemm_fp16_available()), ("bf16", onednn_available())) if ok)
+    return tuple(name for name, ok in (("fp16", fbgemm_fp16_available()), ("bf16", onednn_available()),
+                                       ("dpbf16", bf16_rows.available())) if ok)
 
 
 KTH_BLOCK = 256  # columns per block of _kth_floor
