@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from specdecode import SpeculativeDecoder
 from specdecode.errors import InvalidSettingError, ModelLoadError
-from specdecode.models import bf16_rows
+from specdecode.models import row_kernels
 from specdecode.models.cache import KVCache
 from specdecode.models.loading import LoadedModel, load_model, resolve_dtype
 from specdecode.models.layer_skip import SkipSet
@@ -89,31 +89,6 @@ def test_bf16_runtime_tunes_products_and_head_and_leaves_the_model_alone(arch, t
         build_runtime(model, kernels="wxt")
 
 
-@pytest.mark.skipif(not bf16_rows.available(), reason="needs AVX-512 BF16 and a C compiler")
-def test_the_avx512_bf16_kernel_sums_each_row_alike_whatever_the_row_count():
-    """Each row's product is a float32 sum of exact bf16 products, the same bits whether the row
-    comes alone or among 2-40 others (that is what makes a k-token verification's products those
-    of k one-token steps); output columns not a multiple of 16 and a bias included."""
-    torch.manual_seed(0)
-    for out_features, in_features in ((37, 48), (96, 64), (1000, 130)):
-        weight = (torch.randn(out_features, in_features) * 0.2).bfloat16()
-        bias = torch.randn(out_features)
-        packed = bf16_rows.pack(weight)
-        x = torch.randn(40, in_features).bfloat16()
-        exact = x.double() @ weight.double().t() + bias.double()
-        for out_dtype in (torch.float32, torch.bfloat16):
-            alone = torch.cat([bf16_rows.product(x[i:i + 1], packed, out_features, bias, out_dtype) for i in range(40)])
-            for rows in (2, 5, 8, 11, 40):
-                together = bf16_rows.product(x[:rows], packed, out_features, bias, out_dtype)
-                assert together.dtype == out_dtype and torch.equal(together, alone[:rows])
-            # float32: a sum of in_features exact products, each add rounded (γ_d bound, generously)
-            tolerance = 2 ** -7 if out_dtype == torch.bfloat16 else in_features * 2 ** -23
-            torch.testing.assert_close(alone.double(), exact, rtol=tolerance,
-                                       atol=tolerance * float((x.double().abs() @ weight.double().abs().t()).max()))
-    assert bf16_rows.pack(torch.randn(16, 7).bfloat16()) is None  # odd inner dimension: not offered
-    assert bf16_rows.pack(torch.randn(16, 8)) is None  # float32: not offered
-
-
 def test_naming_a_kernel_that_cannot_run_here_gets_one_line():
     model = AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB), dtype=torch.float32).eval()
     for kernels in ("fp16", "dpbf16"):
@@ -129,7 +104,7 @@ def test_bf16_fast_runtime_computes_the_bf16_eager_forward(arch, kernels, attent
     products, norms and attention in fewer ops); otherwise (oneDNN's prepacked products, float32
     attention — one rounding instead of bf16's —, Gemma 3's sliding layers reading only their
     window) as close to the same weights' float64 forward as `transformers`' bf16 is."""
-    if kernels == "dpbf16" and not bf16_rows.available():
+    if kernels == "dpbf16" and not row_kernels.bf16_available():
         pytest.skip("needs AVX-512 BF16 and a C compiler")
     model = _tiny_bf16(arch, seed=2, half_exact=kernels == "fp16")
     plan = build_runtime(model, kernels=kernels, attention=attention)

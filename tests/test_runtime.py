@@ -156,6 +156,29 @@ def test_screen_error_stays_inside_its_bound_on_adversarial_inputs(screen):
     assert bool(((values - exact).abs() <= bound + rho * values.abs() + 1e-6).all())
 
 
+@pytest.mark.skipif("int8" not in offered_screens(), reason="needs AVX-512 VNNI and a C compiler")
+def test_int8_screen_bound_covers_its_input_rounding():
+    """The int8 screen reads the input as int16 with a scale: inputs whose roundings all push one
+    way while the rounded product is exactly 0, on weights the int8 copy holds exactly (so only
+    the input term of the bound can cover the error, and it must)."""
+    torch.manual_seed(7)
+    dim, step = 64, 2.0**-8
+    q = torch.randint(-127, 128, (500, dim)).float()
+    q[:, ::32] = 127  # every group of 32 has a 127: its scale is exactly `step`
+    q[0] = torch.tensor([0.0] + [127.0, -127.0] * ((dim - 2) // 2) + [0.0])  # sums to 0 against a constant
+    weight = q * step
+    t = 2.0**-10
+    hidden = torch.full((1, dim), 1000.0)
+    hidden[0, 0] = 32767.0  # the row's maximum, on the int16 grid: the scale is exactly t
+    hidden[0, 1:] += 0.49 * torch.sign(weight[0, 1:])
+    hidden = hidden * t
+    head = ScreenedHead(weight, None, softcap=None, screens="int8")
+    values, bound = head.screens["int8"](hidden)
+    exact = (hidden.double() @ weight.double().t()).float()
+    assert values[0, 0] == 0 and exact[0, 0] > 1e-3  # the rounded input cancels, the true one does not
+    assert bool(((values - exact).abs() <= bound + 1e-6).all())
+
+
 def test_selection_survives_a_screen_that_errs_by_its_whole_bound():
     """A screen that lowers every true top-k value and raises every other one by the full bound
     ``A + ρ|s|`` (the worst the bound allows): the rescored rows must still hold the exact top k."""

@@ -14,19 +14,19 @@ distribution (sampling without top-k, perplexity) get the full float32 head.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from specdecode.errors import InvalidSettingError
-from specdecode.models import bf16_rows
+from specdecode.models import row_kernels
 from specdecode.models.kernels import (ROW_BUCKETS, KernelPlan, TunedLinear, cached_plan, fastest_per_bucket,
                                        fbgemm_fp16_available, onednn_available, plan_key)
 
 HEAD_BLOCK_ROWS = 4  # a head screen is memory-bound up to ~4 rows on these CPUs
-SCREENS = ("fp16", "bf16", "dpbf16")
+SCREENS = ("fp16", "bf16", "dpbf16", "int8")
 
 
 class _Screen:
@@ -38,47 +38,71 @@ class _Screen:
     also rounds each result once to bf16 (relative ``2⁻⁸``). ``fp16``: fbgemm's float16-weight
     kernel, float32 inputs and outputs. ``bf16``: oneDNN on a prepacked bf16 copy, bf16 inputs,
     native bf16 dot products where the CPU has them (AVX-512 BF16, AMX). ``dpbf16``: our AVX-512
-    BF16 kernel (``models/bf16_rows.py``) on the same copy, float32 outputs; its γ takes a unit
+    BF16 kernel (``models/row_kernels.py``) on the same copy, float32 outputs; its γ takes a unit
     roundoff of ``2⁻²³`` rather than ``2⁻²⁴`` (an instruction whose intermediate rounding the
-    vendors describe loosely; the kernel test shows ``d·2⁻²³`` holds with room).
+    vendors describe loosely; the kernel test shows ``d·2⁻²³`` holds with room). ``int8``: our
+    AVX-512 VNNI kernel on an int8 copy with a scale per 32 inputs, the input as int16 with a scale
+    (``x̃`` within ``max|x| / 65534`` of each value), integer sums exact within a group and float32
+    across groups (``K/32 + 3`` roundings a term, within ``γ_d``): 1.125 bytes a weight.
     """
 
     def __init__(self, name: str, weight: torch.Tensor) -> None:
         dim = weight.shape[1]
         unit = 2.0**-23 if name == "dpbf16" else 2.0**-24
         gamma = dim * unit / (1 - dim * unit)
-        self.output_rounding = 0.0
+        self.name, self.vocab, self.output_rounding = name, weight.shape[0], 0.0
         if name == "fp16":
             self.packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
-            copy = weight.half().float()
-            self.input_bound = 0.0
+            copy_rows = lambda rows: weight[rows].half()  # noqa: E731
+        elif name == "int8":
+            self.packed = row_kernels.Int8Groups(weight)
+            copy_rows = self.packed.dequantized
         else:
             low = weight.to(torch.bfloat16)
-            self.packed = bf16_rows.pack(low) if name == "dpbf16" else torch.ops.mkldnn._reorder_linear_weight(low, 8)
-            copy = low.float()
-            self.input_bound = float(copy.norm(dim=1).max()) * (1 + gamma) * 1.01
+            self.packed = row_kernels.pack_bf16(low) if name == "dpbf16" else torch.ops.mkldnn._reorder_linear_weight(low, 8)
+            copy_rows = lambda rows: low[rows]  # noqa: E731
             if name == "bf16":
                 self.output_rounding = 2.0**-8 / (1 - 2.0**-8)  # |rounded − s| ≤ this × |rounded|
-        self.name, self.vocab = name, weight.shape[0]
+        worst_error, worst_norm = _worst_row_terms(weight, copy_rows, gamma)
         # 1.01 and 1e-7: margin for the norms' own rounding
-        self.row_bound = float(((weight - copy).norm(dim=1) + gamma * copy.norm(dim=1)).max()) * 1.01 + 1e-7
+        self.row_bound = worst_error * 1.01 + 1e-7
+        self.input_bound = 0.0 if name == "fp16" else worst_norm * (1 + gamma) * 1.01  # fp16 reads x as it is
 
     def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Screened values ``[n, V]`` (float32) and each row's bound ``[n, 1]`` before output rounding."""
         bound = hidden.norm(dim=1, keepdim=True) * self.row_bound
         if self.name == "fp16":
             return torch.ops.quantized.linear_dynamic_fp16(hidden, self.packed), bound
+        if self.name == "int8":
+            xq, scale = row_kernels.quantize_rows(hidden)
+            rounded_error = (hidden.double() - xq.double() * scale.double()[:, None]).norm(dim=1, keepdim=True)
+            return row_kernels.int8_product(xq, scale, self.packed), bound + rounded_error.float() * self.input_bound
         rounded = hidden.to(torch.bfloat16)
         bound = bound + (hidden - rounded.float()).norm(dim=1, keepdim=True) * self.input_bound
         if self.name == "dpbf16":
-            return bf16_rows.product(rounded, self.packed, self.vocab, out_dtype=torch.float32), bound
+            return row_kernels.bf16_product(rounded, self.packed, self.vocab, out_dtype=torch.float32), bound
         return torch.ops.mkldnn._linear_pointwise(rounded, self.packed, None, "none", [], "").float(), bound
+
+
+def _worst_row_terms(weight: torch.Tensor, copy_rows: Callable[[slice], torch.Tensor], gamma: float,
+                     chunk: int = 16_384) -> tuple[float, float]:
+    """The largest ``‖w − w̃‖ + γ‖w̃‖`` and ``‖w̃‖`` over the rows, in float64 (exact differences),
+    a chunk of rows at a time: a float64 copy of a 262k-row head would be 1.3 GB."""
+    worst_error = worst_norm = 0.0
+    for start in range(0, weight.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        copy = copy_rows(rows).double()
+        norms = copy.norm(dim=1)
+        worst_error = max(worst_error, float(((weight[rows].double() - copy).norm(dim=1) + gamma * norms).max()))
+        worst_norm = max(worst_norm, float(norms.max()))
+    return worst_error, worst_norm
 
 
 def offered_screens() -> tuple[str, ...]:
     """The screens this torch build can run (whether they pay is timed)."""
     return tuple(name for name, ok in (("fp16", fbgemm_fp16_available()), ("bf16", onednn_available()),
-                                       ("dpbf16", bf16_rows.available())) if ok)
+                                       ("dpbf16", row_kernels.bf16_available()),
+                                       ("int8", row_kernels.int8_available())) if ok)
 
 
 KTH_BLOCK = 256  # columns per block of _kth_floor

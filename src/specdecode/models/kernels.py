@@ -30,13 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdecode.errors import InvalidSettingError
-from specdecode.models import bf16_rows
+from specdecode.models import row_kernels
 from specdecode.models.int8 import StaticActivation, int8_product, pack_int8
 
 KERNELS = ("mkl", "wxt", "onednn")  # x @ Wᵀ (MKL), W @ xᵀ, oneDNN on a prepacked weight
 # bf16 candidates: F.linear (oneDNN's bf16 matmul behind it), oneDNN on a prepacked bf16 weight,
 # fbgemm's float16-weight kernel on an exact float16 copy of the bf16 weight (offered only where
-# every weight converts exactly), and our AVX-512 BF16 kernel for a few rows (``bf16_rows.py``,
+# every weight converts exactly), and our AVX-512 BF16 kernel for a few rows (``row_kernels.py``,
 # offered where it builds); each a float32 sum rounded once to bf16. W @ xᵀ is 1.5–2.5× slower than
 # either oneDNN kernel in bf16 on AVX-512 BF16 (docs/perf.md)
 BF16_KERNELS = ("mkl", "onednn", "fp16", "dpbf16")
@@ -104,7 +104,7 @@ def weight_copy(kernel: str, weight: torch.Tensor) -> object | None:
     if kernel == "fp16":
         return exact_half_pack(weight) if weight.dtype == torch.bfloat16 else None
     if kernel == "dpbf16":
-        return bf16_rows.pack(weight)
+        return row_kernels.pack_bf16(weight)
     raise ValueError(f"kernel {kernel!r} reads the weight itself")
 
 
@@ -121,7 +121,7 @@ class TunedLinear(_LinearOver):
         rows = x.reshape(-1, x.shape[-1])
         kernel = self.plan.kernel_for(rows.shape[0])
         if kernel == "dpbf16":
-            out = bf16_rows.product(rows, self.copies[kernel], self.out_features, self.bias, rows.dtype)
+            out = row_kernels.bf16_product(rows, self.copies[kernel], self.out_features, self.bias, rows.dtype)
         elif kernel == "fp16":  # bf16 weights as their exact float16 copy (fbgemm), one rounding back
             out = torch.ops.quantized.linear_dynamic_fp16(rows.float(), self.copies[kernel])
             if self.bias is not None:

@@ -1,0 +1,222 @@
+/* Products for a few rows that stay memory-bound: out[m, n] = sum_k x[m, k] * w[n, k].
+ * Two kernels: bf16_rows (bf16 weights and rows) and int8_rows (weights as int8 with a float32 scale
+ * per 32 inputs, float32 rows; the LM head's screen, models/heads.py).
+ *
+ * bf16_rows: oneDNN's bf16 kernel turns compute-bound at ~5 rows on a 2-core Zen 4 (docs/perf.md, stop 26),
+ * so a 5-token verification cost 1.4x a 1-token step. Here the weight is packed once as
+ * [N/16][K/2][16][2]: one 64-byte load holds two k-values of 16 outputs, and AVX-512 BF16's
+ * dot-product instruction (vdpbf16ps) adds both products of a row into 16 float32 lanes, so a row
+ * costs one instruction per 64 weight bytes and no horizontal sums. Each row's sum runs in the
+ * same order whatever the row count, so k rows give bit for bit what k one-row calls give.
+ * Without AVX-512 BF16 this file compiles to `bf16_rows_available() == 0` and is not offered.
+ */
+#include <stdint.h>
+
+#define LANES 16
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+
+int bf16_rows_available(void) { return 1; }
+
+#define MAX_ROWS 8
+
+/* ROWS rows times BLOCKS consecutive blocks of 16 outputs; compile-time counts so that the
+ * accumulators stay in registers. */
+static inline __attribute__((always_inline)) void blocks(
+    const uint16_t *x, const uint16_t *w, int K, int ROWS, int BLOCKS, int block0, int n_valid,
+    int N, const float *bias, void *out, int out_bf16) {
+    __m512 acc[4][MAX_ROWS];
+    const int pairs = K / 2;
+    const int32_t *xp[MAX_ROWS];
+#pragma GCC unroll 8
+    for (int m = 0; m < ROWS; m++) xp[m] = (const int32_t *)(x + (int64_t)m * K);
+#pragma GCC unroll 4
+    for (int b = 0; b < BLOCKS; b++)
+#pragma GCC unroll 8
+        for (int m = 0; m < ROWS; m++) acc[b][m] = _mm512_setzero_ps();
+    const uint16_t *wb = w + (int64_t)block0 * pairs * 2 * LANES;
+    const int64_t block_stride = (int64_t)pairs * 2 * LANES;
+    for (int p = 0; p < pairs; p++) {
+        __m512bh wv[4];
+#pragma GCC unroll 4
+        for (int b = 0; b < BLOCKS; b++)
+            wv[b] = (__m512bh)_mm512_loadu_si512((const void *)(wb + b * block_stride + (int64_t)p * 2 * LANES));
+#pragma GCC unroll 8
+        for (int m = 0; m < ROWS; m++) {
+            __m512bh xv = (__m512bh)_mm512_set1_epi32(xp[m][p]);
+#pragma GCC unroll 4
+            for (int b = 0; b < BLOCKS; b++) acc[b][m] = _mm512_dpbf16_ps(acc[b][m], xv, wv[b]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int b = 0; b < BLOCKS; b++) {
+        const int n0 = (block0 + b) * LANES;
+        const int valid = n_valid - n0 < LANES ? n_valid - n0 : LANES;
+        const __mmask16 mask = valid >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1u);
+        __m512 add = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+        for (int m = 0; m < ROWS; m++) {
+            __m512 v = _mm512_add_ps(acc[b][m], add);
+            if (out_bf16) {
+                uint16_t *o = (uint16_t *)out + (int64_t)m * N + n0;
+                _mm256_mask_storeu_epi16(o, mask, (__m256i)_mm512_cvtneps_pbh(v));
+            } else {
+                _mm512_mask_storeu_ps((float *)out + (int64_t)m * N + n0, mask, v);
+            }
+        }
+    }
+}
+
+#define GROUP(ROWS, BLOCKS)                                                                          \
+    do {                                                                                             \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                            \
+        for (int g = 0; g < groups; g++)                                                             \
+            blocks(x, w, K, ROWS, BLOCKS, g * BLOCKS, N, N, bias, out, out_bf16);                    \
+        for (int blk = groups * BLOCKS; blk < nblocks; blk++)                                        \
+            blocks(x, w, K, ROWS, 1, blk, N, N, bias, out, out_bf16);                                \
+    } while (0)
+
+/* One pass over the weight for up to MAX_ROWS rows: as many blocks at a time as the 32 vector registers hold
+ * (accumulators, one weight register a block, the broadcast row) up to 4, which is enough
+ * independent sums to cover the instruction's latency at one row. */
+static void one_pass(const uint16_t *x, const uint16_t *w, int M, int K, int N, const float *bias,
+                       void *out, int out_bf16, int threads) {
+    const int nblocks = (N + LANES - 1) / LANES;
+    int groups;
+    switch (M) {
+#define CASE(ROWS, BLOCKS) case ROWS: groups = nblocks / BLOCKS; GROUP(ROWS, BLOCKS); break;
+        CASE(1, 4) CASE(2, 4) CASE(3, 4) CASE(4, 4) CASE(5, 4) CASE(6, 4) CASE(7, 3) CASE(8, 3)
+#undef CASE
+    }
+}
+
+/* x [M][K] bf16 row-major (K even), w packed by the caller, out [M][N] float32 or bf16, bias
+ * float32 [N] or NULL (added before the one rounding to bf16). More than 8 rows run in near-equal
+ * passes of at most 8 (on a Zen 4, 9 rows cost less as 5 + 4 than as one pass of 2 blocks, 12 as
+ * 6 + 6, 16 as 8 + 8 than as 6 + 5 + 5: a pass turns compute-bound past ~8 rows). */
+void bf16_rows(const uint16_t *x, const uint16_t *w, int M, int K, int N, const float *bias, void *out,
+               int out_bf16, int threads) {
+    const int elem = out_bf16 ? 2 : 4;
+    const int passes = (M + MAX_ROWS - 1) / MAX_ROWS;
+    for (int pass = 0, m0 = 0; pass < passes; pass++) {
+        const int rows = (M - m0) / (passes - pass);  /* near-equal passes */
+        one_pass(x + (int64_t)m0 * K, w, rows, K, N, bias, (char *)out + (int64_t)m0 * N * elem, out_bf16,
+                 threads);
+        m0 += rows;
+    }
+}
+#else
+int bf16_rows_available(void) { return 0; }
+void bf16_rows(const uint16_t *x, const uint16_t *w, int M, int K, int N, const float *bias, void *out,
+               int out_bf16, int threads) {
+    (void)x; (void)w; (void)M; (void)K; (void)N; (void)bias; (void)out; (void)out_bf16; (void)threads;
+}
+#endif
+
+/* int8_rows: out[m, n] = t[m] * sum_g scale[n, g] * sum_{k in group g} xq[m, k] * q[n, k]: int8
+ * weights with a float32 scale per 32 inputs, rows as int16 with a float32 scale each. Integer
+ * products summed exactly in int32 within a group (|sum| <= 32 * 32767 * 127 < 2^31), then in
+ * float32 across groups. AVX-512 VNNI's vpdpwssd adds two int16 products a lane, so after one
+ * sign extension per 32 weight bytes a row costs one instruction per 32 bytes: 1.125 bytes a weight
+ * against bf16's 2, for the LM head's screen (models/heads.py bounds the error of both roundings).
+ * The weight is packed as [N/16][K/2][16][2] int8 and the scales as [N/16][K/32][16] float32. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+
+int int8_rows_available(void) { return 1; }
+
+#define GROUP_PAIRS 16
+
+static inline __attribute__((always_inline)) void int8_blocks(
+    const int16_t *x, const float *t, const int8_t *q, const float *scale, int K, int ROWS, int BLOCKS,
+    int block0, int N, float *out) {
+    __m512 total[4][8];
+    __m512i part[4][8];
+    const int pairs = K / 2, groups = (pairs + GROUP_PAIRS - 1) / GROUP_PAIRS;
+    const int32_t *xp[8];
+#pragma GCC unroll 8
+    for (int m = 0; m < ROWS; m++) xp[m] = (const int32_t *)(x + (int64_t)m * K);
+#pragma GCC unroll 4
+    for (int b = 0; b < BLOCKS; b++)
+#pragma GCC unroll 8
+        for (int m = 0; m < ROWS; m++) total[b][m] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+#pragma GCC unroll 4
+        for (int b = 0; b < BLOCKS; b++)
+#pragma GCC unroll 8
+            for (int m = 0; m < ROWS; m++) part[b][m] = _mm512_setzero_si512();
+        const int end = (g + 1) * GROUP_PAIRS < pairs ? (g + 1) * GROUP_PAIRS : pairs;
+        for (int p = g * GROUP_PAIRS; p < end; p++) {
+            __m512i wv[4];
+#pragma GCC unroll 4
+            for (int b = 0; b < BLOCKS; b++) {
+                const int8_t *src = q + ((int64_t)(block0 + b) * pairs + p) * 2 * LANES;
+                wv[b] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)src));
+            }
+#pragma GCC unroll 8
+            for (int m = 0; m < ROWS; m++) {
+                const __m512i xv = _mm512_set1_epi32(xp[m][p]);
+#pragma GCC unroll 4
+                for (int b = 0; b < BLOCKS; b++) part[b][m] = _mm512_dpwssd_epi32(part[b][m], xv, wv[b]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int b = 0; b < BLOCKS; b++) {
+            const __m512 sv = _mm512_loadu_ps(scale + ((int64_t)(block0 + b) * groups + g) * LANES);
+#pragma GCC unroll 8
+            for (int m = 0; m < ROWS; m++)
+                total[b][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part[b][m]), sv, total[b][m]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int b = 0; b < BLOCKS; b++) {
+        const int n0 = (block0 + b) * LANES;
+        const int valid = N - n0 < LANES ? N - n0 : LANES;
+        const __mmask16 mask = valid >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1u);
+#pragma GCC unroll 8
+        for (int m = 0; m < ROWS; m++)
+            _mm512_mask_storeu_ps(out + (int64_t)m * N + n0, mask, _mm512_mul_ps(total[b][m], _mm512_set1_ps(t[m])));
+    }
+}
+
+#define INT8_PASS(ROWS, BLOCKS)                                                                      \
+    do {                                                                                             \
+        const int groups = nblocks / BLOCKS;                                                         \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                            \
+        for (int g = 0; g < groups; g++) int8_blocks(xr, tr, q, scale, K, ROWS, BLOCKS, g * BLOCKS, N, o); \
+        for (int blk = groups * BLOCKS; blk < nblocks; blk++) int8_blocks(xr, tr, q, scale, K, ROWS, 1, blk, N, o); \
+    } while (0)
+
+/* x [M][K] int16 (K even) with scales t [M], q and scale packed by the caller, out [M][N] float32;
+ * up to 8 rows a pass (two accumulators a row and block: the group's integer sum and the total;
+ * as many blocks as 32 registers hold), more in near-equal passes. */
+void int8_rows(const int16_t *x, const float *t, const int8_t *q, const float *scale, int M, int K, int N,
+               float *out, int threads) {
+    const int nblocks = (N + LANES - 1) / LANES;
+    const int passes = (M + 7) / 8;
+    for (int pass = 0, m0 = 0; pass < passes; pass++) {
+        const int rows = (M - m0) / (passes - pass);
+        const int16_t *xr = x + (int64_t)m0 * K;
+        const float *tr = t + m0;
+        float *o = out + (int64_t)m0 * N;
+        switch (rows) {
+            case 1: INT8_PASS(1, 4); break;
+            case 2: INT8_PASS(2, 4); break;
+            case 3: INT8_PASS(3, 3); break;
+            case 4: INT8_PASS(4, 3); break;
+            case 5: INT8_PASS(5, 2); break;
+            case 6: INT8_PASS(6, 2); break;
+            case 7: INT8_PASS(7, 1); break;
+            default: INT8_PASS(8, 1); break;
+        }
+        m0 += rows;
+    }
+}
+#else
+int int8_rows_available(void) { return 0; }
+void int8_rows(const int16_t *x, const float *t, const int8_t *q, const float *scale, int M, int K, int N,
+               float *out, int threads) {
+    (void)x; (void)t; (void)q; (void)scale; (void)M; (void)K; (void)N; (void)out; (void)threads;
+}
+#endif

@@ -1,0 +1,161 @@
+"""Products for a few rows that stay memory-bound (``csrc/row_kernels.c``), built with the machine's
+C compiler on first use and cached; each offered only where it builds and runs here.
+
+- ``bf16_product``: bf16 weights and rows on AVX-512 BF16, a candidate of the kernel tuner.
+- ``int8_product``: weights as int8 with a float32 scale per 32 inputs, rows as int16 with a scale
+  each (AVX-512 VNNI): the LM head's cheapest screen (1.125 bytes a weight), whose error a bound
+  covers (``heads.py``).
+
+Why kernels of our own: oneDNN's bf16 product turns compute-bound at ~5 rows on a 2-core Zen 4,
+so a 5-token bf16 verification cost 1.4× a 1-token step (docs/perf.md, stop 26); this one spends
+one dot-product instruction per 64 weight bytes a row and stays memory-bound to ~8 rows. Each
+row's sum runs in the same order whatever the row count: k rows give exactly what k one-row calls
+give. The C file is ~100 lines with no torch headers, so it builds in about a second; ctypes calls
+it on the tensors' memory (float32 sums, one rounding to bf16, as the other bf16 kernels).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).parent / "csrc" / "row_kernels.c"
+LANES = 16  # outputs per packed block (one 512-bit register of float32 sums)
+GROUP_K = 32  # inputs sharing one scale in the int8 layout (as GGUF's Q8_0)
+
+
+def _build_dir() -> Path:
+    from specdecode.models.loading import cache_dir  # loading imports this module's users, not this module
+    return cache_dir() / "kernels"
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where this machine cannot build them (no C compiler, no
+    OpenMP); which of them run here says :func:`bf16_available` / :func:`int8_available`."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None or not SOURCE.is_file():
+        return None
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    from specdecode.models.kernels import cpu_description
+    key = hashlib.sha256(repr((SOURCE.read_bytes(), compiler, flags, cpu_description()["cpu"],
+                               cpu_description()["features"])).encode()).hexdigest()[:16]
+    target = _build_dir() / f"row_kernels-{key}.so"
+    if not target.is_file():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], check=True,
+                               capture_output=True, timeout=120)
+                built.replace(target)  # atomic: a concurrent build never loads half a file
+        except (OSError, subprocess.SubprocessError) as error:
+            print(f"the row kernels did not build ({type(error).__name__}); using the stock kernels",
+                  file=sys.stderr)
+            return None
+    try:
+        lib = ctypes.CDLL(str(target))  # links libgomp.so.1, which torch has loaded: one thread pool
+    except OSError:
+        return None
+    pointer, number = ctypes.c_void_p, ctypes.c_int
+    lib.bf16_rows.restype = lib.int8_rows.restype = None
+    lib.bf16_rows.argtypes = [pointer, pointer, number, number, number, pointer, pointer, number, number]
+    lib.int8_rows.argtypes = [pointer, pointer, pointer, pointer, number, number, number, pointer, number]
+    return lib
+
+
+def bf16_available() -> bool:
+    lib = library()
+    return lib is not None and bool(lib.bf16_rows_available())
+
+
+def int8_available() -> bool:
+    lib = library()
+    return lib is not None and bool(lib.int8_rows_available())
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight [N, K]`` (bf16) packed as ``[⌈N/16⌉, K/2, 16, 2]`` (zero rows pad N), or None where
+    the kernel cannot take it (not bf16, odd K, no kernel)."""
+    out_features, in_features = weight.shape
+    if weight.dtype != torch.bfloat16 or in_features % 2 or not bf16_available():
+        return None
+    padded = -(-out_features // LANES) * LANES
+    weight = weight.detach()
+    if padded != out_features:
+        weight = torch.cat([weight, weight.new_zeros(padded - out_features, in_features)])
+    return weight.reshape(padded // LANES, LANES, in_features // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def bf16_product(rows: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
+                 out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``rows [M, K] @ weightᵀ`` from ``pack_bf16(weight)``: float32 sums (plus ``bias``), returned in
+    ``out_dtype`` (bf16: one rounding to nearest even, like the other bf16 kernels)."""
+    lib = library()
+    assert lib is not None and rows.dim() == 2 and out_dtype in (torch.bfloat16, torch.float32)
+    rows = rows.to(torch.bfloat16).contiguous()
+    out = torch.empty(rows.shape[0], out_features, dtype=out_dtype)
+    if bias is not None:
+        bias = bias.float().contiguous()
+    lib.bf16_rows(rows.data_ptr(), packed.data_ptr(), rows.shape[0], rows.shape[1], out_features,
+                  None if bias is None else bias.data_ptr(), out.data_ptr(), int(out_dtype == torch.bfloat16),
+                  torch.get_num_threads())
+    return out
+
+
+class Int8Groups:
+    """A weight ``[N, K]`` (K even) as int8 with a float32 scale per 32 inputs (``scale = max|w| / 127``
+    over the group): ``dequantized()`` is what the kernel multiplies by, exactly (a 7-bit integer
+    times a float32 scale), for the screen's error bound."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        out_features, in_features = weight.shape
+        assert in_features % 2 == 0
+        self.out_features, self.in_features = out_features, in_features
+        padded_k = -(-in_features // GROUP_K) * GROUP_K
+        grouped = F.pad(weight.detach().float(), (0, padded_k - in_features)).view(out_features, -1, GROUP_K)
+        scale = grouped.abs().amax(dim=2, keepdim=True) / 127
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(grouped / scale).clamp_(-127, 127).to(torch.int8)
+        self.q, self.scale = q.view(out_features, padded_k)[:, :in_features], scale.squeeze(2)
+        padded_n = -(-out_features // LANES) * LANES
+        blocks = padded_n // LANES
+        q_rows = F.pad(self.q, (0, 0, 0, padded_n - out_features))
+        self.packed_q = q_rows.view(blocks, LANES, in_features // 2, 2).transpose(1, 2).contiguous()
+        scale_rows = F.pad(self.scale, (0, 0, 0, padded_n - out_features), value=1.0)
+        self.packed_scale = scale_rows.view(blocks, LANES, -1).transpose(1, 2).contiguous()
+
+    def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The weight's ``rows`` as the kernel multiplies by them, in float64 (exact)."""
+        scale = self.scale[rows].double().repeat_interleave(GROUP_K, dim=1)[:, :self.in_features]
+        return self.q[rows].double() * scale
+
+
+def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows [M, K]`` as int16 with one float32 scale a row (``t = max|row| / 32767``): ``xq·t`` is
+    the input :func:`int8_product` multiplies, within ``t / 2`` of each value."""
+    t = rows.abs().amax(dim=1).float() / 32767
+    t = torch.where(t > 0, t, torch.ones_like(t))
+    return torch.round(rows.float() / t[:, None]).clamp_(-32767, 32767).to(torch.int16), t
+
+
+def int8_product(xq: torch.Tensor, t: torch.Tensor, weight: Int8Groups) -> torch.Tensor:
+    """``(xq·t) @ weight.dequantized()ᵀ``: integer sums exact within a group of 32 inputs, float32
+    across groups; float32 out."""
+    lib = library()
+    assert lib is not None and xq.dim() == 2 and xq.dtype == torch.int16
+    xq, t = xq.contiguous(), t.contiguous()
+    out = torch.empty(xq.shape[0], weight.out_features)
+    lib.int8_rows(xq.data_ptr(), t.data_ptr(), weight.packed_q.data_ptr(), weight.packed_scale.data_ptr(),
+                  xq.shape[0], xq.shape[1], weight.out_features, out.data_ptr(), torch.get_num_threads())
+    return out

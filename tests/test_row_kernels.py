@@ -1,0 +1,55 @@
+"""The row kernels of ``models/row_kernels.py`` against float64, and each row alike at any row count."""
+
+import pytest
+import torch
+
+from specdecode.models import row_kernels
+
+
+@pytest.mark.skipif(not row_kernels.bf16_available(), reason="needs AVX-512 BF16 and a C compiler")
+def test_the_avx512_bf16_kernel_sums_each_row_alike_whatever_the_row_count():
+    """Each row's product is a float32 sum of exact bf16 products, the same bits whether the row
+    comes alone or among 2-40 others (that is what makes a k-token verification's products those
+    of k one-token steps); output columns not a multiple of 16 and a bias included."""
+    torch.manual_seed(0)
+    for out_features, in_features in ((37, 48), (96, 64), (1000, 130)):
+        weight = (torch.randn(out_features, in_features) * 0.2).bfloat16()
+        bias = torch.randn(out_features)
+        packed = row_kernels.pack_bf16(weight)
+        x = torch.randn(40, in_features).bfloat16()
+        exact = x.double() @ weight.double().t() + bias.double()
+        for out_dtype in (torch.float32, torch.bfloat16):
+            alone = torch.cat([row_kernels.bf16_product(x[i:i + 1], packed, out_features, bias, out_dtype) for i in range(40)])
+            for rows in (2, 5, 8, 11, 40):
+                together = row_kernels.bf16_product(x[:rows], packed, out_features, bias, out_dtype)
+                assert together.dtype == out_dtype and torch.equal(together, alone[:rows])
+            # float32: a sum of in_features exact products, each add rounded (γ_d bound, generously)
+            tolerance = 2 ** -7 if out_dtype == torch.bfloat16 else in_features * 2 ** -23
+            torch.testing.assert_close(alone.double(), exact, rtol=tolerance,
+                                       atol=tolerance * float((x.double().abs() @ weight.double().abs().t()).max()))
+    assert row_kernels.pack_bf16(torch.randn(16, 7).bfloat16()) is None  # odd inner dimension: not offered
+    assert row_kernels.pack_bf16(torch.randn(16, 8)) is None  # float32: not offered
+
+
+@pytest.mark.skipif(not row_kernels.int8_available(), reason="needs AVX-512 VNNI and a C compiler")
+def test_the_int8_kernel_computes_its_rounded_product_and_each_row_alike():
+    """The int8 product is ``(xq·t) @ w̃ᵀ`` within float32 rounding of its few group sums (``w̃``
+    the int8 copy with its scales, exact in float64), the same bits for a row alone or among
+    others; odd group and block remainders included."""
+    torch.manual_seed(1)
+    for out_features, in_features in ((37, 48), (1000, 130), (64, 640)):
+        weight = torch.randn(out_features, in_features) * 0.05
+        copy = row_kernels.Int8Groups(weight)
+        exact_copy = copy.dequantized()
+        assert float((exact_copy - weight.double()).abs().max()) <= float(weight.abs().max()) / 254 * 1.0001
+        x = torch.randn(20, in_features) * 30
+        xq, t = row_kernels.quantize_rows(x)
+        rounded = xq.double() * t.double()[:, None]
+        # within half a step, plus the float32 division's rounding (32767 · 2⁻²⁴ of a step)
+        assert bool(((rounded - x.double()).abs() <= t.double()[:, None] * (0.5 + 32767 * 2.0**-24)).all())
+        alone = torch.cat([row_kernels.int8_product(xq[i:i + 1], t[i:i + 1], copy) for i in range(20)])
+        for rows in (2, 5, 8, 9, 20):
+            assert torch.equal(row_kernels.int8_product(xq[:rows], t[:rows], copy), alone[:rows])
+        magnitude = rounded.abs() @ exact_copy.abs().t()
+        error = (alone.double() - rounded @ exact_copy.t()).abs()
+        assert bool((error <= (in_features // 32 + 4) * 2.0**-24 * magnitude + 1e-30).all())
