@@ -369,7 +369,7 @@ def test_fast_runtime_and_eager_ar_agree_in_float32(model_dir, data_file, tmp_pa
     target = load_model(str(model_dir), dtype="float32")
     result = run_bench(target, load_prompts(data_file, ["qa"]), ["ar", "ar@eager", "pld"], ["hf"],
                        config=BenchConfig(max_new_tokens=10, warmup=0), progress=False)
-    assert "screened exact head" in result.meta["runtime"] and result.meta["exact"]
+    assert "screened exact float32 head" in result.meta["runtime"] and result.meta["exact"]
     assert all(r.identical for r in result.records) and not result.mismatches()
 
 

@@ -26,7 +26,7 @@ from specdecode.models.loading import LoadedModel, load_model, resolve_dtype
 from specdecode.models.layer_skip import SkipSet
 from specdecode.models.native import NativeDecoder
 from specdecode.models.runner import Readout, TargetRunner
-from specdecode.models.heads import TunedHead
+from specdecode.models.heads import SCREENS, ScreenedHead, TunedHead, offered_screens
 from specdecode.models.kernels import (BF16_KERNELS, COPIED, ROW_BUCKETS, KernelPlan, TunedLinear, exact_half_pack,
                                        tune_kernels, weight_copy)
 from specdecode.models.runtime import build_runtime
@@ -78,13 +78,18 @@ def test_bf16_runtime_tunes_products_and_head_and_leaves_the_model_alone(arch, t
     plan = build_runtime(model, plan_cache=tmp_path / "plans.json")
     assert plan is not None and plan.quantize is None and plan.decoder is not None
     assert set(plan.kernels.kernels) <= set(BF16_KERNELS)
-    assert isinstance(plan.head, TunedHead) and set(plan.head.plan.kernels) <= set(BF16_KERNELS)
-    assert "bfloat16 products" in plan.describe() and "bf16 head" in plan.describe()
+    if row_kernels.bf16_available():  # screened, candidates rescored on the row kernel
+        assert isinstance(plan.head, ScreenedHead) and plan.head.bf16 and set(plan.head.plan.kernels) <= set(SCREENS)
+        assert "screened exact bf16 head" in plan.describe()
+    else:
+        assert isinstance(plan.head, TunedHead) and set(plan.head.plan.kernels) <= set(BF16_KERNELS)
+        assert "bf16 head by rows" in plan.describe()
+    assert "bfloat16 products" in plan.describe()
     assert any(isinstance(m, TunedLinear) for m in plan.model.modules())
     assert [type(m) for m in model.modules()] == types  # the loaded model keeps its own modules
     assert {name: p.data_ptr() for name, p in model.named_parameters()} == before
     stored = json.loads((tmp_path / "plans.json").read_text())
-    assert all("|bfloat16|" in key for key in stored) and len(stored) == 2  # layers, head
+    assert len(stored) == 2 and all("|bfloat16|" in key or "|bf16-target" in key for key in stored)  # layers, head
     with pytest.raises(InvalidSettingError, match="not a bf16 kernel"):
         build_runtime(model, kernels="wxt")
 
@@ -131,6 +136,44 @@ def test_bf16_fast_runtime_computes_the_bf16_eager_forward(arch, kernels, attent
         error = sum(float((a.double() - c).norm() ** 2) for a, c in zip(fast_out, truth)) ** 0.5
         eager_error = sum(float((b.double() - c).norm() ** 2) for b, c in zip(eager_out, truth)) ** 0.5
         assert error <= 1.5 * eager_error, (error, eager_error)
+
+
+@pytest.mark.skipif(not row_kernels.bf16_available(), reason="needs AVX-512 BF16 and a C compiler")
+@pytest.mark.parametrize("screen", offered_screens())
+def test_screened_bf16_head_gives_the_bf16_logits_of_its_full_product(screen):
+    """Every value a top-k consumer reads equals the full bf16 product's, bit for bit, for any row
+    count; the argmax too where two columns tie in bf16 (the first wins, as over the full row)."""
+    torch.manual_seed(9)
+    weight = (torch.randn(3_000, 64) * 0.1).bfloat16()
+    weight[1:60] = (weight[0].float() * (1 + torch.randn(59, 1) * 2e-3)).bfloat16()  # within bf16's rounding
+    bias = (torch.randn(3_000) * 0.5).bfloat16()
+    head = ScreenedHead(weight, bias, softcap=None, screens=screen)
+    hidden = (torch.randn(9, 64) * 20).bfloat16().float()
+    hidden[:5] = weight[0].float() * 300
+    full = head.full(hidden)
+    for k in (1, 10):
+        out = head.top(hidden, k)
+        top = torch.topk(full, k, dim=1)
+        assert torch.equal(out.gather(1, top.indices), top.values), k
+        assert torch.equal(torch.topk(out, k, dim=1).values, top.values), k
+        assert torch.equal(out.argmax(1), full.argmax(1)), k
+        alone = torch.cat([head.top(hidden[i:i + 1], k) for i in range(9)])
+        assert torch.equal(alone.gather(1, top.indices), top.values), k
+
+
+@pytest.mark.skipif(not row_kernels.bf16_available(), reason="needs AVX-512 BF16 and a C compiler")
+def test_screened_bf16_head_keeps_a_column_its_rounding_ties_with_the_best():
+    """Column 1's float32 sum exceeds column 0's by 2⁻⁹, and both round to 1.0 in bf16: the bf16
+    argmax is column 0 (the first of a tie), which only the bound's bf16 rounding term keeps."""
+    weight = torch.zeros(500, 64)
+    weight[2:] = torch.randn(498, 64) * 0.01
+    weight[0, 0] = weight[1, 0] = weight[1, 1] = 1.0
+    hidden = torch.zeros(1, 64)
+    hidden[0, 0], hidden[0, 1] = 1.0, 2.0**-9
+    head = ScreenedHead(weight.bfloat16(), None, softcap=None, screens="dpbf16")
+    full = head.full(hidden)
+    assert full[0, 0] == full[0, 1] == 1.0 and int(full.argmax()) == 0
+    assert int(head.top(hidden, 1).argmax()) == 0
 
 
 def test_bf16_fused_projections_equal_their_parts():

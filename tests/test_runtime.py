@@ -217,7 +217,7 @@ def test_screen_plan_covers_every_row_count_and_says_which():
     hidden = torch.randn(ROW_BUCKETS[-1] + 3, 32)  # more rows than the largest bucket
     exact = (hidden.double() @ weight.double().t()).float()
     assert torch.equal(head.top(hidden, 1).argmax(1), exact.argmax(1))
-    assert "head screen by rows 1:" in head.describe()
+    assert "screened exact float32 head, screen by rows 1:" in head.describe()
     with pytest.raises(InvalidSettingError, match="head screen 'int4'"):
         ScreenedHead(weight, None, softcap=None, screens="int4")
 

@@ -52,7 +52,7 @@ class _Screen:
         gamma = dim * unit / (1 - dim * unit)
         self.name, self.vocab, self.output_rounding = name, weight.shape[0], 0.0
         if name == "fp16":
-            self.packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
+            self.packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
             copy_rows = lambda rows: weight[rows].half()  # noqa: E731
         elif name == "int8":
             self.packed = row_kernels.Int8Groups(weight)
@@ -124,7 +124,15 @@ def _kth_floor(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class ScreenedHead:
-    """Exact top-``k`` logits of a float32 head, reading a cheap copy of it first (module docstring).
+    """Exact top-``k`` logits of a float32 or bf16 head, reading a cheap copy of it first (module
+    docstring).
+
+    The float32 head's exact values are float64 dot products rounded to float32. A bf16 head's are
+    what the bf16 target computes: our AVX-512 BF16 row kernel's float32 sums rounded once to bf16
+    (``row_kernels.bf16_product``), the same bits for a column whatever the row count or which
+    columns are computed beside it — so the rescored candidates are exactly the full product's.
+    Only where that kernel runs, and without softcapping (bf16's rounding of a softcap could tie a
+    value below the candidates with one above).
 
     ``screens``: ``"auto"`` times every offered screen per row count at construction (or reuses the
     plan stored in ``plan_cache``) and keeps only the ones the plan uses; or one name of
@@ -136,18 +144,34 @@ class ScreenedHead:
         self.weight = weight.detach()
         self.bias = bias.detach() if bias is not None else None
         self.softcap = softcap
+        self.bf16 = self.weight.dtype == torch.bfloat16
+        if self.bf16 and (softcap or not row_kernels.bf16_available()):
+            raise InvalidSettingError("a screened bf16 head needs the AVX-512 BF16 row kernel and no softcapping")
         offered = offered_screens() if screens == "auto" else (screens,)
         if screens != "auto" and screens not in offered_screens():
             raise InvalidSettingError(f"head screen {screens!r} is not available here; choose one of "
                                       f"{', '.join(offered_screens()) or 'none'}")
         self.screens = {name: _Screen(name, self.weight) for name in offered}
         self.bias_max = 0.0 if self.bias is None else float(self.bias.abs().max())
+        # the bf16 target: |fl(x·w) − x·w| ≤ γ‖x‖‖w‖ (float32 sums, 2⁻²³ as for the dpbf16 screen,
+        # one more for the bias), then one rounding to bf16 (relative 2⁻⁸ of the result)
+        dim = self.weight.shape[1] + 1
+        self.target_error = 0.0
+        self.target_rounding = 0.0
+        if self.bf16:
+            gamma = dim * 2.0**-23 / (1 - dim * 2.0**-23)
+            self.target_error = gamma * float(self.weight.float().norm(dim=1).max()) * 1.01
+            self.target_rounding = 2.0**-8 / (1 - 2.0**-8)
         if len(offered) == 1:
             self.plan = KernelPlan(offered * len(ROW_BUCKETS))
         else:
-            key = plan_key([tuple(self.weight.shape)], "|head-screen|" + "/".join(offered))
+            target = "|bf16-target" if self.bf16 else ""
+            key = plan_key([tuple(self.weight.shape)], "|head-screen|" + "/".join(offered) + target)
             self.plan = cached_plan(key, offered, self._tune, plan_cache, "the LM head's screen")
             self.screens = {name: screen for name, screen in self.screens.items() if name in self.plan.kernels}
+        if self.bf16:  # what full() reads: the dpbf16 screen's copy where it is kept (the same layout)
+            kept = self.screens.get("dpbf16")
+            self.packed = kept.packed if kept is not None else row_kernels.pack_bf16(self.weight)
 
     def _tune(self) -> KernelPlan:
         """The fastest screen per row bucket, timed on random inputs (the rescoring after it costs
@@ -159,10 +183,12 @@ class ScreenedHead:
         return fastest_per_bucket(tuple(self.screens), runner)
 
     def describe(self) -> str:
-        return "head screen by rows " + self.plan.describe()
+        return f"screened exact {'bf16' if self.bf16 else 'float32'} head, screen by rows " + self.plan.describe()
 
     def full(self, hidden: torch.Tensor) -> torch.Tensor:
         """Every logit, float32."""
+        if self.bf16:
+            return row_kernels.bf16_product(hidden, self.packed, self.weight.shape[0], self.bias).float()
         return self._cap(F.linear(hidden, self.weight, self.bias))
 
     def top(self, hidden: torch.Tensor, k: int, until_mismatch: Sequence[int] | None = None) -> torch.Tensor:
@@ -186,32 +212,44 @@ class ScreenedHead:
     def _top(self, hidden: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`top` of all rows at once, written into ``out`` (all ``-inf``) where given.
 
-        With ``|s − x·w| ≤ A + ρ|s|`` for every screened value ``s`` (:class:`_Screen`), the ``k``
-        rows screened highest are each worth at least ``h(s_k) − A`` in truth (``h(s) = s − ρ|s|``,
+        With ``|s − v| ≤ A + ρ|s|`` between every screened value ``s`` and the exact one ``v``
+        (:class:`_Screen`'s bound; for a bf16 target widened by its float32 sum and its rounding to
+        bf16, ``|v − u| ≤ ρₜ|v|``: ``A/(1 − ρₜ)`` and ``ρ + ρₜ(1 + ρ)/(1 − ρₜ)``), the ``k`` rows
+        screened highest are each worth at least ``h(s_k) − A`` in truth (``h(s) = s − ρ|s|``,
         ``s_k`` the k-th highest screened value, or any value below it: :func:`_kth_floor`), so a
         row of the true top ``k`` has ``s + A + ρ|s| ≥ h(s_k) − A``; those candidates are rescored
         exactly."""
-        hidden = hidden.float()
+        hidden = hidden.to(torch.bfloat16).float() if self.bf16 else hidden.float()  # what the target multiplies
         screen = self.screens[self.plan.kernels[-1] if hidden.shape[0] > ROW_BUCKETS[-1]
                               else self.plan.kernel_for(hidden.shape[0])]
         values, bound = screen(hidden)
         rho = screen.output_rounding
         if self.bias is not None:
-            values = values + self.bias
+            values = values + self.bias.float()
             bound = bound + rho * self.bias_max  # ρ applies to the value before the bias
+        if self.bf16:
+            bound = (bound + hidden.norm(dim=1, keepdim=True) * self.target_error) / (1 - self.target_rounding)
+            rho = rho + self.target_rounding * (1 + rho) / (1 - self.target_rounding)
         kth = values.amax(dim=1, keepdim=True) if k == 1 else _kth_floor(values, k)
         slack = 1e-6 * (kth.abs() + 2 * bound) + 1e-6  # float32 rounding of values near the k-th
         floor = kth - rho * kth.abs() - 2 * bound - slack
         floor = torch.where(floor >= 0, floor / (1 + rho), floor / (1 - rho))  # s + ρ|s| ≥ floor
         candidates = torch.nonzero((values >= floor).any(dim=0)).squeeze(1)
-        rows = self.weight.index_select(0, candidates).double()
-        exact = (hidden.double() @ rows.t())
-        if self.bias is not None:
-            exact = exact + self.bias.index_select(0, candidates).double()
         if out is None:
             out = torch.full_like(values, float("-inf"))
-        out.index_copy_(1, candidates, self._cap(exact.float()))
+        out.index_copy_(1, candidates, self._exact(hidden, candidates))
         return out
+
+    def _exact(self, hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """The target's own logits of the ``candidates`` columns, float32."""
+        rows = self.weight.index_select(0, candidates)
+        bias = None if self.bias is None else self.bias.index_select(0, candidates)
+        if self.bf16:  # the same kernel as full(): each column's sum alike whatever else is computed
+            return row_kernels.bf16_product(hidden, row_kernels.pack_bf16(rows), len(candidates), bias).float()
+        exact = hidden.double() @ rows.double().t()
+        if bias is not None:
+            exact = exact + bias.double()
+        return self._cap(exact.float())
 
     def _cap(self, logits: torch.Tensor) -> torch.Tensor:
         # softcapping is monotonic: screening on uncapped values selects the same top k

@@ -45,6 +45,7 @@ from torch import nn
 from specdecode.errors import InvalidSettingError
 from specdecode.models.families import decoder_layers, family_or_none, runs_natively
 from specdecode.models.fused import concatenated, projection_groups
+from specdecode.models import row_kernels
 from specdecode.models.heads import ScreenedHead, TunedHead
 from specdecode.models.int8 import InputStatistics, Int8Linear
 from specdecode.models.int8 import calibration_ids as calibration_token_ids
@@ -89,7 +90,7 @@ class RuntimePlan:
         if isinstance(self.head, TunedHead):
             parts.append(f"bf16 head by rows {self.head.plan.describe()}")
         elif self.head is not None:
-            parts.append(f"screened exact head, screen by rows {self.head.plan.describe()}")
+            parts.append(self.head.describe())
         if self.decoder is not None and self.decoder.attention_dtype is not None:
             parts.append("float32 attention")
         if self.decoder is not None:
@@ -156,8 +157,10 @@ def build_runtime(
 def _bf16_runtime(model: nn.Module, kernels: str, plan_cache: Path | None, native: bool,
                   attention: str) -> RuntimePlan:
     """The bf16 target's runtime: tuned bf16 products (fused where the native decoder runs), the
-    head as a tuned bf16 product of its own, the native decoder, attention upcast to float32 where
-    that is faster (``attention="auto"``, timed) or asked for (``"float32"``)."""
+    head screened and its candidates rescored on the row kernel where that runs (the bf16 logits
+    of that kernel, exactly; ``heads.ScreenedHead``) or else a tuned bf16 product of its own, the
+    native decoder, attention upcast to float32 where that is faster (``attention="auto"``,
+    timed) or asked for (``"float32"``)."""
     if kernels == "wxt":
         raise InvalidSettingError(f"kernel 'wxt' is not a bf16 kernel; choose auto or one of {', '.join(BF16_KERNELS)}")
     head_module = model.get_output_embeddings()
@@ -166,8 +169,12 @@ def _bf16_runtime(model: nn.Module, kernels: str, plan_cache: Path | None, nativ
     fast = shallow_replace(model, replacements)
     head = None
     if family_or_none(model) is not None and type(head_module) is nn.Linear and hasattr(model, "base_model"):
-        _, tuned = tuned_linears([head_module], kernels, plan_cache)
-        head = TunedHead(tuned[head_module], getattr(model.config, "final_logit_softcapping", None))
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        if kernels == "auto" and not softcap and row_kernels.bf16_available():
+            head = ScreenedHead(head_module.weight, head_module.bias, None, plan_cache=plan_cache)
+        else:
+            _, tuned = tuned_linears([head_module], kernels, plan_cache)
+            head = TunedHead(tuned[head_module], softcap)
     wide_attention = attention == "float32" or (attention == "auto" and native and upcast_attention_pays(model))
     decoder = NativeDecoder(fast, _fused_projections(fast), torch.float32 if wide_attention else None) if native else None
     return RuntimePlan(fast, head=head, kernels=plan, quantize=None, decoder=decoder)
