@@ -1,15 +1,18 @@
-"""The LM head on the fast runtime: the float32 head screened and rescored exactly, the bf16 head tuned.
+"""The LM head on the fast runtime: screened and rescored exactly (float32, and bf16 where our row
+kernel runs), or a tuned bf16 product.
 
 A step of a small model with a big vocabulary is dominated by one product: the 262k-row LM head,
-671 MB in float32 (docs/perf.md). The **screened head** (float32, exact) first evaluates every row
-on a cheaper copy of the weights — fbgemm's float16 kernel, or a bf16 kernel (oneDNN's, or ours on
-AVX-512 BF16) where the CPU runs bf16 dot products natively — then recomputes exactly (float64 dot products rounded to
-float32) the rows that a rigorous bound on the screen's error cannot exclude from the top ``k``.
-Greedy decoding needs ``k = 1``, top-k sampling ``k = top_k``: every value such a consumer can
-read is exact, the rest of the row is ``-inf``. Which screen runs is timed at load per row count
-(the bf16 screen halves the cost of a 17-row tree verification on a Zen 4 with AVX-512 BF16 and
-loses on an AVX2-only CPU); the result is the same either way. Consumers that read the whole
-distribution (sampling without top-k, perplexity) get the full float32 head.
+671 MB in float32 (docs/perf.md). The **screened head** first evaluates every row on a cheaper
+copy of the weights — fbgemm's float16 kernel, a bf16 kernel (oneDNN's, or ours on AVX-512 BF16),
+or our int8 kernel (AVX-512 VNNI, 1.125 bytes a weight) — then recomputes exactly the rows that a
+rigorous bound on the screen's error cannot exclude from the top ``k``: float64 dot products
+rounded to float32 for a float32 head; for a bf16 head, the row kernel's own bf16 logits (its
+float32 sums come out alike whatever else it computes, so a candidate's value is the full
+product's). Greedy decoding needs ``k = 1``, top-k sampling ``k = top_k``: every value such a
+consumer can read is exact, the rest of the row is ``-inf``. Which screen runs is timed at load
+per row count (on a Zen 4 the int8 screen for 1-4 rows, a bf16 one beyond; an AVX2-only CPU keeps
+float16); the result is the same either way. Consumers that read the whole distribution (sampling
+without top-k, perplexity) get the full head.
 """
 
 from __future__ import annotations

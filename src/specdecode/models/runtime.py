@@ -8,14 +8,17 @@ is exact: float32 speculation stays lossless.
 On a bf16 model (``--dtype bfloat16``, or ``auto`` where it measures faster) the same seam runs
 the bf16 target: every linear layer and the LM head on the kernel that is fastest for the row
 count (timed at load, cached as float32's plans are: ``F.linear`` or oneDNN on a weight
-prepacked for bf16 — on AVX-512 BF16 / AMX these run the native bf16 dot products — or fbgemm's
-float16 kernel on an exact float16 copy of the bf16 weights), fused q/k/v and gate/up products,
-the native decoder, and attention on float32 upcasts where a load-time timing finds torch's bf16
-attention slower. The head is the bf16 target's own product (the consumer's top-k is read from
-it: bf16 is a different target from float32 anyway). The bf16 kernels accumulate in float32 and
-round each output once, but their blocking over the inner dimension depends on the row count for
-some shapes (e.g. 640×2048 at ≥ 5 rows on AVX-512 BF16): a k-token bf16 verification can round
-differently from k 1-token steps, as `transformers`' own bf16 does.
+prepacked for bf16 — on AVX-512 BF16 / AMX these run the native bf16 dot products —, fbgemm's
+float16 kernel on an exact float16 copy of the bf16 weights, or our AVX-512 BF16 row kernel,
+``models/row_kernels.py``), fused q/k/v and gate/up products, the native decoder, and attention
+on float32 upcasts where a load-time timing finds torch's bf16 attention slower. Where the row
+kernel runs, the head is screened like float32's and its candidates rescored on that kernel (the
+bf16 target's logits exactly); elsewhere it is a tuned bf16 product read whole. The bf16 kernels
+accumulate in float32 and round each output once; oneDNN's and fbgemm's blocking over the inner
+dimension depends on the row count for some shapes (e.g. 640×2048 at ≥ 5 rows on AVX-512 BF16),
+so a k-token bf16 verification can round differently from k 1-token steps, as `transformers`'
+own bf16 does; the row kernel sums each row alike at any row count, so where it is chosen for
+every row count only attention still rounds a k-token step unlike k 1-token ones.
 
 Two runtimes do change the target (explicit, reported as another target): ``quantize="fp16"``
 runs every linear layer on float16 weights (fbgemm, float32 activations and accumulation);
