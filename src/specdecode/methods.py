@@ -87,8 +87,9 @@ def parse_option_value(raw: str) -> object:
 
 
 def validate_options(name: str, options: dict[str, object]) -> None:
-    """Refuse unknown options, and values of another kind than the option's default (a word where
-    a number belongs would otherwise fail deep inside a proposer)."""
+    """Refuse unknown options, values of another kind than the option's default (a word where a
+    number belongs would otherwise fail deep inside a proposer) and a draft length below 1 — here,
+    before the CLI or the server loads a model, as well as in the proposers."""
     unknown = sorted(set(options) - set(method_options(name)))
     if unknown:
         valid = ", ".join(method_options(name)) or "none"
@@ -106,6 +107,9 @@ def validate_options(name: str, options: dict[str, object]) -> None:
             continue  # paths, loaded objects, optional settings: their builders check them
         if not fits:
             raise InvalidSettingError(f"option {key} of method {name!r} takes {kind}, got {value!r}")
+    gamma = options.get("gamma")
+    if isinstance(gamma, int) and gamma < 1:  # every method's draft length; checked before a model loads
+        raise InvalidSettingError(f"gamma (draft length) of method {name!r} must be >= 1, got {gamma}")
 
 
 def build(name: str, ctx: MethodContext, options: dict[str, object]) -> tuple[Proposer, AcceptanceRule]:
