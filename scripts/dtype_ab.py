@@ -21,7 +21,7 @@ import torch
 
 from specdecode import SpeculativeDecoder, load_model
 from specdecode.bench.dataset import DEFAULT_TEMPLATE, format_prompt, load_prompts
-from specdecode.models.kernels import cpu_description
+from specdecode.models.machine import cpu_description
 
 TARGETS = {"float32": "float32", "bf16": "bfloat16"}
 

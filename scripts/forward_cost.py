@@ -22,7 +22,7 @@ import torch
 
 from specdecode import load_model
 from specdecode.models.runner import Readout
-from specdecode.models.kernels import cpu_description
+from specdecode.models.machine import cpu_description
 from specdecode.timing import clock, time_call
 
 TOKENS = (1, 2, 4, 5, 8, 9, 16)  # 5 and 9: a 4- and an 8-token draft plus the last token

@@ -3,7 +3,7 @@
 import pytest
 
 from specdecode import SpeculativeDecoder
-from specdecode.models.loading import cache_dir
+from specdecode.models.machine import cache_dir
 
 pytestmark = pytest.mark.real_model
 

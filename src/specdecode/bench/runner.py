@@ -25,7 +25,7 @@ from specdecode.bench.peers import HFPeer, peer_names
 from specdecode.errors import InvalidSettingError, PromptError
 from specdecode.methods import method_names
 from specdecode.models.loading import LoadedModel, pair_draft
-from specdecode.models.kernels import cpu_description
+from specdecode.models.machine import cpu_description
 from specdecode.sampling import GenerationSettings, SamplingSettings
 
 BASELINE = "ar"

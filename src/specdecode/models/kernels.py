@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ from torch import nn
 
 from specdecode.errors import InvalidSettingError
 from specdecode.models import row_kernels
+from specdecode.models.machine import cpu_description
 from specdecode.models.int8 import StaticActivation, int8_product, pack_int8
 
 KERNELS = ("mkl", "wxt", "onednn")  # x @ Wᵀ (MKL), W @ xᵀ, oneDNN on a prepacked weight
@@ -41,23 +41,6 @@ KERNELS = ("mkl", "wxt", "onednn")  # x @ Wᵀ (MKL), W @ xᵀ, oneDNN on a prep
 # either oneDNN kernel in bf16 on AVX-512 BF16 (docs/perf.md)
 BF16_KERNELS = ("mkl", "onednn", "fp16", "dpbf16")
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # 17-64: draft trees and batched steps (MKL was 2x slower there)
-def cpu_description() -> dict[str, object]:
-    """The CPU model and the instruction-set features the kernel choice depends on."""
-    name, flags = "", set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and not name:
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return {"cpu": name or platform.processor() or platform.machine(),
-            "features": [f for f in wanted if f in flags],
-            "native_bf16": bool({"avx512_bf16", "amx_bf16"} & flags), "threads": torch.get_num_threads()}
-
-
 def fbgemm_fp16_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
         torch.ops.quantized, "linear_prepack_fp16")

@@ -26,7 +26,8 @@ import torch
 from specdecode.errors import InvalidSettingError, ModelLoadError, VocabularyMismatchError
 from specdecode.models.int8 import calibration_ids
 from specdecode.models.runner import Readout, TargetRunner
-from specdecode.models.kernels import cpu_description, fbgemm_fp16_available
+from specdecode.models.kernels import fbgemm_fp16_available
+from specdecode.models.machine import cache_dir, cpu_description
 from specdecode.models.runtime import RuntimePlan, auto_dtype, build_runtime
 from specdecode.models.vocab_map import VocabMap, apply_vocab_map, pair_target_embedding, tokenizer_digest, vocab_map_of
 
@@ -115,11 +116,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(sample.numpy().round(6).tobytes())
     return digest.hexdigest()[:16]
-
-
-def cache_dir() -> Path:
-    """Where converted models live: ``$SPECDECODE_CACHE`` or ``~/.cache/specdecode``."""
-    return Path(os.environ.get("SPECDECODE_CACHE", Path.home() / ".cache" / "specdecode"))
 
 
 def runnable_dtypes(device: torch.device) -> list[str]:

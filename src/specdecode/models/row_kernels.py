@@ -29,14 +29,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from specdecode.models.machine import cache_dir, cpu_description
+
 SOURCE = Path(__file__).parent / "csrc" / "row_kernels.c"
 LANES = 16  # outputs per packed block (one 512-bit register of float32 sums)
 GROUP_K = 32  # inputs sharing one scale in the int8 layout (as GGUF's Q8_0)
-
-
-def _build_dir() -> Path:
-    from specdecode.models.loading import cache_dir  # loading imports this module's users, not this module
-    return cache_dir() / "kernels"
 
 
 @cache
@@ -47,10 +44,9 @@ def library() -> ctypes.CDLL | None:
     if compiler is None or not SOURCE.is_file():
         return None
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-    from specdecode.models.kernels import cpu_description
     key = hashlib.sha256(repr((SOURCE.read_bytes(), compiler, flags, cpu_description()["cpu"],
                                cpu_description()["features"])).encode()).hexdigest()[:16]
-    target = _build_dir() / f"row_kernels-{key}.so"
+    target = cache_dir() / "kernels" / f"row_kernels-{key}.so"
     if not target.is_file():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)

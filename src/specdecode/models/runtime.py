@@ -53,7 +53,8 @@ from specdecode.models.heads import ScreenedHead, TunedHead
 from specdecode.models.int8 import InputStatistics, Int8Linear
 from specdecode.models.int8 import calibration_ids as calibration_token_ids
 from specdecode.models.kernels import (BF16_KERNELS, KERNELS, KernelPlan, Fp16WeightLinear, Int8WeightLinear, TunedLinear,
-                                       cpu_description, fbgemm_fp16_available, tuned_linears, weight_copy)
+                                       fbgemm_fp16_available, tuned_linears, weight_copy)
+from specdecode.models.machine import cpu_description
 from specdecode.models.layer_skip import shallow_replace
 from specdecode.models.native import FusedGroup, NativeDecoder
 from specdecode.models.vocab_map import awaits_target_embedding
