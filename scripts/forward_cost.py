@@ -5,8 +5,9 @@ in each mode (weights of the layers and of the head as that mode stores them), t
 floor, and the median cost of a forward of 1, 2, 4, 8 and 16 tokens — layers and head apart — on
 top of a context of ``--context`` tokens.
 
-The floor is the dtype's own: float32 modes read float32 layers (the fast mode's screened head reads
-float16), bf16 modes read bf16 layers and a bf16 head; ``× floor`` is how far each forward is from it.
+The floor is the mode's own: float32 modes read float32 layers, bf16 modes bf16 layers; a screened
+head reads the copy its 1-row screen reads (int8 with a scale per 32 inputs: 1.125 bytes a weight;
+float16 or bf16: 2), an unscreened one its own dtype; ``× floor`` is how far each forward is from it.
 
 Usage: python scripts/forward_cost.py [--model default] [--context 200] [--repeats 7] [--threads N]
        [--modes "float32 fast (exact)" "bf16 fast"]
@@ -21,6 +22,8 @@ import statistics
 import torch
 
 from specdecode import load_model
+from specdecode.models.heads import ScreenedHead
+from specdecode.models.loading import LoadedModel
 from specdecode.models.runner import Readout
 from specdecode.models.machine import cpu_description
 from specdecode.timing import clock, time_call
@@ -35,6 +38,7 @@ MODES = {  # label: load_model arguments
     "bf16 fast": dict(dtype="bfloat16", fast=True),
 }
 LAYER_BYTES_PER_PARAM = {"fp16 weights": 2, "int8 weights": 1, "bf16 eager": 2, "bf16 fast": 2}  # float32 otherwise
+SCREEN_BYTES = {"int8": 1 + 4 / 32}  # a head weight as the int8 screen reads it; the other screens read 2
 
 
 def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
@@ -44,14 +48,19 @@ def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
     return buffer.numel() * 4 / time_call(buffer.sum, repeats, warmup=1, statistic=min) / 1e9
 
 
-def step_bytes(model: torch.nn.Module, mode: str) -> tuple[int, int]:
-    """Bytes of weights one decoding step reads: (layers, head) as this mode stores them."""
+def step_bytes(target: LoadedModel, mode: str) -> tuple[int, int]:
+    """Bytes of weights one 1-token step reads: (layers, head) as this mode stores them."""
+    model = target.model
     head = model.get_output_embeddings().weight
     embed = model.get_input_embeddings().weight
     layer_params = sum(p.numel() for p in model.parameters() if p is not head and p is not embed)
     layer_bytes = layer_params * LAYER_BYTES_PER_PARAM.get(mode, 4)
-    head_bytes = head.numel() * (4 if mode == "float32 eager" else 2)  # the screened head reads float16, bf16 bf16
-    return layer_bytes, head_bytes
+    runtime_head = target.runtime.head if target.runtime is not None else None
+    if isinstance(runtime_head, ScreenedHead):
+        per_weight = SCREEN_BYTES.get(runtime_head.plan.kernel_for(1), 2)
+    else:
+        per_weight = head.element_size()
+    return layer_bytes, int(head.numel() * per_weight)
 
 
 def main() -> None:
@@ -96,7 +105,7 @@ def main() -> None:
     print("| mode | tokens | layers ms | head ms | step ms | × 1-token step | floor ms | × floor |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for mode, target in loaded.items():
-        layer_bytes, head_bytes = step_bytes(target.model, mode)
+        layer_bytes, head_bytes = step_bytes(target, mode)
         floor_ms = (layer_bytes + head_bytes) / bandwidth / 1e6
         rows = []
         for n in TOKENS:

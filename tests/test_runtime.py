@@ -427,3 +427,14 @@ def test_speculation_adds_no_divergence_beyond_reduced_precision_ar():
     slack = 3 * max(1.0, (base * (1 - base / n)) ** 0.5)
     for name in ("pld", "sps"):
         assert diverged[name] <= base + slack, diverged
+
+
+def test_a_head_with_an_odd_inner_dimension_is_screened_without_the_paired_kernels():
+    """Our row kernels read inputs in pairs: a head of odd width gets the stock screens only, and
+    stays exact."""
+    assert not {"int8", "dpbf16"} & set(offered_screens(63))
+    torch.manual_seed(8)
+    weight = torch.randn(700, 63)
+    head = ScreenedHead(weight, None, softcap=None)
+    hidden = torch.randn(3, 63) * 10
+    assert torch.equal(head.top(hidden, 1).argmax(1), _exact_logits(hidden, weight).argmax(1))

@@ -101,11 +101,17 @@ def _worst_row_terms(weight: torch.Tensor, copy_rows: Callable[[slice], torch.Te
     return worst_error, worst_norm
 
 
-def offered_screens() -> tuple[str, ...]:
-    """The screens this torch build can run (whether they pay is timed)."""
+def offered_screens(in_features: int = 2) -> tuple[str, ...]:
+    """The screens this torch build and CPU can run on a head of ``in_features`` inputs (our
+    kernels pair the inputs: an odd count is not offered them); whether they pay is timed."""
     return tuple(name for name, ok in (("fp16", fbgemm_fp16_available()), ("bf16", onednn_available()),
-                                       ("dpbf16", row_kernels.bf16_available()),
-                                       ("int8", row_kernels.int8_available())) if ok)
+                                       ("dpbf16", row_kernels.bf16_available() and in_features % 2 == 0),
+                                       ("int8", row_kernels.int8_available() and in_features % 2 == 0)) if ok)
+
+
+def bf16_head_screens(weight: torch.Tensor, softcap: float | None) -> bool:
+    """Whether a bf16 head can be screened: its candidates are rescored on the row kernel."""
+    return not softcap and row_kernels.bf16_available() and weight.shape[1] % 2 == 0
 
 
 KTH_BLOCK = 256  # columns per block of _kth_floor
@@ -148,12 +154,14 @@ class ScreenedHead:
         self.bias = bias.detach() if bias is not None else None
         self.softcap = softcap
         self.bf16 = self.weight.dtype == torch.bfloat16
-        if self.bf16 and (softcap or not row_kernels.bf16_available()):
-            raise InvalidSettingError("a screened bf16 head needs the AVX-512 BF16 row kernel and no softcapping")
-        offered = offered_screens() if screens == "auto" else (screens,)
-        if screens != "auto" and screens not in offered_screens():
+        if self.bf16 and not bf16_head_screens(self.weight, softcap):
+            raise InvalidSettingError("a screened bf16 head needs the AVX-512 BF16 row kernel, an even "
+                                      "inner dimension and no softcapping")
+        available = offered_screens(self.weight.shape[1])
+        offered = available if screens == "auto" else (screens,)
+        if screens != "auto" and screens not in available:
             raise InvalidSettingError(f"head screen {screens!r} is not available here; choose one of "
-                                      f"{', '.join(offered_screens()) or 'none'}")
+                                      f"{', '.join(available) or 'none'}")
         self.screens = {name: _Screen(name, self.weight) for name in offered}
         self.bias_max = 0.0 if self.bias is None else float(self.bias.abs().max())
         # the bf16 target: |fl(x·w) − x·w| ≤ γ‖x‖‖w‖ (float32 sums, 2⁻²³ as for the dpbf16 screen,

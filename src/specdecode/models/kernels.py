@@ -74,6 +74,9 @@ class _LinearOver(nn.Module):
 
 
 COPIED = ("onednn", "fp16", "dpbf16")  # kernels that read a copy of the weight made at load, not the weight
+KERNEL_NEEDS = {"onednn": "it needs a torch build with oneDNN",
+                "fp16": "it needs bf16 weights that convert to float16 exactly, and fbgemm",
+                "dpbf16": "it needs bf16 weights, a CPU with AVX-512 BF16 and a C compiler"}
 
 
 def weight_copy(kernel: str, weight: torch.Tensor) -> object | None:
@@ -299,8 +302,3 @@ def tuned_linears(layers: list[nn.Linear], kernels: str,
         # a copy is only worth its memory when the plan uses it
         linear.copies = {k: v for k, v in linear.copies.items() if k in plan.kernels}
     return plan, dict(zip(layers, tuned))
-
-
-KERNEL_NEEDS = {"onednn": "it needs a torch build with oneDNN",
-                "fp16": "it needs bf16 weights that convert to float16 exactly, and fbgemm",
-                "dpbf16": "it needs bf16 weights, a CPU with AVX-512 BF16 and a C compiler"}

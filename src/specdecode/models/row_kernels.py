@@ -10,8 +10,8 @@ Why kernels of our own: oneDNN's bf16 product turns compute-bound at ~5 rows on 
 so a 5-token bf16 verification cost 1.4× a 1-token step (docs/perf.md, stop 26); this one spends
 one dot-product instruction per 64 weight bytes a row and stays memory-bound to ~8 rows. Each
 row's sum runs in the same order whatever the row count: k rows give exactly what k one-row calls
-give. The C file is ~100 lines with no torch headers, so it builds in about a second; ctypes calls
-it on the tensors' memory (float32 sums, one rounding to bf16, as the other bf16 kernels).
+give. The C file has no torch headers, so it builds in about a second; ctypes calls it on the
+tensors' memory (float32 sums, one rounding to bf16, as the other bf16 kernels).
 """
 
 from __future__ import annotations
@@ -139,7 +139,8 @@ class Int8Groups:
 
 def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``rows [M, K]`` as int16 with one float32 scale a row (``t = max|row| / 32767``): ``xq·t`` is
-    the input :func:`int8_product` multiplies, within ``t / 2`` of each value."""
+    the input :func:`int8_product` multiplies, within ``t / 2`` of each value (plus the float32
+    division's rounding, ~0.002 t); the screen's bound measures the difference itself."""
     t = rows.abs().amax(dim=1).float() / 32767
     t = torch.where(t > 0, t, torch.ones_like(t))
     return torch.round(rows.float() / t[:, None]).clamp_(-32767, 32767).to(torch.int16), t

@@ -48,8 +48,7 @@ from torch import nn
 from specdecode.errors import InvalidSettingError
 from specdecode.models.families import decoder_layers, family_or_none, runs_natively
 from specdecode.models.fused import concatenated, projection_groups
-from specdecode.models import row_kernels
-from specdecode.models.heads import ScreenedHead, TunedHead
+from specdecode.models.heads import ScreenedHead, TunedHead, bf16_head_screens
 from specdecode.models.int8 import InputStatistics, Int8Linear
 from specdecode.models.int8 import calibration_ids as calibration_token_ids
 from specdecode.models.kernels import (BF16_KERNELS, KERNELS, KernelPlan, Fp16WeightLinear, Int8WeightLinear, TunedLinear,
@@ -174,7 +173,7 @@ def _bf16_runtime(model: nn.Module, kernels: str, plan_cache: Path | None, nativ
     head = None
     if family_or_none(model) is not None and type(head_module) is nn.Linear and hasattr(model, "base_model"):
         softcap = getattr(model.config, "final_logit_softcapping", None)
-        if kernels == "auto" and not softcap and row_kernels.bf16_available():
+        if kernels == "auto" and bf16_head_screens(head_module.weight, softcap):
             head = ScreenedHead(head_module.weight, head_module.bias, None, plan_cache=plan_cache)
         else:
             _, tuned = tuned_linears([head_module], kernels, plan_cache)
