@@ -1,6 +1,6 @@
 /* Products for a few rows that stay memory-bound: out[m, n] = sum_k x[m, k] * w[n, k].
  * Two kernels: bf16_rows (bf16 weights and rows) and int8_rows (weights as int8 with a float32 scale
- * per 32 inputs, float32 rows; the LM head's screen, models/heads.py).
+ * per 32 inputs, rows as int16 with a scale each; the LM head's screen, models/heads.py).
  *
  * bf16_rows: oneDNN's bf16 kernel turns compute-bound at ~5 rows on a 2-core Zen 4 (docs/perf.md, stop 26),
  * so a 5-token verification cost 1.4x a 1-token step. Here the weight is packed once as
@@ -24,8 +24,8 @@ int bf16_rows_available(void) { return 1; }
 /* ROWS rows times BLOCKS consecutive blocks of 16 outputs; compile-time counts so that the
  * accumulators stay in registers. */
 static inline __attribute__((always_inline)) void blocks(
-    const uint16_t *x, const uint16_t *w, int K, int ROWS, int BLOCKS, int block0, int n_valid,
-    int N, const float *bias, void *out, int out_bf16) {
+    const uint16_t *x, const uint16_t *w, int K, int ROWS, int BLOCKS, int block0, int N,
+    const float *bias, void *out, int out_bf16) {
     __m512 acc[4][MAX_ROWS];
     const int pairs = K / 2;
     const int32_t *xp[MAX_ROWS];
@@ -52,7 +52,7 @@ static inline __attribute__((always_inline)) void blocks(
 #pragma GCC unroll 4
     for (int b = 0; b < BLOCKS; b++) {
         const int n0 = (block0 + b) * LANES;
-        const int valid = n_valid - n0 < LANES ? n_valid - n0 : LANES;
+        const int valid = N - n0 < LANES ? N - n0 : LANES;
         const __mmask16 mask = valid >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1u);
         __m512 add = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
 #pragma GCC unroll 8
@@ -72,9 +72,9 @@ static inline __attribute__((always_inline)) void blocks(
     do {                                                                                             \
         _Pragma("omp parallel for num_threads(threads) schedule(static)")                            \
         for (int g = 0; g < groups; g++)                                                             \
-            blocks(x, w, K, ROWS, BLOCKS, g * BLOCKS, N, N, bias, out, out_bf16);                    \
+            blocks(x, w, K, ROWS, BLOCKS, g * BLOCKS, N, bias, out, out_bf16);                       \
         for (int blk = groups * BLOCKS; blk < nblocks; blk++)                                        \
-            blocks(x, w, K, ROWS, 1, blk, N, N, bias, out, out_bf16);                                \
+            blocks(x, w, K, ROWS, 1, blk, N, bias, out, out_bf16);                                   \
     } while (0)
 
 /* One pass over the weight for up to MAX_ROWS rows: as many blocks at a time as the 32 vector registers hold
