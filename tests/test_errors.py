@@ -134,3 +134,12 @@ def test_a_draft_weight_format_that_does_not_exist_is_refused_before_loading():
 
     with pytest.raises(InvalidSettingError, match="draft quantize must be one of auto, none, fp16, int8"):
         load_draft("default-draft", None, quantize="bf16")
+
+
+def test_a_draft_length_below_one_is_refused_before_any_model_loads():
+    """``--gamma 0`` once loaded the 1 GB target (and on a fresh machine printed its one-time
+    kernel tuning) before the proposer refused it."""
+    for method in ("pld", "sps", "eagle", "mtad"):
+        with pytest.raises(InvalidSettingError, match="gamma .* must be >= 1, got 0"):
+            validate_options(method, {"gamma": 0})
+    validate_options("pld", {"gamma": 1})

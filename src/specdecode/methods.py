@@ -108,7 +108,7 @@ def validate_options(name: str, options: dict[str, object]) -> None:
         if not fits:
             raise InvalidSettingError(f"option {key} of method {name!r} takes {kind}, got {value!r}")
     gamma = options.get("gamma")
-    if isinstance(gamma, int) and gamma < 1:  # every method's draft length; checked before a model loads
+    if isinstance(gamma, int) and gamma < 1:  # the draft length of every method that takes one; before a model loads
         raise InvalidSettingError(f"gamma (draft length) of method {name!r} must be >= 1, got {gamma}")
 
 
