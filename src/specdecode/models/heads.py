@@ -281,6 +281,9 @@ class TunedHead:
     def plan(self) -> KernelPlan:
         return self.linear.plan
 
+    def describe(self) -> str:
+        return f"bf16 head by rows {self.plan.describe()}"
+
     def full(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.linear(hidden.to(self.weight.dtype))
         if self.softcap:

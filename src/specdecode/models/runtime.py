@@ -90,9 +90,7 @@ class RuntimePlan:
         elif self.kernels is not None:
             dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
             parts.append(f"{dtype} products by rows {self.kernels.describe()}")
-        if isinstance(self.head, TunedHead):
-            parts.append(f"bf16 head by rows {self.head.plan.describe()}")
-        elif self.head is not None:
+        if self.head is not None:
             parts.append(self.head.describe())
         if self.decoder is not None and self.decoder.attention_dtype is not None:
             parts.append("float32 attention")
