@@ -3,7 +3,9 @@
 A refactor that promises "no behaviour change" has to show it: each checkout gets a worker process
 (its ``src/`` first on the path, the same venv otherwise) that loads the model once; the driver
 then asks the two workers in turn to generate each (method, prompt), alternating which goes first,
-so drift of a noisy machine hits both alike. Reports per method the summed seconds of each side,
+so drift of a noisy machine hits both alike (and the methods take turns, prompt by prompt or wave by
+wave, so that ratios between methods on one side are interleaved too). Reports per method the summed
+seconds of each side (end to end, and without the prefill),
 the ratio B/A, whether the tokens were identical, and ``ar`` measured twice per side (the noise).
 
 Usage:
@@ -14,6 +16,10 @@ Usage:
 
 ``--sampling T,TOP_K,TOP_P`` samples instead of decoding greedily, each prompt under its own seed (its
 index), the same on both sides: an exact change keeps the tokens identical there too.
+
+``--concurrency C`` decodes the prompts in waves of C, together (``engine/batch.py``'s
+``BatchStepper``, with ``--adaptive-drafts`` its batch-aware draft budgets), and times each wave:
+for changes to batched decoding.
 """
 
 from __future__ import annotations
@@ -45,9 +51,22 @@ for line in sys.stdin:
         decoders[key] = SpeculativeDecoder(target, job["method"], **options)
         decoders[key].generate("Warm up.", max_new_tokens=8)
     start = time.perf_counter()
-    result = decoders[key].generate(job["prompt"], max_new_tokens=job["max_new_tokens"], **job["sampling"])
+    if len(job["prompts"]) == 1:
+        result = decoders[key].generate(job["prompts"][0], max_new_tokens=job["max_new_tokens"], **job["sampling"])
+        tokens, prefill = [result.token_ids], result.stats.prefill_s
+    else:
+        from specdecode.engine.batch import BatchStepper
+        sampling = dict(job["sampling"])
+        seed = sampling.pop("seed")
+        wave = [decoders[key].start(prompt, max_new_tokens=job["max_new_tokens"], seed=seed + i, **sampling)
+                for i, prompt in enumerate(job["prompts"])]
+        stepper = BatchStepper(wave, adaptive_drafts=job["adaptive"])
+        stepper.prefill_pending()
+        prefill = time.perf_counter() - start
+        stepper.run()
+        tokens = [g.result().token_ids for g in wave]
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "tokens": result.token_ids}), flush=True)
+    print(json.dumps({"seconds": seconds, "decode_seconds": seconds - prefill, "tokens": tokens}), flush=True)
 """
 
 
@@ -92,8 +111,12 @@ def main() -> int:
     parser.add_argument("--template", default="User: {turn}\nAssistant:")
     parser.add_argument("--sampling", default=None, metavar="T,TOP_K,TOP_P",
                         help="sample (seed = the prompt's index) instead of greedy decoding")
+    parser.add_argument("--concurrency", type=int, default=1, help="decode the prompts in waves of this many, together")
+    parser.add_argument("--adaptive-drafts", action="store_true", help="with --concurrency: batch-aware draft budgets")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.concurrency < 1:
+        parser.error("--concurrency must be >= 1")
     try:
         temperature, top_k, top_p = (args.sampling or "0,0,1").split(",")
         sampling = {"temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p)}
@@ -109,33 +132,41 @@ def main() -> int:
         print(f"{side}: {worker.info['file']}", file=sys.stderr)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows: dict[str, dict] = {}
-    for index, (name, options) in enumerate(methods):
+    labels = []
+    for name, options in methods:
         label = name + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
-        if label in rows:
-            label += " (again)"
-        row = rows[label] = {"A": 0.0, "B": 0.0, "identical": 0, "prompts": 0}
-        for p, prompt in enumerate(prompts):
-            job = {"method": name, "options": options, "prompt": prompt, "max_new_tokens": args.max_new_tokens,
-                   "sampling": {**sampling, "seed": p}}
-            order = ("A", "B") if (index + p) % 2 == 0 else ("B", "A")
+        labels.append(label + (" (again)" if label in labels else ""))
+        rows[labels[-1]] = {"A": 0.0, "B": 0.0, "A decode": 0.0, "B decode": 0.0, "identical": 0, "prompts": 0,
+                            "tokens": 0}
+    for wave, p in enumerate(range(0, len(prompts), args.concurrency)):  # methods interleaved wave by wave
+        for index, ((name, options), label) in enumerate(zip(methods, labels)):
+            row = rows[label]
+            job = {"method": name, "options": options, "prompts": prompts[p:p + args.concurrency],
+                   "max_new_tokens": args.max_new_tokens, "sampling": {**sampling, "seed": p},
+                   "adaptive": args.adaptive_drafts}
+            order = ("A", "B") if (index + wave) % 2 == 0 else ("B", "A")
             out = {side: workers[side].run(job) for side in order}
             for side in ("A", "B"):
                 row[side] += out[side]["seconds"]
-            row["identical"] += out["A"]["tokens"] == out["B"]["tokens"]
-            row["prompts"] += 1
-        print(f"{label:<28} A {row['A']:7.2f} s  B {row['B']:7.2f} s  B/A {row['B'] / row['A']:.3f}  "
-              f"identical {row['identical']}/{row['prompts']}", file=sys.stderr, flush=True)
+                row[f"{side} decode"] += out[side]["decode_seconds"]
+            row["identical"] += sum(a == b for a, b in zip(out["A"]["tokens"], out["B"]["tokens"]))
+            row["prompts"] += len(job["prompts"])
+            row["tokens"] += sum(len(t) for t in out["B"]["tokens"])
+        print(f"wave {wave + 1}: " + "  ".join(f"{label} B/A {rows[label]['B'] / rows[label]['A']:.3f}"
+                                             for label in labels), file=sys.stderr, flush=True)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("flags")), [])
-    report = {"started": started, "cpu": cpu, "features": [f for f in flags if f.startswith(("avx", "amx", "fma"))],
+    report = {"started": started, "concurrency": args.concurrency, "adaptive_drafts": args.adaptive_drafts, "cpu": cpu, "features": [f for f in flags if f.startswith(("avx", "amx", "fma"))],
               "threads": args.threads, "dtype": args.dtype, "sampling": sampling, "a": str(args.a), "b": str(args.b),
               "data": args.data,
               "max_new_tokens": args.max_new_tokens, "rows": rows}
-    print("| method | A s | B s | B/A | identical tokens |\n|---|---:|---:|---:|---:|")
+    print("| method | A s | B s | B/A | decoding only: A s | B s | B/A | B decoding tokens/s | identical tokens |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, row in rows.items():
-        print(f"| {label} | {row['A']:.2f} | {row['B']:.2f} | {row['B'] / row['A']:.3f} | "
+        print(f"| {label} | {row['A']:.2f} | {row['B']:.2f} | {row['B'] / row['A']:.3f} | {row['A decode']:.2f} | "
+              f"{row['B decode']:.2f} | {row['B decode'] / row['A decode']:.3f} | {row['tokens'] / row['B decode']:.1f} | "
               f"{row['identical']}/{row['prompts']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from specdecode import SpeculativeDecoder
-from specdecode.engine.batch import BatchStepper
+from specdecode.engine.batch import BatchStepper, Survival, _drafter
 from specdecode.models.loading import LoadedModel
 from specdecode.models.runner import Readout
 from specdecode.models.runtime import build_runtime
@@ -214,9 +214,9 @@ def test_greedy_chains_read_the_head_as_each_request_alone_reads_it():
 
 
 def test_adaptive_drafts_cut_rows_and_stay_lossless():
-    from specdecode.engine.batch import RowCost
+    from specdecode.engine.batch import LinearCost
 
-    costs = RowCost()
+    costs = LinearCost()
     for rows in range(1, 20):
         costs.add(rows, 0.05 + 0.01 * rows)
     a, b = costs.line()
@@ -345,9 +345,9 @@ def test_drafters_of_a_batch_draft_together_what_each_drafts_alone(arch, method,
 
 def _fixed_costs(a: float, b: float):
     """A row-cost line that stays ``a + b·rows`` whatever the step measures."""
-    from specdecode.engine.batch import RowCost
+    from specdecode.engine.batch import LinearCost
 
-    costs = RowCost()
+    costs = LinearCost()
     for rows in range(1, 20):
         costs.add(rows, a + b * rows)
     costs.add = lambda rows, seconds: None
@@ -374,6 +374,66 @@ def test_draft_budgets_skip_drafting_that_cannot_pay(method):
         assert all((g.stats.draft_forwards > 0) == drafts for g in generations), [g.stats.draft_forwards for g in generations]
 
 
+def test_draft_budgets_count_what_drafting_costs():
+    """Rows cheap but every draft level dear (a head step or a self-draft forward on a CPU costs far
+    more than the row it feeds): no request drafts; the same rows with drafting cheap: all draft.
+    Before, the budget counted rows only and drafted as if a level were free."""
+    target = _target("llama", fast=True)
+    decoder = SpeculativeDecoder(target, "ssd", skip_attention=[1], skip_mlp=[2], max_draft=4, threshold=0.01)
+    prompts = _prompts(3, 3)
+    alone = [decoder.generate(p, max_new_tokens=12).token_ids for p in prompts]
+    for level_s, drafts in ((2.0, False), (1e-5, True)):
+        generations = [decoder.start(p, max_new_tokens=12) for p in prompts]
+        stepper = BatchStepper(generations, adaptive_drafts=True)
+        stepper.costs = _fixed_costs(1.0, 0.001)  # rows nearly free against the step
+        (group,) = stepper._drafting_groups(generations)  # the three draft together
+        stepper.draft_costs[group[0]] = _fixed_costs(0.0, level_s)
+        stepper.run()
+        assert [g.result().token_ids for g in generations] == alone
+        assert all((g.stats.draft_forwards > 0) == drafts for g in generations), [g.stats.draft_forwards for g in generations]
+
+
+def test_keep_chances_learn_that_a_matching_lookup_is_kept_whole():
+    """A lookup draft (`pld`) is kept wholesale or rejected at its first token: the chance to keep
+    its 8th token is about that of its 1st. One geometric α (kept over drafted: 0.5) put it at
+    0.5^8 and cut pld's batched drafts to a third — a batch of `pld` fell below batched `ar`."""
+    target = _target("llama", fast=True)
+    decoder = SpeculativeDecoder(target, "pld", gamma=8)
+    generations = [decoder.start(p, max_new_tokens=40) for p in _prompts(5, 3)]
+    stepper = BatchStepper(generations)
+    for _ in range(20):  # the drafter's rounds so far: half kept whole, half rejected at once
+        stepper.survival.setdefault(_drafter(generations[0]), Survival()).observe(8, 8)  # (no fading)
+        stepper.survival[_drafter(generations[0])].observe(8, 0)
+    for generation in generations[:2]:
+        generation.stats.accepted_lengths.append(8)
+        stepper._observe(generation, 8)
+    pooled = stepper.keep_chances(generations[2], 8)  # no round of its own: the drafter's
+    assert abs(pooled[0] - 23 / 44) < 1e-12  # (22 kept + 1) / (42 tested + 2)
+    assert pooled[7] > 0.35  # ~0.52 · (23/24)^7, where one α put it at 0.5^8 = 0.004
+    own = stepper.keep_chances(generations[0], 8)  # kept its one draft whole: above the pool
+    assert all(o > p for o, p in zip(own, pooled)) and own == sorted(own, reverse=True)
+    stepper.remove(generations[0])
+    assert stepper.keep_chances(generations[0], 8) == pooled  # its own rounds left with it
+    fading = Survival(decay=0.5)  # a drafter's pool: older rounds weigh less
+    fading.observe(1, 1)
+    fading.observe(1, 0)
+    assert fading.tested == [1.5] and fading.kept == [0.5]
+
+
+def test_linear_cost_predicts_before_its_line_is_known():
+    from specdecode.engine.batch import LinearCost
+
+    cost = LinearCost()
+    assert cost.predict(3) == 0.0
+    for _ in range(3):
+        cost.add(2, 0.010)  # one count only: in proportion
+    assert abs(cost.predict(4) - 0.020) < 1e-12
+    for levels in range(1, 9):
+        cost.add(levels, 0.002 + 0.004 * levels)
+    a, b = cost.line()
+    assert abs(cost.predict(5) - (a + 5 * b)) < 1e-12
+
+
 def test_a_request_that_never_drafts_takes_no_draft_budget():
     """In a batch mixing `ar` with a drafting method, `ar`'s requests are rows, not drafters: before,
     they drew draft budget (rows and expected tokens that never came) ahead of the drafters."""
@@ -383,7 +443,7 @@ def test_a_request_that_never_drafts_takes_no_draft_budget():
     plain = [SpeculativeDecoder(target, "ar").start(p, max_new_tokens=20) for p in prompts[1:]]
     stepper = BatchStepper([drafting, *plain], adaptive_drafts=True)
     stepper.costs = _fixed_costs(0.05, 0.001)  # rows nearly free: every drafter drafts
-    budgets = stepper._draft_budgets(stepper.active)
+    budgets = stepper._draft_budgets(stepper._drafting_groups(stepper.active))
     assert budgets[drafting] > 0 and all(budgets[g] == 0 for g in plain), budgets
 
 

@@ -14,17 +14,18 @@ before the step that first includes them; with ``prefill_chunk`` a step prefills
 prompt tokens (oldest joiner first, a long prompt over several steps), so a long prompt joining
 does not stall the streams already decoding: their step runs after each chunk.
 
-Batch-aware speculation: with ``adaptive_drafts`` a step first gives each request a draft budget —
-the draft tokens expected to pay for their rows at the batch's current rate, on the measured cost
-of rows (:meth:`BatchStepper._draft_budgets`) — so that a draft not worth verifying is not drafted
-either (a head step or a self-draft forward costs as much as the row it would feed); the drafts
-are then checked again against the same rule (:meth:`BatchStepper._keep_drafts_that_pay`); with
-``max_batch_rows`` a step caps the rows it feeds; when the
-generations' ``[last token] + draft`` rows exceed it, the draft tokens least likely to be kept
-are cut (by each request's acceptance rate so far; never the last token). On a CPU a batched
-forward turns compute-bound after a dozen or so rows (the 262k-row head costs as much per row as
-all layers): past that point every row costs the whole batch, and a rejected row costs the other
-requests too. See docs/serving.md for the measured cost of rows.
+Batch-aware speculation: with ``adaptive_drafts`` a step first gives each request a draft budget
+(:meth:`BatchStepper._draft_budgets`) — the draft tokens that raise the step's expected tokens per
+second, on measured costs: the verification forward ``a + b·rows`` (:class:`LinearCost` over the
+last forwards), each drafting group's levels ``a' + d·levels`` (a head step, a self-draft forward:
+on a CPU far more than the row it feeds) and the rest of a step. A request's next draft token is
+worth its chance to be kept, learnt position by position from the request's rounds and its
+drafter's (:class:`Survival`). Drafts are then checked again against the same rule
+(:meth:`BatchStepper._keep_drafts_that_pay`), the drafting now paid for; with ``max_batch_rows`` a
+step caps the rows it feeds; when the generations' ``[last token] + draft`` rows exceed it, the
+draft tokens least likely to be kept are cut (never the last token). On a CPU a batched forward
+turns compute-bound after a dozen or so rows: past that point every row costs the whole batch,
+and a rejected row costs the other requests too. See docs/serving.md for the measured cost of rows.
 """
 
 from __future__ import annotations
@@ -55,7 +56,11 @@ class BatchStepper:
         self.adaptive_drafts = adaptive_drafts
         self.prefill_chunk = prefill_chunk
         self._prefilling: dict[Generation, _Prefill] = {}  # joined, prompt not yet all in the cache
-        self.costs = RowCost()
+        self.costs = LinearCost()  # a batched verification forward's seconds against its rows
+        self.draft_costs: dict[tuple, LinearCost] = {}  # a drafting group's seconds against its levels
+        self._rest_s: float | None = None  # a step's time outside drafting and verifying
+        self.survival: dict[tuple, Survival] = {}  # each drafter's, pooled over its requests
+        self._survival: dict[Generation, Survival] = {}  # each request's own
         # generations whose prefill or drafting raised (a bug in a method), taken out of the batch
         # before any shared forward: the others go on; the caller reads and clears this
         self.failed: dict[Generation, Exception] = {}
@@ -75,6 +80,24 @@ class BatchStepper:
         if generation in self.active:
             self.active.remove(generation)
         self._prefilling.pop(generation, None)
+        self._survival.pop(generation, None)
+
+    def keep_chances(self, generation: Generation, length: int) -> list[float]:
+        """The chance that each of a draft's first ``length`` tokens is kept: the product of the
+        request's keep rates up to it, each shrunk towards its drafter's pooled rate."""
+        own, pool = self._survival.get(generation), self.survival.get(_drafter(generation))
+        chances, chance = [], 1.0
+        for j in range(length):
+            prior = pool.rate(j, *POOL_PRIOR) if pool is not None else POOL_PRIOR[0]
+            chance *= own.rate(j, prior, REQUEST_WEIGHT) if own is not None else prior
+            chances.append(chance)
+        return chances
+
+    def _observe(self, generation: Generation, drafted: int) -> None:
+        """Learn how far this step's draft of ``generation`` survived (its request's and its drafter's)."""
+        accepted = generation.stats.accepted_lengths[-1]
+        self.survival.setdefault(_drafter(generation), Survival(POOL_DECAY)).observe(drafted, accepted)
+        self._survival.setdefault(generation, Survival()).observe(drafted, accepted)
 
     def prefill_pending(self) -> list[Generation]:
         """Prefill the generations that joined (all of each prompt, or with ``prefill_chunk`` at most
@@ -126,14 +149,17 @@ class BatchStepper:
     def step(self) -> dict[Generation, list[int]]:
         """One step of every active generation: the tokens each added. Finished ones leave."""
         self.prefill_pending()
+        started = time.perf_counter()
         ready = [g for g in self.active if g not in self._prefilling]
         adaptive = self.adaptive_drafts and len(ready) > 1  # alone, a request drafts as its method says
-        steps = self._propose(ready, self._draft_budgets(ready) if adaptive else {})
+        groups = self._drafting_groups(ready)
+        steps, drafting_s = self._propose(groups, self._draft_budgets(groups) if adaptive else {})
         if adaptive:
-            self._keep_drafts_that_pay(steps)
+            self._keep_drafts_that_pay(steps, drafting_s)
         self._cap_rows(steps)
         added: dict[Generation, list[int]] = {}
         by_runner: dict[int, list[Generation]] = {}
+        verifying_s = 0.0
         for generation, step in steps.items():
             if step.draft.parents is None:
                 by_runner.setdefault(id(generation.target.runner), []).append(generation)
@@ -141,6 +167,7 @@ class BatchStepper:
                 t0 = time.perf_counter()
                 with torch.inference_mode():
                     out = generation.target.runner.verify(generation.kv, step.fed, step.draft.parents, step.readout)
+                verifying_s += time.perf_counter() - t0
                 added[generation] = generation.accept(step, out, time.perf_counter() - t0)
         for members in by_runner.values():
             runner = members[0].target.runner
@@ -149,6 +176,7 @@ class BatchStepper:
                 outs = runner.forward_batch([g.kv for g in members], [steps[g].fed for g in members],
                                             [steps[g].readout for g in members])
             verify_s = time.perf_counter() - t0  # every member waited for the whole forward
+            verifying_s += verify_s
             rows = sum(len(steps[g].fed) for g in members)
             self.costs.add(rows, verify_s)
             for generation, out in zip(members, outs):
@@ -157,87 +185,131 @@ class BatchStepper:
                 extra["batch_requests_sum"] = extra.get("batch_requests_sum", 0) + len(members)
                 extra["batch_rows_sum"] = extra.get("batch_rows_sum", 0) + rows
                 added[generation] = generation.accept(steps[generation], out, verify_s)
+                self._observe(generation, len(steps[generation].draft))
+        for generation in [g for g in self.active if g.stop_reason is not None]:
+            self._survival.pop(generation, None)
         self.active = [g for g in self.active if g.stop_reason is None]
+        if steps:  # the rest of a step (acceptance, bookkeeping), smoothed over the last few steps
+            rest = time.perf_counter() - started - drafting_s - verifying_s
+            self._rest_s = rest if self._rest_s is None else 0.8 * self._rest_s + 0.2 * rest
         return {g: added[g] for g in steps}
 
-    def _propose(self, generations: list[Generation], budgets: dict[Generation, int]) -> dict[Generation, Step]:
-        """Every generation's step (at most ``budgets[g]`` draft tokens where given); those whose
-        proposers share a batch key draft together (one draft forward a level for all of them). A
-        drafting error takes its group out of the batch."""
-        groups: dict[object, list[Generation]] = {}
+    def _drafting_groups(self, generations: list[Generation]) -> dict[tuple, list[Generation]]:
+        """The generations by who drafts together: proposers of one class with one batch key share
+        each draft forward; any other drafts alone. A group's key is ``(cost key, member)``: the
+        drafting cost is learnt under the proposer's class and batch key, alike for every group of
+        that drafter; ``member`` tells apart the requests that draft alone (None for a shared group)."""
+        groups: dict[tuple, list[Generation]] = {}
         for generation in generations:
-            key = self._guarded(generation, generation.proposer.batch_key)
+            drafter = self._guarded(generation, lambda g=generation: _drafter(g))
             if generation in self.failed:
                 continue
-            group = id(generation) if key is None else (type(generation.proposer), key)
-            groups.setdefault(group, []).append(generation)
+            groups.setdefault((drafter, None if drafter[1] is not None else id(generation)), []).append(generation)
+        return groups
+
+    def _propose(self, groups: dict[tuple, list[Generation]], budgets: dict[Generation, int]
+                 ) -> tuple[dict[Generation, Step], float]:
+        """Every generation's step (at most ``budgets[g]`` draft tokens where given), a group's
+        members drafting together (one draft forward a level for all of them), and the seconds all
+        the drafting took. Each group's drafting time is learnt against the levels it drafted. A
+        drafting error takes its group out of the batch."""
         steps: dict[Generation, Step] = {}
-        for members in groups.values():
+        drafting_s = 0.0
+        for group, members in groups.items():
+            t0 = time.perf_counter()
             try:
-                steps.update(zip(members, Generation.propose_together(members, [budgets.get(g) for g in members])))
+                drafted = Generation.propose_together(members, [budgets.get(g) for g in members])
             except Exception as exc:  # noqa: BLE001 - reported to the caller in ``failed``
                 for generation in members:
                     self.failed[generation] = exc
                     self.remove(generation)
-        return steps
+                continue
+            seconds = time.perf_counter() - t0
+            drafting_s += seconds
+            steps.update(zip(members, drafted))
+            levels = max((len(s.draft) for s in drafted if s.draft.parents is None), default=0)
+            if levels:
+                self.draft_costs.setdefault(group[0], LinearCost()).add(levels, seconds)
+        return steps, drafting_s
 
     def run(self) -> None:
         """Step until every generation has finished."""
         while self.active:
             self.step()
 
-    def _draft_budgets(self, generations: list[Generation]) -> dict[Generation, int]:
+    def _draft_budgets(self, groups: dict[tuple, list[Generation]]) -> dict[Generation, int]:
         """How many draft tokens each request may draft this step (empty until the cost of rows is
-        known): the goodput rule of :meth:`_keep_drafts_that_pay` run forwards — starting from one
-        row a request (its last token), add the most likely next draft token of any request
-        (``α^(j+1)``) while it is worth what its row costs at the step's rate, ``α^(j+1) / b ≥ E / C(rows)``."""
+        known): the plan of most expected tokens per second. For each drafting group in turn, every
+        depth ``D`` it could draft to is tried — its levels' cost paid up front, then draft tokens
+        of any request (each worth its chance ``p`` to be kept, :meth:`keep_chances`, up to ``D``)
+        taken most likely first while each is worth what its row costs at the plan's rate,
+        ``p / b ≥ E / C`` — and the best depth kept. Deeper levels are not tried once no request's next token could pay for its row at the best
+        rate so far (a level's cost only lowers the rate further)."""
         line = self.costs.line()
         if line is None:
             return {}
         a, b = line
-        budgets = dict.fromkeys(generations, 0)
-        caps = {g: min(g.room(), MAX_DRAFT_BUDGET) for g in generations}
-        rows, expected = len(generations), float(len(generations))
-        open_ = [g for g in generations if caps[g] > 0]
-        while open_:
-            best = max(open_, key=lambda g: _acceptance(g) ** (budgets[g] + 1))
-            value = _acceptance(best) ** (budgets[best] + 1)
-            if value / b < expected / (a + b * rows):
-                break
-            budgets[best] += 1
-            rows, expected = rows + 1, expected + value
-            if budgets[best] >= caps[best]:
-                open_.remove(best)
-        return budgets
+        fixed = a + (self._rest_s or 0.0)
+        room = {g: min(g.room(), MAX_DRAFT_BUDGET) for members in groups.values() for g in members}
+        chances = {g: self.keep_chances(g, room[g]) for g in room}
+        depth = {group: max(room[g] for g in members) for group, members in groups.items()}
+        level_cost = {group: self.draft_costs.get(group[0], LinearCost()).predict for group in groups}
 
-    def _keep_drafts_that_pay(self, steps: dict[Generation, Step]) -> None:
+        def plan() -> tuple[dict[Generation, int], float]:
+            cost = fixed + b * len(room) + sum(level_cost[k](d) for k, d in depth.items() if d)
+            expected = float(len(room))
+            budgets = dict.fromkeys(room, 0)
+            values = sorted(((chances[g][j], g) for group, members in groups.items() for g in members
+                             for j in range(min(room[g], depth[group]))), key=lambda v: -v[0])
+            for value, generation in values:
+                if value / b < expected / cost:
+                    break
+                budgets[generation] += 1
+                expected, cost = expected + value, cost + b
+            return budgets, expected / cost
+
+        for group, members in groups.items():
+            deepest, best_depth, best_rate = depth[group], 0, -1.0
+            for d in range(deepest + 1):
+                depth[group] = d
+                rate = plan()[1]
+                if rate > best_rate:
+                    best_depth, best_rate = d, rate
+                if max((chances[g][d] for g in members if room[g] > d), default=0.0) / b < best_rate:
+                    break
+            depth[group] = best_depth
+        return plan()[0]
+
+    def _keep_drafts_that_pay(self, steps: dict[Generation, Step], drafting_s: float) -> None:
         """Goodput rule (batch-aware speculation): drop the draft token least likely to be kept
-        while what it is expected to add (``α^j`` tokens) is worth less than what its row costs at
-        the step's current rate — ``α^j / b < E / C(rows)``, with ``C(rows) = a + b·rows`` the
-        measured cost of a batched forward and ``E`` the step's expected tokens. In a big batch
-        the step already yields many tokens per second, so only likely tokens keep their rows."""
+        while what it is expected to add (its chance ``p`` to be kept) is worth less than what its
+        row costs at the step's current rate — ``p / b < E / C``, with ``C = a + b·rows`` the
+        measured cost of a batched forward plus this step's drafting (paid already) and the rest of
+        a step, and ``E`` the step's expected tokens. In a big batch the step already yields many tokens per
+        second, so only likely tokens keep their rows."""
         line = self.costs.line()
         if line is None:
             return
         a, b = line
         chains = {g: s for g, s in steps.items() if s.draft.parents is None}
         rows = sum(len(s.fed) for s in steps.values())
-        expected = sum(sum(_acceptance(g) ** j for j in range(len(s.draft) + 1)) for g, s in steps.items())
+        cost = a + b * rows + drafting_s + (self._rest_s or 0.0)
+        chances = {g: self.keep_chances(g, len(s.draft)) for g, s in chains.items()}
+        expected = len(steps) + sum(sum(c) for c in chances.values())
         while True:
             cuttable = [g for g, s in chains.items() if len(steps[g].draft)]
             if not cuttable:
                 return
-            worst = min(cuttable, key=lambda g: _acceptance(g) ** len(steps[g].draft))
-            value = _acceptance(worst) ** len(steps[worst].draft)
-            if value / b >= expected / (a + b * rows):
+            worst = min(cuttable, key=lambda g: chances[g][len(steps[g].draft) - 1])
+            value = chances[worst][len(steps[worst].draft) - 1]
+            if value / b >= expected / cost:
                 return
             steps[worst] = chains[worst] = _shorter(worst, steps[worst])
-            rows, expected = rows - 1, expected - value
+            cost, expected = cost - b, expected - value
 
     def _cap_rows(self, steps: dict[Generation, Step]) -> None:
         """Cut chain drafts until the step feeds at most ``max_batch_rows`` rows: each cut drops the
-        draft token least likely to be accepted — the last token of the draft whose ``α^length``
-        is smallest, ``α`` being the request's acceptance rate so far (prior 1/2)."""
+        draft token least likely to be kept (:meth:`keep_chances`; never the last token)."""
         if self.max_batch_rows is None:
             return
         total = sum(len(s.fed) for s in steps.values())
@@ -245,7 +317,7 @@ class BatchStepper:
             cuttable = [g for g, s in steps.items() if s.draft.parents is None and len(s.draft)]
             if not cuttable:
                 return
-            worst = min(cuttable, key=lambda g: _acceptance(g) ** len(steps[g].draft))
+            worst = min(cuttable, key=lambda g: self.keep_chances(g, len(steps[g].draft))[-1])
             steps[worst] = _shorter(worst, steps[worst])
             total -= 1
 
@@ -259,15 +331,15 @@ class _Prefill:
     hidden: list[torch.Tensor] = field(default_factory=list)
 
 
-class RowCost:
-    """The cost of a batched verification forward against the rows it feeds, ``a + b·rows``,
-    fitted by least squares to the last ``window`` forwards (None until the rows have varied)."""
+class LinearCost:
+    """Seconds against a count (a batched forward's rows, a drafting group's levels), ``a + b·x``
+    fitted by least squares to the last ``window`` samples (None until the counts have varied)."""
 
     def __init__(self, window: int = 64) -> None:
         self.samples: deque[tuple[int, float]] = deque(maxlen=window)
 
-    def add(self, rows: int, seconds: float) -> None:
-        self.samples.append((rows, seconds))
+    def add(self, count: int, seconds: float) -> None:
+        self.samples.append((count, seconds))
 
     def line(self) -> tuple[float, float] | None:
         if len(self.samples) < 8:
@@ -284,10 +356,57 @@ class RowCost:
             return None
         return max(a, 0.0), b
 
+    def predict(self, count: int) -> float:
+        """The expected seconds for ``count``: the line where it is known, else in proportion to
+        the mean of the samples (0 without any)."""
+        line = self.line()
+        if line is not None:
+            return line[0] + line[1] * count
+        if not self.samples:
+            return 0.0
+        mean_r = sum(r for r, _ in self.samples) / len(self.samples)
+        return sum(t for _, t in self.samples) / len(self.samples) / mean_r * count
 
-def _acceptance(generation: Generation) -> float:
-    stats = generation.stats
-    return (stats.accepted_tokens + 1) / (stats.proposed_tokens + 2)
+
+class Survival:
+    """How far drafts survive verification, position by position: of the rounds whose draft reached
+    position ``j`` with every token before it kept (``tested[j]``), how many kept it too
+    (``kept[j]``). One geometric α cannot say this: a lookup draft (`pld`) that matches is kept
+    wholesale, so the chance to keep the next token rises along it, while α read every long draft
+    as a poor one (and kept over drafted read a draft of 8 at α = 0.8 as 0.42)."""
+
+    def __init__(self, decay: float = 1.0) -> None:
+        self.decay = decay  # each round's weight shrinks by this much a round after it (recent rounds count most)
+        self.tested: list[float] = []
+        self.kept: list[float] = []
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        if self.decay != 1.0:
+            self.tested = [t * self.decay for t in self.tested]
+            self.kept = [k * self.decay for k in self.kept]
+        for j in range(min(drafted, accepted + 1)):
+            if j == len(self.tested):
+                self.tested.append(0)
+                self.kept.append(0)
+            self.tested[j] += 1
+            self.kept[j] += j < accepted
+
+    def rate(self, j: int, prior: float, weight: float) -> float:
+        """The chance to keep position ``j`` once the ones before it were: the counts, with ``weight``
+        rounds' worth of ``prior``."""
+        tested, kept = (self.tested[j], self.kept[j]) if j < len(self.tested) else (0, 0)
+        return (kept + weight * prior) / (tested + weight)
+
+
+def _drafter(generation: Generation) -> tuple:
+    """Who drafts for ``generation``: its proposer's class and batch key (equal for requests whose
+    drafts share each draft forward, :meth:`Proposer.batch_key`)."""
+    return type(generation.proposer), generation.proposer.batch_key()
+
+
+POOL_PRIOR = (0.5, 2.0)  # a drafter's keep rate before any round: one kept, one rejected
+POOL_DECAY = 0.995  # a drafter's pooled rounds fade with a half-life of ~140 rounds: it follows the traffic
+REQUEST_WEIGHT = 4.0  # rounds' worth of its drafter's pooled rate in a request's own estimate
 
 
 def _shorter(generation: Generation, step: Step) -> Step:
