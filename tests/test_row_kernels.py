@@ -10,9 +10,10 @@ from specdecode.models import row_kernels
 def test_the_avx512_bf16_kernel_sums_each_row_alike_whatever_the_row_count():
     """Each row's product is a float32 sum of exact bf16 products, the same bits whether the row
     comes alone or among 2-40 others (that is what makes a k-token verification's products those
-    of k one-token steps); output columns not a multiple of 16 and a bias included."""
+    of k one-token steps); output columns not a multiple of 16 and a bias included; 3,100 outputs
+    (194 blocks) are run in tiles that every pass reads, ending in a part tile, at 1 or 2 threads."""
     torch.manual_seed(0)
-    for out_features, in_features in ((37, 48), (96, 64), (1000, 130)):
+    for out_features, in_features in ((37, 48), (96, 64), (1000, 130), (3100, 66)):
         weight = (torch.randn(out_features, in_features) * 0.2).bfloat16()
         bias = torch.randn(out_features)
         packed = row_kernels.pack_bf16(weight)
@@ -35,9 +36,9 @@ def test_the_avx512_bf16_kernel_sums_each_row_alike_whatever_the_row_count():
 def test_the_int8_kernel_computes_its_rounded_product_and_each_row_alike():
     """The int8 product is ``(xq·t) @ w̃ᵀ`` within float32 rounding of its few group sums (``w̃``
     the int8 copy with its scales, exact in float64), the same bits for a row alone or among
-    others; odd group and block remainders included."""
+    others; odd group and block remainders included, and a weight run in tiles (3,100 outputs)."""
     torch.manual_seed(1)
-    for out_features, in_features in ((37, 48), (1000, 130), (64, 640)):
+    for out_features, in_features in ((37, 48), (1000, 130), (64, 640), (3100, 66)):
         weight = torch.randn(out_features, in_features) * 0.05
         copy = row_kernels.Int8Groups(weight)
         exact_copy = copy.dequantized()
@@ -53,3 +54,12 @@ def test_the_int8_kernel_computes_its_rounded_product_and_each_row_alike():
         magnitude = rounded.abs() @ exact_copy.abs().t()
         error = (alone.double() - rounded @ exact_copy.t()).abs()
         assert bool((error <= (in_features // 32 + 4) * 2.0**-24 * magnitude + 1e-30).all())
+
+
+def test_a_tuned_plan_is_keyed_by_the_row_kernels_version(monkeypatch):
+    """A plan timed the kernels as they were: a changed kernel (here, tiled passes) is timed again."""
+    from specdecode.models.kernels import plan_key
+
+    before = plan_key([(8, 8)])
+    monkeypatch.setattr(row_kernels, "source_digest", lambda: "another")
+    assert plan_key([(8, 8)]) != before

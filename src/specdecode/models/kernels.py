@@ -192,11 +192,13 @@ def fastest_per_bucket(candidates: Sequence[str], runner: Callable[[int], Callab
 
 
 def plan_key(shapes: Sequence[tuple[int, ...]], suffix: str = "") -> str:
-    """A tuned plan's cache key: CPU model and features, thread count, torch, the weights' shapes."""
+    """A tuned plan's cache key: CPU model and features, thread count, torch, our row kernels' version
+    (a plan timed an older kernel), the weights' shapes."""
     digest = hashlib.sha256(repr([tuple(shape) for shape in shapes]).encode()).hexdigest()[:12]
     cpu = cpu_description()
     # the features too: one model name ("AMD EPYC") covers an AVX2 Zen 3 and an AVX-512 BF16 Zen 4
-    return f"{cpu['cpu']}|{'+'.join(cpu['features'])}|threads={cpu['threads']}|torch={torch.__version__}|{digest}{suffix}"
+    return (f"{cpu['cpu']}|{'+'.join(cpu['features'])}|threads={cpu['threads']}|torch={torch.__version__}"
+            f"|rows={row_kernels.source_digest()}|{digest}{suffix}")
 
 
 def cached_plan(key: str, offered: Sequence[str], tune: Callable[[], KernelPlan], plan_cache: Path | None,

@@ -37,6 +37,12 @@ GROUP_K = 32  # inputs sharing one scale in the int8 layout (as GGUF's Q8_0)
 
 
 @cache
+def source_digest() -> str:
+    """Names this version of the kernels (tuned plans that timed them are keyed by it)."""
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12] if SOURCE.is_file() else "none"
+
+
+@cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where this machine cannot build them (no C compiler, no
     OpenMP); which of them run here says :func:`bf16_available` / :func:`int8_available`."""
