@@ -28,6 +28,7 @@ typedef void (*span_fn)(const void *args, int m0, int rows, int b0, int b1);
  * of pass after pass over the whole weight; weights that stay in L3 gain nothing). */
 static __attribute__((unused)) void for_tiles(span_fn span, const void *args, int M, int N, int threads) {
     const int nblocks = (N + LANES - 1) / LANES, passes = (M + MAX_ROWS - 1) / MAX_ROWS;
+    if (nblocks <= 0 || passes <= 0) return;
     const int tile = passes > 1 && nblocks >= TILE_BLOCKS * TILES_PER_THREAD * threads
         ? TILE_BLOCKS : (nblocks + threads - 1) / threads;
     const int tiles = (nblocks + tile - 1) / tile;
