@@ -415,3 +415,22 @@ def test_batched_requests_equal_the_library_alone_and_the_kv_budget_admits_and_r
         assert "specdecode_kv_budget_tokens 100.0" in metrics
         assert "specdecode_kv_reserved_tokens 0.0" in metrics and "specdecode_active_generations 0.0" in metrics
         assert re.search(r'specdecode_generations_total\{method="pld",outcome="cancelled"\} 1\.0', metrics)
+
+
+def test_the_engine_loads_on_a_thread_that_exits_and_reports_its_errors(monkeypatch):
+    """The models load off the main thread (which serves HTTP): a live thread that owns an OpenMP
+    pool throttled the worker's every parallel region (a served stream ~1.2x slower); a load error
+    still reaches the caller."""
+    from specdecode.errors import ModelLoadError
+    from specdecode.serve import engine as engine_module
+
+    seen = []
+
+    def failing_load(name, **_):
+        seen.append(threading.current_thread())
+        raise ModelLoadError(f"no model {name!r}")
+
+    monkeypatch.setattr(engine_module, "load_model", failing_load)
+    with pytest.raises(ModelLoadError, match="no model 'nowhere'"):
+        engine_module.Engine(engine_module.EngineConfig(model="nowhere"))
+    assert len(seen) == 1 and seen[0] is not threading.main_thread() and not seen[0].is_alive()
