@@ -50,7 +50,7 @@ def library() -> ctypes.CDLL | None:
     if compiler is None or not SOURCE.is_file():
         return None
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-    key = hashlib.sha256(repr((SOURCE.read_bytes(), compiler, flags, cpu_description()["cpu"],
+    key = hashlib.sha256(repr((source_digest(), compiler, flags, cpu_description()["cpu"],
                                cpu_description()["features"])).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"row_kernels-{key}.so"
     if not target.is_file():
