@@ -18,24 +18,28 @@ from tiny_models import VOCAB, tiny_model
 NATIVE = ("llama", "qwen2", "gemma3")
 
 
-def _native(arch: str, seed: int = 0) -> LoadedModel:
+def _native(arch: str, seed: int = 0, attention_kernel: str = "auto") -> LoadedModel:
     loaded = tiny_model(arch, seed=seed)
-    runtime = build_runtime(loaded.model)
+    runtime = build_runtime(loaded.model, attention_kernel=attention_kernel)
     assert runtime is not None and runtime.decoder is not None
     return LoadedModel(loaded.model, None, loaded.name, runtime=runtime)
 
 
+@pytest.mark.parametrize("attention_kernel", ["torch", "chain"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("arch", NATIVE)
-def test_native_forward_equals_transformers(arch, dtype):
-    """Bit for bit for the Llama family in float32 and float64 (with MKL products, as
-    `transformers` runs them); for Gemma 3, whose sliding layers read only their window, up to the
-    rounding of a shorter attention sum; bf16 up to bf16 rounding."""
+def test_native_forward_equals_transformers(arch, dtype, attention_kernel):
+    """Bit for bit for the Llama family in float32 and float64 (with MKL products and torch's
+    attention, as `transformers` runs them); for Gemma 3, whose sliding layers read only their
+    window, and with our float32 chain-attention kernel, up to the rounding of the attention sums;
+    bf16 up to bf16 rounding (its attention in bf16: no kernel)."""
     model = tiny_model(arch, seed=1).model.to(dtype)
-    native, eager = TargetRunner(model, build_runtime(model, kernels="mkl", attention="model")), TargetRunner(model)
+    runtime = build_runtime(model, kernels="mkl", attention="model", attention_kernel=attention_kernel)
+    native, eager = TargetRunner(model, runtime), TargetRunner(model)
     assert native.native and not eager.native
+    assert runtime.decoder.chain_kernel == (attention_kernel == "chain" and dtype == torch.float32)
     exact = dict(rtol=0, atol=0)
-    if arch == "gemma3":
+    if arch == "gemma3" or runtime.decoder.chain_kernel:
         exact = dict(rtol=1e-5, atol=1e-5) if dtype != torch.bfloat16 else dict(rtol=0.05, atol=0.05)
     context = [(7 * i + 3) % VOCAB for i in range(13)]  # past Gemma's window of 8
     skip = SkipSet.of(attention=[1], mlp=[0, 2])
@@ -55,9 +59,10 @@ def test_native_forward_equals_transformers(arch, dtype):
             torch.testing.assert_close(a, b, **exact)
 
 
+@pytest.mark.parametrize("attention_kernel", ["torch", "chain"])
 @pytest.mark.parametrize("arch", NATIVE)
-def test_lossless_methods_with_the_native_decoder_equal_ar(arch):
-    target = _native(arch, seed=2)
+def test_lossless_methods_with_the_native_decoder_equal_ar(arch, attention_kernel):
+    target = _native(arch, seed=2, attention_kernel=attention_kernel)
     draft = tiny_model(arch, seed=3)
     rng = random.Random(arch)
     plain = tiny_model(arch, seed=2)  # the same weights through `transformers`

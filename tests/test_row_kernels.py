@@ -63,3 +63,40 @@ def test_a_tuned_plan_is_keyed_by_the_row_kernels_version(monkeypatch):
     before = plan_key([(8, 8)])
     monkeypatch.setattr(row_kernels, "source_digest", lambda: "another")
     assert plan_key([(8, 8)]) != before
+
+
+@pytest.mark.skipif(not row_kernels.chain_attention_available(), reason="needs a C compiler with OpenMP")
+@pytest.mark.parametrize("head_dim", [256, 24])  # the embedded model's, and one that is not a multiple of 16
+def test_chain_attention_is_each_requests_causal_attention_and_each_row_alike(head_dim):
+    """One call attends every request's chain rows over its own cache as torch's attention does with
+    the causal (and sliding-window) chain mask, within float32 rounding, grouped query heads
+    included; a row's output is the same bits alone, among its request's other rows, or beside
+    other requests (what keeps a k-row verification equal to k one-row steps, and a batched
+    request equal to itself alone)."""
+    from specdecode.models.native import _chain_mask, _window_start
+
+    torch.manual_seed(2)
+    heads, kv_heads, rows = 4, 2, [1, 3, 5, 1]
+    pasts = [0, 9, 20, 300]
+    buffers = [(torch.randn(1, kv_heads, p + n + 7, head_dim), torch.randn(1, kv_heads, p + n + 7, head_dim))
+               for p, n in zip(pasts, rows)]  # caches with spare capacity, as GrowingLayer keeps them
+    keys = [k[:, :, :p + n] for (k, _), p, n in zip(buffers, pasts, rows)]
+    values = [v[:, :, :p + n] for (_, v), p, n in zip(buffers, pasts, rows)]
+    q = torch.randn(1, sum(rows), heads + kv_heads, head_dim).transpose(1, 2)[:, :heads]  # a view, as split_heads gives
+    scale = head_dim ** -0.5
+    for window in (None, 6):
+        together = row_kernels.chain_attention(q, keys, values, rows, window, scale)
+        at = 0
+        for r, (p, n) in enumerate(zip(pasts, rows)):
+            start = _window_start(p, window)
+            expected = torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, at:at + n], keys[r][:, :, start:], values[r][:, :, start:], attn_mask=_chain_mask(p, n, window, q.device),
+                scale=scale, enable_gqa=True).transpose(1, 2).reshape(1, n, -1)
+            torch.testing.assert_close(together[:, at:at + n], expected, rtol=1e-5, atol=1e-6)
+            alone = row_kernels.chain_attention(q[:, :, at:at + n], [keys[r]], [values[r]], [n], window, scale)
+            assert torch.equal(alone, together[:, at:at + n])
+            for i in range(n):  # row i as a one-row step: the cache holds the keys up to its position
+                step = row_kernels.chain_attention(q[:, :, at + i:at + i + 1], [keys[r][:, :, :p + i + 1]],
+                                                   [values[r][:, :, :p + i + 1]], [1], window, scale)
+                assert torch.equal(step, together[:, at + i:at + i + 1])
+            at += n

@@ -82,6 +82,26 @@ def test_screened_head_finds_the_exact_top_k_among_near_ties(screen):
     assert torch.equal(head.top(hidden, 1).argmax(1), exact.argmax(1))
 
 
+@pytest.mark.parametrize("screen", offered_screens())
+def test_screened_head_keeps_its_screen_buffer_and_each_call_is_exact(screen):
+    """The screen writes into a buffer the head keeps between calls (a fresh >32 MB one page-faults
+    each call); a call of fewer rows after one of more, or of more rows after fewer (the buffer
+    grows), still gives every row's exact argmax, and ``top_columns`` names ascending columns whose
+    logits are the exact ones."""
+    torch.manual_seed(5)
+    weight = torch.randn(3_000, 64) * 0.1
+    head = ScreenedHead(weight, None, softcap=None, screens=screen)
+    for rows in (9, 3, 9, 17, 2):
+        hidden = torch.randn(rows, 64) * 20
+        exact = _exact_logits(hidden, weight)
+        assert torch.equal(head.top(hidden, 1).argmax(1), exact.argmax(1)), rows
+        columns, logits = head.top_columns(hidden, 1)
+        assert torch.all(columns[1:] > columns[:-1]) and torch.equal(logits, exact[:, columns])
+        assert torch.equal(columns[logits.argmax(1)], exact.argmax(1))
+    kept = head._screened_rows(4)
+    assert kept is not None and kept.data_ptr() == head._screened_rows(17).data_ptr()  # reused, not reallocated
+
+
 def test_screened_head_stops_after_the_block_of_the_first_mismatch():
     torch.manual_seed(1)
     weight = torch.randn(5_000, 32)
@@ -189,7 +209,7 @@ def test_selection_survives_a_screen_that_errs_by_its_whole_bound():
     class Adversary:
         output_rounding = 2.0**-8 / (1 - 2.0**-8)
 
-        def __call__(self, hidden):
+        def __call__(self, hidden, out=None):  # the screen protocol: out may be ignored
             exact = (hidden.double() @ weight.double().t()).float()
             bound = torch.full((hidden.shape[0], 1), 0.05)
             rho, inner = self.output_rounding, 0.999  # just inside the bound
@@ -325,6 +345,8 @@ def test_kernel_plan_is_cached_per_machine_and_shape(tmp_path):
     assert len(_prepared(cache).kernels.kernels) == len(ROW_BUCKETS)
     with pytest.raises(InvalidSettingError, match="unknown kernel"):
         build_runtime(_tiny_fp32("llama"), kernels="blas")
+    with pytest.raises(InvalidSettingError, match="unknown attention kernel"):
+        build_runtime(_tiny_fp32("llama"), attention_kernel="flash")
 
 
 def _prepared(cache):

@@ -17,6 +17,7 @@ without top-k, perplexity) get the full head.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from specdecode.models.kernels import (ROW_BUCKETS, KernelPlan, TunedLinear, cac
                                        fbgemm_fp16_available, onednn_available, plan_key)
 
 HEAD_BLOCK_ROWS = 4  # a head screen is memory-bound up to ~4 rows on these CPUs
+SCRATCH_ROWS = 128  # the most rows whose screened values a head keeps a buffer for (128 MB at 262k)
 SCREENS = ("fp16", "bf16", "dpbf16", "int8")
 
 
@@ -71,19 +73,20 @@ class _Screen:
         self.row_bound = worst_error * 1.01 + 1e-7
         self.input_bound = 0.0 if name == "fp16" else worst_norm * (1 + gamma) * 1.01  # fp16 reads x as it is
 
-    def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Screened values ``[n, V]`` (float32) and each row's bound ``[n, 1]`` before output rounding."""
+    def __call__(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Screened values ``[n, V]`` (float32; in ``out`` where given and our kernel computes them) and
+        each row's bound ``[n, 1]`` before output rounding."""
         bound = hidden.norm(dim=1, keepdim=True) * self.row_bound
         if self.name == "fp16":
             return torch.ops.quantized.linear_dynamic_fp16(hidden, self.packed), bound
         if self.name == "int8":
             xq, scale = row_kernels.quantize_rows(hidden)
             rounded_error = (hidden.double() - xq.double() * scale.double()[:, None]).norm(dim=1, keepdim=True)
-            return row_kernels.int8_product(xq, scale, self.packed), bound + rounded_error.float() * self.input_bound
+            return row_kernels.int8_product(xq, scale, self.packed, out), bound + rounded_error.float() * self.input_bound
         rounded = hidden.to(torch.bfloat16)
         bound = bound + (hidden - rounded.float()).norm(dim=1, keepdim=True) * self.input_bound
         if self.name == "dpbf16":
-            return row_kernels.bf16_product(rounded, self.packed, self.vocab, out_dtype=torch.float32), bound
+            return row_kernels.bf16_product(rounded, self.packed, self.vocab, out_dtype=torch.float32, out=out), bound
         return torch.ops.mkldnn._linear_pointwise(rounded, self.packed, None, "none", [], "").float(), bound
 
 
@@ -163,6 +166,7 @@ class ScreenedHead:
             raise InvalidSettingError(f"head screen {screens!r} is not available here; choose one of "
                                       f"{', '.join(available) or 'none'}")
         self.screens = {name: _Screen(name, self.weight) for name in offered}
+        self._scratch = threading.local()  # each decoding thread's screen output, kept between calls
         self.bias_max = 0.0 if self.bias is None else float(self.bias.abs().max())
         # the bf16 target: |fl(x·w) − x·w| ≤ γ‖x‖‖w‖ (float32 sums, 2⁻²³ as for the dpbf16 screen,
         # one more for the bias), then one rounding to bf16 (relative 2⁻⁸ of the result)
@@ -179,6 +183,7 @@ class ScreenedHead:
             target = "|bf16-target" if self.bf16 else ""
             key = plan_key([tuple(self.weight.shape)], "|head-screen|" + "/".join(offered) + target)
             self.plan = cached_plan(key, offered, self._tune, plan_cache, "the LM head's screen")
+            self._scratch = threading.local()  # the tuner's 64-row buffer is not a decoder's
             self.screens = {name: screen for name, screen in self.screens.items() if name in self.plan.kernels}
         if self.bf16:  # what full() reads: the dpbf16 screen's copy where it is kept (the same layout)
             kept = self.screens.get("dpbf16")
@@ -189,7 +194,7 @@ class ScreenedHead:
         well under a millisecond for either screen on real hidden states)."""
         def runner(bucket: int):  # noqa: ANN202
             hidden = torch.randn(bucket, self.weight.shape[1])
-            return lambda name: self.screens[name](hidden)
+            return lambda name: self.screens[name](hidden, self._screened_rows(bucket))  # as top_columns runs them
 
         return fastest_per_bucket(tuple(self.screens), runner)
 
@@ -221,7 +226,16 @@ class ScreenedHead:
         return out
 
     def _top(self, hidden: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """:meth:`top` of all rows at once, written into ``out`` (all ``-inf``) where given.
+        """:meth:`top` of all rows at once, written into ``out`` (all ``-inf``) where given."""
+        columns, logits = self.top_columns(hidden, k)
+        if out is None:
+            out = hidden.new_full((hidden.shape[0], self.weight.shape[0]), float("-inf"), dtype=torch.float32)
+        return out.index_copy_(1, columns, logits)
+
+    def top_columns(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The columns where any row's top ``k`` can be (ascending) and every row's exact logits there
+        ``[n, C]``: what :meth:`top` writes into rows of ``-inf``, for consumers that write it
+        themselves (``models/batch.py``) or read only the argmax.
 
         With ``|s − v| ≤ A + ρ|s|`` between every screened value ``s`` and the exact one ``v``
         (:class:`_Screen`'s bound; for a bf16 target widened by its float32 sum and its rounding to
@@ -233,7 +247,7 @@ class ScreenedHead:
         hidden = hidden.to(torch.bfloat16).float() if self.bf16 else hidden.float()  # what the target multiplies
         screen = self.screens[self.plan.kernels[-1] if hidden.shape[0] > ROW_BUCKETS[-1]
                               else self.plan.kernel_for(hidden.shape[0])]
-        values, bound = screen(hidden)
+        values, bound = screen(hidden, self._screened_rows(hidden.shape[0]))
         rho = screen.output_rounding
         if self.bias is not None:
             values = values + self.bias.float()
@@ -245,11 +259,22 @@ class ScreenedHead:
         slack = 1e-6 * (kth.abs() + 2 * bound) + 1e-6  # float32 rounding of values near the k-th
         floor = kth - rho * kth.abs() - 2 * bound - slack
         floor = torch.where(floor >= 0, floor / (1 + rho), floor / (1 - rho))  # s + ρ|s| ≥ floor
-        candidates = torch.nonzero((values >= floor).any(dim=0)).squeeze(1)
-        if out is None:
-            out = torch.full_like(values, float("-inf"))
-        out.index_copy_(1, candidates, self._exact(hidden, candidates))
-        return out
+        # s ≥ floor ⟺ s − floor ≥ 0 (IEEE: a difference is 0 only between equals, and keeps the sign):
+        # in place and one reduction over the rows, rather than a [n, V] mask and a second pass
+        candidates = torch.nonzero(values.sub_(floor).amax(dim=0) >= 0).squeeze(1)
+        return candidates, self._exact(hidden, candidates)
+
+    def _screened_rows(self, rows: int) -> torch.Tensor | None:
+        """Where the screen writes ``rows`` rows: this thread's buffer, grown as needed and kept between
+        calls (the values never leave :meth:`top_columns`). Fresh, a tensor over 32 MB (> 32 rows of a
+        262k vocabulary) is mapped anew by glibc at each call and its first touch page-faults: ~10 ms
+        at 32 rows, more than the screen's own arithmetic grows. None past SCRATCH_ROWS rows."""
+        if rows > SCRATCH_ROWS:
+            return None
+        buffer = getattr(self._scratch, "buffer", None)
+        if buffer is None or buffer.shape[0] < rows:
+            buffer = self._scratch.buffer = torch.empty(max(rows, HEAD_BLOCK_ROWS), self.weight.shape[0])
+        return buffer[:rows]
 
     def _exact(self, hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """The target's own logits of the ``candidates`` columns, float32."""

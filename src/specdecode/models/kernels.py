@@ -151,7 +151,7 @@ def candidate_kernels(dtype: torch.dtype) -> tuple[str, ...]:
     return BF16_KERNELS if dtype == torch.bfloat16 else KERNELS
 
 
-def tune_kernels(linears: Sequence[TunedLinear], repeats: int = 3) -> KernelPlan:
+def tune_kernels(linears: Sequence[TunedLinear], repeats: int = 5) -> KernelPlan:
     """Time every kernel on ``linears`` (the whole stack, as a step runs it) for each row bucket;
     keep the fastest. Takes ~2–4 s on a 270M model."""
     dtype = linears[0].weight.dtype
@@ -171,21 +171,25 @@ def tune_kernels(linears: Sequence[TunedLinear], repeats: int = 3) -> KernelPlan
 
 
 def fastest_per_bucket(candidates: Sequence[str], runner: Callable[[int], Callable[[str], None]],
-                       repeats: int = 3) -> KernelPlan:
+                       repeats: int = 5) -> KernelPlan:
     """The plan keeping, for each row bucket, the candidate whose ``runner(bucket)(candidate)`` has the
-    lowest median time over ``repeats`` runs (after one untimed)."""
+    lowest median time over ``repeats`` runs, after one untimed run of each. The candidates take
+    turns, each round in a rotated order: timed one after the other, the first candidate of a bucket
+    met its cold caches and any drift of the host, and a 10 % slower screen was kept (stop 32)."""
     chosen, measured = [], []
     with torch.inference_mode():
         for bucket in ROW_BUCKETS:
             run = runner(bucket)
-            times = []
             for candidate in candidates:
-                runs = []
-                for _ in range(repeats + 1):
+                run(candidate)
+            runs: dict[str, list[float]] = {candidate: [] for candidate in candidates}
+            for round_ in range(repeats):
+                shift = round_ % len(candidates)
+                for candidate in candidates[shift:] + candidates[:shift]:
                     start = time.perf_counter()
                     run(candidate)
-                    runs.append(time.perf_counter() - start)
-                times.append(statistics.median(runs[1:]) * 1000)
+                    runs[candidate].append(time.perf_counter() - start)
+            times = [statistics.median(runs[candidate]) * 1000 for candidate in candidates]
             chosen.append(candidates[times.index(min(times))])
             measured.append(tuple(round(t, 2) for t in times))
     return KernelPlan(tuple(chosen), tuple(measured))

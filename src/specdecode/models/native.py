@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+from specdecode.models import row_kernels
 from specdecode.models.families import decoder_layers, family_of
 from specdecode.models.layer_skip import SkipSet
 
@@ -180,6 +181,11 @@ def _window_start(past: int, window: int | None) -> int:
     return 0 if window is None else max(0, past - window + 1)
 
 
+def window_of(config: object, layer_type: str) -> int | None:
+    """How many positions back a layer of ``layer_type`` attends (None: the whole history)."""
+    return getattr(config, "sliding_window", None) if layer_type == "sliding_attention" else None
+
+
 def _chain_mask(past: int, n: int, window: int | None, device: torch.device) -> torch.Tensor | None:
     """Causal (and sliding-window) mask of ``n`` new tokens after ``past`` cached ones, over the
     keys from :func:`_window_start` on; None where all of those are visible (one new token)."""
@@ -200,13 +206,16 @@ class NativeDecoder:
     ``attention_dtype``: attention runs on queries, keys and values upcast to it (exactly) and its
     output is rounded back once — the bf16 runtime's choice where torch's bf16 attention kernel is
     slower than its float32 one (7–9× for one query on AVX-512 BF16, docs/perf.md); None: the
-    model's dtype, as `transformers` runs it."""
+    model's dtype, as `transformers` runs it. ``chain_kernel``: chain rows (no tree mask) attend in
+    float32 through our kernel (``row_kernels.chain_attention``: every request of a batched step in
+    one call, each row's sums in one fixed order) where the runtime timed it faster than torch's."""
 
     def __init__(self, model: nn.Module, fused: dict[tuple[int, str], FusedGroup] | None = None,
-                 attention_dtype: torch.dtype | None = None) -> None:
+                 attention_dtype: torch.dtype | None = None, chain_kernel: bool = False) -> None:
         family = family_of(model, "the native decoder")
         fused = fused or {}
         self.attention_dtype = attention_dtype
+        self.chain_kernel = chain_kernel
         self.module = model  # the module tree it reads
         base = model.base_model
         self.embed_tokens, self.rotary_emb, self.norm = base.embed_tokens, base.rotary_emb, _Norm.of(
@@ -236,6 +245,7 @@ class NativeDecoder:
         if chain:
             position_ids = torch.arange(past, past + n, device=hidden.device)[None]
         types = self.types
+        kernel = chain and attention_mask is None and self.chain_kernel_runs(hidden)
         rotary, masks, starts = {}, {}, dict.fromkeys(types, 0)
         for layer_type in set(types):
             if self.gemma_rotary:
@@ -247,7 +257,7 @@ class NativeDecoder:
             elif attention_mask is not None or not chain:
                 masks[layer_type] = attention_mask
             else:
-                window = getattr(self.config, "sliding_window", None) if layer_type == "sliding_attention" else None
+                window = window_of(self.config, layer_type)
                 masks[layer_type] = _chain_mask(past, n, window, hidden.device)
                 starts[layer_type] = _window_start(past, window)
         skipped_attention, skipped_mlp = (skip.attention, skip.mlp) if skip is not None else ((), ())
@@ -257,11 +267,14 @@ class NativeDecoder:
             else:
                 q, k, v = layer.attention_inputs(layer.input_norm(hidden), *rotary[types[index]])
                 k, v = self.store(cache, k, v, index)
-                start = starts[types[index]]
-                if start:
-                    k, v = k[..., start:, :], v[..., start:, :]
-                out = self.attend(q, k, v, masks[types[index]], layer.scaling)
-                hidden = layer.attention_residual(hidden, out.transpose(1, 2).reshape(1, n, -1))
+                if kernel:
+                    attended = self.attend_chains(q, [k], [v], [n], window_of(self.config, types[index]), layer.scaling)
+                else:
+                    start = starts[types[index]]
+                    if start:
+                        k, v = k[..., start:, :], v[..., start:, :]
+                    attended = self.attend(q, k, v, masks[types[index]], layer.scaling).transpose(1, 2).reshape(1, n, -1)
+                hidden = layer.attention_residual(hidden, attended)
             if index not in skipped_mlp:
                 hidden = layer.feed_forward(hidden)
         return self.norm(hidden)
@@ -283,6 +296,20 @@ class NativeDecoder:
         in the dtype :meth:`store` keeps, so that every layer of the cache keeps the same length."""
         placeholder = like.new_zeros(1, layer.kv_heads, n, layer.head_dim, dtype=self.attention_dtype or like.dtype)
         cache.update(placeholder, placeholder, index)
+
+    def chain_kernel_runs(self, hidden: torch.Tensor) -> bool:
+        """Whether chain rows of ``hidden`` attend through the kernel: asked for, attention in float32,
+        and no gradient to carry (the kernel has no backward; a draft head trains through here)."""
+        return (self.chain_kernel and (self.attention_dtype or hidden.dtype) == torch.float32
+                and not (hidden.requires_grad and torch.is_grad_enabled()))
+
+    def attend_chains(self, q: torch.Tensor,  # [1, heads, N, d]: every request's rows, request after request
+                      keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],  # each [1, kv_heads, t_r, d]
+                      rows: Sequence[int], window: int | None, scaling: float) -> torch.Tensor:
+        """Chain attention ``[1, N, heads·d]`` of several requests' rows, each over its own cache (its
+        new keys and values stored), in one kernel call; in float32, rounded back once to ``q``'s dtype."""
+        out = row_kernels.chain_attention(q.float(), keys, values, rows, window, scaling)
+        return out if q.dtype == torch.float32 else out.to(q.dtype)
 
     def attend(self, q: torch.Tensor,  # [1, heads, n, d]
                k: torch.Tensor, v: torch.Tensor,  # [1, kv_heads, t, d]

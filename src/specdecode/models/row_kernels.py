@@ -1,16 +1,18 @@
-"""Products for a few rows that stay memory-bound (``csrc/row_kernels.c``), built with the machine's
-C compiler on first use and cached; each offered only where it builds and runs here.
+"""Kernels of our own for a decode step's few rows (``csrc/``), built with the machine's C compiler on
+first use and cached; each offered only where it builds and runs here.
 
 - ``bf16_product``: bf16 weights and rows on AVX-512 BF16, a candidate of the kernel tuner.
 - ``int8_product``: weights as int8 with a float32 scale per 32 inputs, rows as int16 with a scale
   each (AVX-512 VNNI): the LM head's cheapest screen (1.125 bytes a weight), whose error a bound
   covers (``heads.py``).
+- ``chain_attention``: every request's chain rows attended over its own cache in one call
+  (portable C), where torch's attention costs ~60-100 µs a call, once a request and a layer.
 
 Why kernels of our own: oneDNN's bf16 product turns compute-bound at ~5 rows on a 2-core Zen 4,
 so a 5-token bf16 verification cost 1.4× a 1-token step (docs/perf.md, stop 26); this one spends
 one dot-product instruction per 64 weight bytes a row and stays memory-bound to ~8 rows. Each
 row's sum runs in the same order whatever the row count: k rows give exactly what k one-row calls
-give. The C file has no torch headers, so it builds in about a second; ctypes calls it on the
+give (the attention too, whatever the requests beside). The C files have no torch headers, so it builds in about a second; ctypes calls it on the
 tensors' memory (float32 sums, one rounding to bf16, as the other bf16 kernels).
 """
 
@@ -23,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 
 from specdecode.models.machine import cache_dir, cpu_description
 
-SOURCE = Path(__file__).parent / "csrc" / "row_kernels.c"
+SOURCES = (Path(__file__).parent / "csrc" / "row_kernels.c", Path(__file__).parent / "csrc" / "chain_attention.c")
 LANES = 16  # outputs per packed block (one 512-bit register of float32 sums)
 GROUP_K = 32  # inputs sharing one scale in the int8 layout (as GGUF's Q8_0)
 
@@ -39,7 +42,9 @@ GROUP_K = 32  # inputs sharing one scale in the int8 layout (as GGUF's Q8_0)
 @cache
 def source_digest() -> str:
     """Names this version of the kernels (tuned plans that timed them are keyed by it)."""
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12] if SOURCE.is_file() else "none"
+    if not all(source.is_file() for source in SOURCES):
+        return "none"
+    return hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()[:12]
 
 
 @cache
@@ -47,7 +52,7 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where this machine cannot build them (no C compiler, no
     OpenMP); which of them run here says :func:`bf16_available` / :func:`int8_available`."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None or not SOURCE.is_file():
+    if compiler is None or source_digest() == "none":
         return None
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
     key = hashlib.sha256(repr((source_digest(), compiler, flags, cpu_description()["cpu"],
@@ -58,7 +63,7 @@ def library() -> ctypes.CDLL | None:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], check=True,
+                subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(built)], check=True,
                                capture_output=True, timeout=120)
                 built.replace(target)  # atomic: a concurrent build never loads half a file
         except (OSError, subprocess.SubprocessError) as error:
@@ -73,6 +78,9 @@ def library() -> ctypes.CDLL | None:
     lib.bf16_rows.restype = lib.int8_rows.restype = None
     lib.bf16_rows.argtypes = [pointer, pointer, number, number, number, pointer, pointer, number, number]
     lib.int8_rows.argtypes = [pointer, pointer, pointer, pointer, number, number, number, pointer, number]
+    lib.chain_attention.restype = number
+    lib.chain_attention.argtypes = [pointer, ctypes.c_int64, ctypes.c_int64, pointer, pointer, pointer, pointer,
+                                    pointer, number, number, number, number, number, ctypes.c_float, pointer, number]
     return lib
 
 
@@ -100,18 +108,27 @@ def pack_bf16(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 def bf16_product(rows: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
-                 out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                 out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
     """``rows [M, K] @ weightᵀ`` from ``pack_bf16(weight)``: float32 sums (plus ``bias``), returned in
-    ``out_dtype`` (bf16: one rounding to nearest even, like the other bf16 kernels)."""
+    ``out_dtype`` (bf16: one rounding to nearest even, like the other bf16 kernels), written into
+    ``out`` (contiguous ``[M, out_features]``) where given."""
     lib = library()
     assert lib is not None and rows.dim() == 2 and out_dtype in (torch.bfloat16, torch.float32)
     rows = rows.to(torch.bfloat16).contiguous()
-    out = torch.empty(rows.shape[0], out_features, dtype=out_dtype)
+    out = _output(out, rows.shape[0], out_features, out_dtype)
     if bias is not None:
         bias = bias.float().contiguous()
     lib.bf16_rows(rows.data_ptr(), packed.data_ptr(), rows.shape[0], rows.shape[1], out_features,
                   None if bias is None else bias.data_ptr(), out.data_ptr(), int(out_dtype == torch.bfloat16),
                   torch.get_num_threads())
+    return out
+
+
+def _output(out: torch.Tensor | None, rows: int, columns: int, dtype: torch.dtype) -> torch.Tensor:
+    """``out`` checked to be what a kernel may write ``rows × columns`` of ``dtype`` into, or a new tensor."""
+    if out is None:
+        return torch.empty(rows, columns, dtype=dtype)
+    assert out.shape == (rows, columns) and out.dtype == dtype and out.is_contiguous()
     return out
 
 
@@ -152,13 +169,49 @@ def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(rows.float() / t[:, None]).clamp_(-32767, 32767).to(torch.int16), t
 
 
-def int8_product(xq: torch.Tensor, t: torch.Tensor, weight: Int8Groups) -> torch.Tensor:
+def int8_product(xq: torch.Tensor, t: torch.Tensor, weight: Int8Groups, out: torch.Tensor | None = None) -> torch.Tensor:
     """``(xq·t) @ weight.dequantized()ᵀ``: integer sums exact within a group of 32 inputs, float32
-    across groups; float32 out."""
+    across groups; float32 out (into ``out`` where given)."""
     lib = library()
     assert lib is not None and xq.dim() == 2 and xq.dtype == torch.int16
     xq, t = xq.contiguous(), t.contiguous()
-    out = torch.empty(xq.shape[0], weight.out_features)
+    out = _output(out, xq.shape[0], weight.out_features, torch.float32)
     lib.int8_rows(xq.data_ptr(), t.data_ptr(), weight.packed_q.data_ptr(), weight.packed_scale.data_ptr(),
                   xq.shape[0], xq.shape[1], weight.out_features, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def chain_attention_available() -> bool:
+    """The attention kernel is portable C: it runs wherever the library builds."""
+    return library() is not None
+
+
+def chain_attention(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                    rows: Sequence[int], window: int | None, scale: float) -> torch.Tensor:
+    """Every request's chain rows attended over its own cache in one call (``csrc/chain_attention.c``):
+    ``q [1, heads, N, d]`` float32 (request after request, ``rows[r]`` each), ``keys[r]`` / ``values[r]``
+    ``[1, kv_heads, past_r + rows[r], d]`` float32 views of request r's cache (its new rows already
+    stored); row i of request r attends to the keys up to its own position (within ``window`` of it,
+    for a sliding layer). Returns ``[1, N, heads·d]``, the layout the output projection reads."""
+    lib = library()
+    assert lib is not None and q.dtype == torch.float32 and q.stride(-1) == 1
+    _, heads, total, head_dim = q.shape
+    count = len(keys)
+    key_pointers, value_pointers = [], []
+    head_strides, pasts = [], []
+    for k, v, n in zip(keys, values, rows):  # one pass: this runs once a layer and a step
+        stride = k.stride()
+        assert k.dtype == v.dtype == torch.float32 and stride[2:] == (head_dim, 1) and stride == v.stride()
+        key_pointers.append(k.data_ptr())
+        value_pointers.append(v.data_ptr())
+        head_strides.append(stride[1])
+        pasts.append(k.shape[2] - n)
+    out = torch.empty(total, heads, head_dim)
+    status = lib.chain_attention(
+        q.data_ptr(), q.stride(2), q.stride(1), (ctypes.c_void_p * count)(*key_pointers),
+        (ctypes.c_void_p * count)(*value_pointers), (ctypes.c_int64 * count)(*head_strides),
+        (ctypes.c_int * count)(*pasts), (ctypes.c_int * count)(*rows), count, heads, keys[0].shape[1], head_dim,
+        window or 0, scale, out.data_ptr(), torch.get_num_threads())
+    if status:
+        raise MemoryError("the attention kernel could not allocate its scores")
+    return out.view(1, total, heads * head_dim)

@@ -346,5 +346,6 @@ class TargetRunner:
                        for m in layer.modules() if isinstance(m, nn.Linear)}
             # attention as the target runs it: the draft shares (and extends) the target's cache
             shared.int8_decoder = NativeDecoder(shallow_replace(self.model, linears),
-                                                int8_fused_projections(self.model), self.plan.decoder.attention_dtype)
+                                                int8_fused_projections(self.model), self.plan.decoder.attention_dtype,
+                                                self.plan.decoder.chain_kernel)
         return shared.int8_decoder

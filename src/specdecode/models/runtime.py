@@ -53,6 +53,7 @@ from specdecode.models.int8 import InputStatistics, Int8Linear
 from specdecode.models.int8 import calibration_ids as calibration_token_ids
 from specdecode.models.kernels import (BF16_KERNELS, KERNELS, KernelPlan, Fp16WeightLinear, Int8WeightLinear, TunedLinear,
                                        fbgemm_fp16_available, tuned_linears, weight_copy)
+from specdecode.models import row_kernels
 from specdecode.models.machine import cpu_description
 from specdecode.models.layer_skip import shallow_replace
 from specdecode.models.native import FusedGroup, NativeDecoder
@@ -60,6 +61,7 @@ from specdecode.models.vocab_map import awaits_target_embedding
 
 QUANTIZE_CHOICES = ("fp16", "int8")
 ATTENTION_CHOICES = ("auto", "float32", "model")  # the bf16 runtime's attention dtype
+ATTENTION_KERNELS = ("auto", "chain", "torch")  # chain rows' float32 attention: ours (timed), ours, torch's
 def auto_dtype(device: torch.device) -> torch.dtype:
     """The fastest format the device runs natively: bf16 on CUDA and on CPUs with AVX-512 BF16 /
     AMX, float32 elsewhere (an AVX2-only CPU emulates bf16 products: slower, not faster)."""
@@ -94,6 +96,8 @@ class RuntimePlan:
             parts.append(self.head.describe())
         if self.decoder is not None and self.decoder.attention_dtype is not None:
             parts.append("float32 attention")
+        if self.decoder is not None and self.decoder.chain_kernel:
+            parts.append("chain attention kernel")
         if self.decoder is not None:
             parts.append("native decoder")
         return ", ".join(parts) or "eager"
@@ -106,6 +110,7 @@ def build_runtime(
     plan_cache: Path | None = None,
     calibration_ids: Sequence[int] | None = None,
     attention: str = "auto",
+    attention_kernel: str = "auto",
 ) -> RuntimePlan | None:
     """The fast CPU runtime of ``model`` (which it leaves as it is): the kernels on float32 and bf16
     models, the native decoder (``models/native.py``) on supported families in any CPU dtype; None
@@ -116,8 +121,13 @@ def build_runtime(
     tokens the static activation ranges are calibrated on (default: a fixed pseudo-random sequence).
     ``attention`` (bf16 models): ``"auto"`` upcasts attention to float32 where a timing at load
     finds it faster, ``"float32"`` always, ``"model"`` never (the model's own dtype, as
-    `transformers` runs it).
+    `transformers` runs it). ``attention_kernel``: how chain rows attend where attention runs in
+    float32 — ``"chain"`` our kernel (``row_kernels.chain_attention``), ``"torch"`` torch's SDPA a
+    request at a time, ``"auto"`` ours where a timing at load finds it faster (:func:`chain_kernel_pays`).
     """
+    if attention_kernel not in ATTENTION_KERNELS:
+        raise InvalidSettingError(f"unknown attention kernel {attention_kernel!r}; choose one of "
+                                  f"{', '.join(ATTENTION_KERNELS)}")
     if attention not in ATTENTION_CHOICES:
         raise InvalidSettingError(f"unknown attention choice {attention!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
@@ -129,13 +139,14 @@ def build_runtime(
     dtype = next(model.parameters()).dtype
     native = runs_natively(model)
     if device.type == "cpu" and dtype == torch.bfloat16 and quantize is None:
-        return _bf16_runtime(model, kernels, plan_cache, native, attention)
+        return _bf16_runtime(model, kernels, plan_cache, native, attention, attention_kernel)
     if device.type != "cpu" or dtype != torch.float32 or not fbgemm_fp16_available():
         if quantize is not None:
             raise InvalidSettingError(f"quantize={quantize!r} needs a float32 model on a CPU with fbgemm")
         if device.type != "cpu" or not native:
             return None
-        return RuntimePlan(model, head=None, kernels=None, quantize=None, decoder=NativeDecoder(model))  # fewer ops
+        return RuntimePlan(model, head=None, kernels=None, quantize=None,  # fewer ops
+                           decoder=NativeDecoder(model, chain_kernel=_chain_kernel(model, attention_kernel, dtype)))
     head_module = model.get_output_embeddings()
     linears = [m for m in model.modules() if type(m) is nn.Linear and m is not head_module]
     plan = None
@@ -151,12 +162,13 @@ def build_runtime(
     if family_or_none(model) is not None and isinstance(head_module, nn.Linear) and hasattr(model, "base_model"):
         head = ScreenedHead(head_module.weight, head_module.bias,
                             getattr(model.config, "final_logit_softcapping", None), plan_cache=plan_cache)
-    decoder = NativeDecoder(fast, _fused_projections(fast)) if native else None
+    decoder = NativeDecoder(fast, _fused_projections(fast), chain_kernel=_chain_kernel(model, attention_kernel)) \
+        if native else None
     return RuntimePlan(fast, head=head, kernels=plan, quantize=quantize, decoder=decoder)
 
 
 def _bf16_runtime(model: nn.Module, kernels: str, plan_cache: Path | None, native: bool,
-                  attention: str) -> RuntimePlan:
+                  attention: str, attention_kernel: str) -> RuntimePlan:
     """The bf16 target's runtime: tuned bf16 products (fused where the native decoder runs), the
     head screened and its candidates rescored on the row kernel where that runs (the bf16 logits
     of that kernel, exactly; ``heads.ScreenedHead``) or else a tuned bf16 product of its own, the
@@ -177,7 +189,10 @@ def _bf16_runtime(model: nn.Module, kernels: str, plan_cache: Path | None, nativ
             _, tuned = tuned_linears([head_module], kernels, plan_cache)
             head = TunedHead(tuned[head_module], softcap)
     wide_attention = attention == "float32" or (attention == "auto" and native and upcast_attention_pays(model))
-    decoder = NativeDecoder(fast, _fused_projections(fast), torch.float32 if wide_attention else None) if native else None
+    decoder = None
+    if native:
+        decoder = NativeDecoder(fast, _fused_projections(fast), torch.float32 if wide_attention else None,
+                                _chain_kernel(model, attention_kernel, torch.float32 if wide_attention else torch.bfloat16))
     return RuntimePlan(fast, head=head, kernels=plan, quantize=None, decoder=decoder)
 
 
@@ -207,6 +222,46 @@ def upcast_attention_pays(model: nn.Module, context: int = 256, repeats: int = 2
                 step()
             times[name] = min(times.get(name, float("inf")), time.perf_counter() - start)
     return times["wide"] < times["own"]
+
+
+def _chain_kernel(model: nn.Module, choice: str, attention_dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the native decoder's chain rows attend through our kernel (float32 attention only)."""
+    if attention_dtype != torch.float32 or choice == "torch" or not row_kernels.chain_attention_available():
+        return False
+    return choice == "chain" or chain_kernel_pays(model)
+
+
+def chain_kernel_pays(model: nn.Module, context: int = 256, repeats: int = 10) -> bool:
+    """Whether our chain-attention kernel beats torch's SDPA on this model's head shapes, timed here
+    (a few ms): one query row of one request and of four, over ``context`` keys each, as a decode
+    step attends in one layer. Torch's CPU attention costs ~40-100 µs a call however small the
+    work, called once a request; the kernel runs every request in one call (docs/perf.md, stop 32)."""
+    text = model.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    scale = head_dim ** -0.5
+    times = {}
+    with torch.inference_mode():
+        for requests in (1, 4):
+            q = torch.randn(1, heads, requests, head_dim)
+            keys = [torch.randn(1, kv_heads, context, head_dim) for _ in range(requests)]
+            values = [torch.randn(1, kv_heads, context, head_dim) for _ in range(requests)]
+
+            def torch_sdpa() -> None:
+                for r in range(requests):
+                    F.scaled_dot_product_attention(q[:, :, r:r + 1], keys[r], values[r], scale=scale, enable_gqa=True)
+
+            def ours() -> None:
+                row_kernels.chain_attention(q, keys, values, [1] * requests, None, scale)
+
+            for name, step in (("torch", torch_sdpa), ("ours", ours)) * 2:  # interleaved
+                step()
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    step()
+                times[name, requests] = min(times.get((name, requests), float("inf")), time.perf_counter() - start)
+    return sum(t for (name, _), t in times.items() if name == "ours") < sum(
+        t for (name, _), t in times.items() if name == "torch")
 
 
 def _fused_projections(model: nn.Module) -> dict[tuple[int, str], FusedGroup]:
