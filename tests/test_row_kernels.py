@@ -56,6 +56,32 @@ def test_the_int8_kernel_computes_its_rounded_product_and_each_row_alike():
         assert bool((error <= (in_features // 32 + 4) * 2.0**-24 * magnitude + 1e-30).all())
 
 
+@pytest.mark.skipif(not row_kernels.int8_available(), reason="needs AVX-512 VNNI and a C compiler")
+def test_the_q8_kernel_computes_its_rounded_product_and_each_row_alike():
+    """The q8 product (rows too as int8 with a scale per 32 inputs, fed offset by 128) is ``x̃ @ w̃ᵀ``
+    within float32 rounding of its group sums, the same bits for a row alone or among others; input
+    widths that are no multiple of 32 (zero-padded), odd block remainders and a tiled weight; the
+    rows' rounding within half a step of each group's scale, an outlier group included."""
+    torch.manual_seed(3)
+    for out_features, in_features in ((37, 48), (1000, 130), (64, 640), (3100, 66)):
+        weight = torch.randn(out_features, in_features) * 0.05
+        copy = row_kernels.Int8Groups(weight, "quads")
+        assert torch.equal(copy.dequantized(), row_kernels.Int8Groups(weight).dequantized())  # the int8 screen's copy
+        exact_copy = copy.dequantized()
+        x = torch.randn(20, in_features) * 3
+        x[:, 5] = 400.0  # an outlier: only its own group's scale grows
+        xu, xs, rounded = row_kernels.quantize_groups(x)
+        steps = xs.double().repeat_interleave(32, dim=1)[:, :in_features]
+        assert bool(((rounded - x.double()).abs() <= steps * (0.5 + 127 * 2.0**-24)).all())
+        assert float((rounded[:, 32:] - x[:, 32:].double()).abs().max()) < 0.1  # the other groups stay fine
+        alone = torch.cat([row_kernels.q8_product(xu[i:i + 1], xs[i:i + 1], copy) for i in range(20)])
+        for rows in (2, 5, 8, 9, 20):
+            assert torch.equal(row_kernels.q8_product(xu[:rows], xs[:rows], copy), alone[:rows])
+        magnitude = rounded.abs() @ exact_copy.abs().t()
+        error = (alone.double() - rounded @ exact_copy.t()).abs()
+        assert bool((error <= (in_features // 32 + 4) * 2.0**-24 * magnitude + 1e-30).all())
+
+
 def test_a_tuned_plan_is_keyed_by_the_row_kernels_version(monkeypatch):
     """A plan timed the kernels as they were: a changed kernel (here, tiled passes) is timed again."""
     from specdecode.models.kernels import plan_key

@@ -100,6 +100,8 @@ def test_screened_head_keeps_its_screen_buffer_and_each_call_is_exact(screen):
         assert torch.equal(columns[logits.argmax(1)], exact.argmax(1))
     kept = head._screened_rows(4)
     assert kept is not None and kept.data_ptr() == head._screened_rows(17).data_ptr()  # reused, not reallocated
+    columns, logits = head.top_columns(torch.randn(0, 64), 1)  # no rows: no columns (a reduction over none)
+    assert columns.numel() == 0 and logits.shape == (0, 0) and head.top(torch.randn(0, 64), 1).shape == (0, 3_000)
 
 
 def test_screened_head_stops_after_the_block_of_the_first_mismatch():

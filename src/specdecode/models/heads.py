@@ -4,14 +4,15 @@ kernel runs), or a tuned bf16 product.
 A step of a small model with a big vocabulary is dominated by one product: the 262k-row LM head,
 671 MB in float32 (docs/perf.md). The **screened head** first evaluates every row on a cheaper
 copy of the weights — fbgemm's float16 kernel, a bf16 kernel (oneDNN's, or ours on AVX-512 BF16),
-or our int8 kernel (AVX-512 VNNI, 1.125 bytes a weight) — then recomputes exactly the rows that a
+or our int8 kernels (AVX-512 VNNI, 1.125 bytes a weight; rows as int16, or as int8 for half the
+instructions) — then recomputes exactly the rows that a
 rigorous bound on the screen's error cannot exclude from the top ``k``: float64 dot products
 rounded to float32 for a float32 head; for a bf16 head, the row kernel's own bf16 logits (its
 float32 sums come out alike whatever else it computes, so a candidate's value is the full
 product's). Greedy decoding needs ``k = 1``, top-k sampling ``k = top_k``: every value such a
 consumer can read is exact, the rest of the row is ``-inf``. Which screen runs is timed at load
-per row count (on a Zen 4 the int8 screen for 1-4 rows, a bf16 one beyond; an AVX2-only CPU keeps
-float16); the result is the same either way. Consumers that read the whole distribution (sampling
+per row count (on a Zen 4 the int16-row int8 screen for 1-4 rows, the int8-row one beyond; an
+AVX2-only CPU keeps float16); the result is the same either way. Consumers that read the whole distribution (sampling
 without top-k, perplexity) get the full head.
 """
 
@@ -31,7 +32,7 @@ from specdecode.models.kernels import (ROW_BUCKETS, KernelPlan, TunedLinear, cac
 
 HEAD_BLOCK_ROWS = 4  # a head screen is memory-bound up to ~4 rows on these CPUs
 SCRATCH_ROWS = 128  # the most rows whose screened values a head keeps a buffer for (128 MB at 262k)
-SCREENS = ("fp16", "bf16", "dpbf16", "int8")
+SCREENS = ("fp16", "bf16", "dpbf16", "int8", "q8")
 
 
 class _Screen:
@@ -48,7 +49,10 @@ class _Screen:
     vendors describe loosely; the kernel test shows ``d·2⁻²³`` holds with room). ``int8``: our
     AVX-512 VNNI kernel on an int8 copy with a scale per 32 inputs, the input as int16 with a scale
     (``x̃`` within ``max|x| / 65534`` of each value), integer sums exact within a group and float32
-    across groups (``K/32 + 3`` roundings a term, within ``γ_d``): 1.125 bytes a weight.
+    across groups (``K/32 + 3`` roundings a term, within ``γ_d``): 1.125 bytes a weight. ``q8``: the
+    same int8 copy, the input as int8 with a scale per 32 inputs too (``x̃`` measured exactly), on
+    AVX-512 VNNI's four-byte products (half ``int8``'s instructions; ``K/32 + 2`` roundings a term):
+    a coarser input, so more candidates, for the many-row screens where ``int8`` is compute-bound.
     """
 
     def __init__(self, name: str, weight: torch.Tensor) -> None:
@@ -59,8 +63,8 @@ class _Screen:
         if name == "fp16":
             self.packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
             copy_rows = lambda rows: weight[rows].half()  # noqa: E731
-        elif name == "int8":
-            self.packed = row_kernels.Int8Groups(weight)
+        elif name in ("int8", "q8"):
+            self.packed = row_kernels.Int8Groups(weight, "pairs" if name == "int8" else "quads")
             copy_rows = self.packed.dequantized
         else:
             low = weight.to(torch.bfloat16)
@@ -83,6 +87,10 @@ class _Screen:
             xq, scale = row_kernels.quantize_rows(hidden)
             rounded_error = (hidden.double() - xq.double() * scale.double()[:, None]).norm(dim=1, keepdim=True)
             return row_kernels.int8_product(xq, scale, self.packed, out), bound + rounded_error.float() * self.input_bound
+        if self.name == "q8":
+            xu, xs, rounded = row_kernels.quantize_groups(hidden)
+            rounded_error = (hidden.double() - rounded).norm(dim=1, keepdim=True)
+            return row_kernels.q8_product(xu, xs, self.packed, out), bound + rounded_error.float() * self.input_bound
         rounded = hidden.to(torch.bfloat16)
         bound = bound + (hidden - rounded.float()).norm(dim=1, keepdim=True) * self.input_bound
         if self.name == "dpbf16":
@@ -109,7 +117,8 @@ def offered_screens(in_features: int = 2) -> tuple[str, ...]:
     kernels pair the inputs: an odd count is not offered them); whether they pay is timed."""
     return tuple(name for name, ok in (("fp16", fbgemm_fp16_available()), ("bf16", onednn_available()),
                                        ("dpbf16", row_kernels.bf16_available() and in_features % 2 == 0),
-                                       ("int8", row_kernels.int8_available() and in_features % 2 == 0)) if ok)
+                                       ("int8", row_kernels.int8_available() and in_features % 2 == 0),
+                                       ("q8", row_kernels.int8_available() and in_features % 2 == 0)) if ok)
 
 
 def bf16_head_screens(weight: torch.Tensor, softcap: float | None) -> bool:
@@ -245,6 +254,8 @@ class ScreenedHead:
         row of the true top ``k`` has ``s + A + ρ|s| ≥ h(s_k) − A``; those candidates are rescored
         exactly."""
         hidden = hidden.to(torch.bfloat16).float() if self.bf16 else hidden.float()  # what the target multiplies
+        if hidden.shape[0] == 0:
+            return torch.zeros(0, dtype=torch.long), hidden.new_zeros(0, 0)
         screen = self.screens[self.plan.kernels[-1] if hidden.shape[0] > ROW_BUCKETS[-1]
                               else self.plan.kernel_for(hidden.shape[0])]
         values, bound = screen(hidden, self._screened_rows(hidden.shape[0]))

@@ -5,6 +5,9 @@ first use and cached; each offered only where it builds and runs here.
 - ``int8_product``: weights as int8 with a float32 scale per 32 inputs, rows as int16 with a scale
   each (AVX-512 VNNI): the LM head's cheapest screen (1.125 bytes a weight), whose error a bound
   covers (``heads.py``).
+- ``q8_product``: the same int8 weights, rows as int8 with a scale per 32 inputs too (AVX-512
+  VNNI's four-byte products): half the instructions of ``int8_product`` a weight, for screens of
+  many rows, where that one turns compute-bound.
 - ``chain_attention``: every request's chain rows attended over its own cache in one call
   (portable C), where torch's attention costs ~60-100 µs a call, once a request and a layer.
 
@@ -78,6 +81,8 @@ def library() -> ctypes.CDLL | None:
     lib.bf16_rows.restype = lib.int8_rows.restype = None
     lib.bf16_rows.argtypes = [pointer, pointer, number, number, number, pointer, pointer, number, number]
     lib.int8_rows.argtypes = [pointer, pointer, pointer, pointer, number, number, number, pointer, number]
+    lib.q8_rows.restype = None
+    lib.q8_rows.argtypes = [pointer, pointer, pointer, pointer, pointer, number, number, number, pointer, number]
     lib.chain_attention.restype = number
     lib.chain_attention.argtypes = [pointer, ctypes.c_int64, ctypes.c_int64, pointer, pointer, pointer, pointer,
                                     pointer, number, number, number, number, number, ctypes.c_float, pointer, number]
@@ -135,11 +140,13 @@ def _output(out: torch.Tensor | None, rows: int, columns: int, dtype: torch.dtyp
 class Int8Groups:
     """A weight ``[N, K]`` (K even) as int8 with a float32 scale per 32 inputs (``scale = max|w| / 127``
     over the group): ``dequantized()`` is what the kernel multiplies by, exactly (a 7-bit integer
-    times a float32 scale), for the screen's error bound."""
+    times a float32 scale), for the screen's error bound. Packed for :func:`int8_product` (``layout
+    "pairs"``: ``[N/16][K/2][16][2]``) or for :func:`q8_product` (``"quads"``: K zero-padded to a
+    multiple of 32, ``[N/16][K/4][16][4]``, with each group's sum of weights times 128)."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, layout: str = "pairs") -> None:
         out_features, in_features = weight.shape
-        assert in_features % 2 == 0
+        assert in_features % 2 == 0 and layout in ("pairs", "quads")
         self.out_features, self.in_features = out_features, in_features
         padded_k = -(-in_features // GROUP_K) * GROUP_K
         grouped = F.pad(weight.detach().float(), (0, padded_k - in_features)).view(out_features, -1, GROUP_K)
@@ -149,15 +156,51 @@ class Int8Groups:
         self.q, self.scale = q.view(out_features, padded_k)[:, :in_features], scale.squeeze(2)
         padded_n = -(-out_features // LANES) * LANES
         blocks = padded_n // LANES
-        q_rows = F.pad(self.q, (0, 0, 0, padded_n - out_features))
-        self.packed_q = q_rows.view(blocks, LANES, in_features // 2, 2).transpose(1, 2).contiguous()
-        scale_rows = F.pad(self.scale, (0, 0, 0, padded_n - out_features), value=1.0)
-        self.packed_scale = scale_rows.view(blocks, LANES, -1).transpose(1, 2).contiguous()
+
+        def by_block(per_row: torch.Tensor, value: float = 0) -> torch.Tensor:  # [N, G] -> [N/16][G][16]
+            return F.pad(per_row, (0, 0, 0, padded_n - out_features), value=value).view(blocks, LANES, -1).transpose(1, 2).contiguous()
+
+        self.packed_scale = by_block(self.scale, 1.0)
+        if layout == "pairs":
+            q_rows = F.pad(self.q, (0, 0, 0, padded_n - out_features))
+            self.packed_q = q_rows.view(blocks, LANES, in_features // 2, 2).transpose(1, 2).contiguous()
+        else:
+            q_rows = F.pad(q.view(out_features, padded_k), (0, 0, 0, padded_n - out_features))
+            self.packed_q = q_rows.view(blocks, LANES, padded_k // 4, 4).transpose(1, 2).contiguous()
+            self.packed_offset = by_block(q.sum(dim=2, dtype=torch.int32) * 128)
 
     def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
         """The weight's ``rows`` as the kernel multiplies by them, in float64 (exact)."""
         scale = self.scale[rows].double().repeat_interleave(GROUP_K, dim=1)[:, :self.in_features]
         return self.q[rows].double() * scale
+
+
+def quantize_groups(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rows [M, K]`` as :func:`q8_product` reads them: int8 with a float32 scale per 32 inputs
+    (``max|x| / 127`` over the group), fed as ``xq + 128`` (uint8, K zero-padded to a multiple of 32);
+    also the rows as multiplied, ``xq · scale`` in float64 (exact), for the screen's bound."""
+    count, in_features = rows.shape
+    padded_k = -(-in_features // GROUP_K) * GROUP_K
+    grouped = F.pad(rows.float(), (0, padded_k - in_features)).view(count, -1, GROUP_K)
+    scale = grouped.abs().amax(dim=2, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    xq = torch.round(grouped / scale).clamp_(-127, 127)
+    rounded = (xq.double() * scale.double()).view(count, padded_k)[:, :in_features]
+    return (xq + 128).to(torch.uint8).view(count, padded_k), scale.view(count, -1).contiguous(), rounded
+
+
+def q8_product(xu: torch.Tensor, xs: torch.Tensor, weight: Int8Groups, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x̃ @ weight.dequantized()ᵀ`` of rows from :func:`quantize_groups` and a ``"quads"`` weight:
+    integer sums exact within a group of 32 inputs, float32 across groups; float32 out (into ``out``
+    where given)."""
+    lib = library()
+    assert lib is not None and xu.dtype == torch.uint8 and xu.shape[1] == weight.packed_q.shape[1] * 4
+    xu, xs = xu.contiguous(), xs.contiguous()
+    out = _output(out, xu.shape[0], weight.out_features, torch.float32)
+    lib.q8_rows(xu.data_ptr(), xs.data_ptr(), weight.packed_q.data_ptr(), weight.packed_scale.data_ptr(),
+                weight.packed_offset.data_ptr(), xu.shape[0], xu.shape[1], weight.out_features, out.data_ptr(),
+                torch.get_num_threads())
+    return out
 
 
 def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

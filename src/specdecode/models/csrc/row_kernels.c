@@ -250,10 +250,111 @@ void int8_rows(const int16_t *x, const float *t, const int8_t *q, const float *s
     const struct int8_args args = {x, t, q, scale, K, N, out};
     for_tiles(int8_span, &args, M, N, threads);
 }
+
+/* q8_rows: out[m, n] = sum_g scale[n, g] * xs[m, g] * sum_{k in group g} xq[m, k] * q[n, k], the rows
+ * too as int8 with a float32 scale per 32 inputs (GGUF's Q8_0 on both sides). AVX-512 VNNI's
+ * vpdpbusd adds four unsigned x signed byte products a lane: a row costs one instruction per 64
+ * weight bytes, half of int8_rows' count, so the screen stays memory-bound to more rows. The row is
+ * fed as xq + 128 (0..255); wsum[n, g] = 128 * sum_{k in g} q[n, k] takes the offset back out of each
+ * group's integer sum, exactly (|sums| <= 32 * 255 * 127 < 2^31). Weight packed as [N/16][K/4][16][4]
+ * int8, scales [N/16][K/32][16] float32, wsum [N/16][K/32][16] int32; rows [M][K] uint8 and xs [M][K/32];
+ * K a multiple of 32 (zero-padded by the caller). */
+static inline __attribute__((always_inline)) void q8_blocks(
+    const uint8_t *x, const float *xs, const int8_t *q, const float *scale, const int32_t *wsum, int K, int ROWS,
+    int BLOCKS, int block0, int N, float *out) {
+    __m512 total[4][8];
+    __m512i part[4][8];
+    const int quads = K / 4, groups = K / 32;
+    const int32_t *xp[8];
+#pragma GCC unroll 8
+    for (int m = 0; m < ROWS; m++) xp[m] = (const int32_t *)(x + (int64_t)m * K);
+#pragma GCC unroll 4
+    for (int b = 0; b < BLOCKS; b++)
+#pragma GCC unroll 8
+        for (int m = 0; m < ROWS; m++) total[b][m] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+#pragma GCC unroll 4
+        for (int b = 0; b < BLOCKS; b++)
+#pragma GCC unroll 8
+            for (int m = 0; m < ROWS; m++) part[b][m] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int p = g * 8; p < g * 8 + 8; p++) {
+            __m512i wv[4];
+#pragma GCC unroll 4
+            for (int b = 0; b < BLOCKS; b++)
+                wv[b] = _mm512_loadu_si512((const void *)(q + ((int64_t)(block0 + b) * quads + p) * 4 * LANES));
+#pragma GCC unroll 8
+            for (int m = 0; m < ROWS; m++) {
+                const __m512i xv = _mm512_set1_epi32(xp[m][p]);
+#pragma GCC unroll 4
+                for (int b = 0; b < BLOCKS; b++) part[b][m] = _mm512_dpbusd_epi32(part[b][m], xv, wv[b]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int b = 0; b < BLOCKS; b++) {
+            const int64_t at = ((int64_t)(block0 + b) * groups + g) * LANES;
+            const __m512 sv = _mm512_loadu_ps(scale + at);
+            const __m512i offset = _mm512_loadu_si512((const void *)(wsum + at));
+#pragma GCC unroll 8
+            for (int m = 0; m < ROWS; m++) {
+                const __m512 factor = _mm512_mul_ps(sv, _mm512_set1_ps(xs[(int64_t)m * groups + g]));
+                total[b][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(part[b][m], offset)), factor,
+                                              total[b][m]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int b = 0; b < BLOCKS; b++) {
+        const int n0 = (block0 + b) * LANES;
+        const int valid = N - n0 < LANES ? N - n0 : LANES;
+        const __mmask16 mask = valid >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1u);
+#pragma GCC unroll 8
+        for (int m = 0; m < ROWS; m++) _mm512_mask_storeu_ps(out + (int64_t)m * N + n0, mask, total[b][m]);
+    }
+}
+
+struct q8_args {
+    const uint8_t *x;
+    const float *xs;
+    const int8_t *q;
+    const float *scale;
+    const int32_t *wsum;
+    int K, N;
+    float *out;
+};
+
+static void q8_span(const void *args, int m0, int rows, int b0, int b1) {
+    const struct q8_args *a = (const struct q8_args *)args;
+    const uint8_t *x = a->x + (int64_t)m0 * a->K;
+    const float *xs = a->xs + (int64_t)m0 * (a->K / 32);
+    float *out = a->out + (int64_t)m0 * a->N;
+#define Q8_CALL(ROWS, BLOCKS, block) q8_blocks(x, xs, a->q, a->scale, a->wsum, a->K, ROWS, BLOCKS, block, a->N, out)
+    switch (rows) {
+        case 1: SPAN(1, 4, Q8_CALL); break;
+        case 2: SPAN(2, 4, Q8_CALL); break;
+        case 3: SPAN(3, 3, Q8_CALL); break;
+        case 4: SPAN(4, 3, Q8_CALL); break;
+        case 5: SPAN(5, 2, Q8_CALL); break;
+        case 6: SPAN(6, 2, Q8_CALL); break;
+        case 7: SPAN(7, 1, Q8_CALL); break;
+        default: SPAN(8, 1, Q8_CALL); break;
+    }
+#undef Q8_CALL
+}
+
+void q8_rows(const uint8_t *x, const float *xs, const int8_t *q, const float *scale, const int32_t *wsum, int M,
+             int K, int N, float *out, int threads) {
+    const struct q8_args args = {x, xs, q, scale, wsum, K, N, out};
+    for_tiles(q8_span, &args, M, N, threads);
+}
 #else
 int int8_rows_available(void) { return 0; }
 void int8_rows(const int16_t *x, const float *t, const int8_t *q, const float *scale, int M, int K, int N,
                float *out, int threads) {
     (void)x; (void)t; (void)q; (void)scale; (void)M; (void)K; (void)N; (void)out; (void)threads;
+}
+void q8_rows(const uint8_t *x, const float *xs, const int8_t *q, const float *scale, const int32_t *wsum, int M,
+             int K, int N, float *out, int threads) {
+    (void)x; (void)xs; (void)q; (void)scale; (void)wsum; (void)M; (void)K; (void)N; (void)out; (void)threads;
 }
 #endif
