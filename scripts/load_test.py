@@ -4,8 +4,9 @@ Phase "load": CLIENTS concurrent streaming clients, REQUESTS requests each, mixe
 methods; reports every status code, p50/p95 time to first token and tokens/s.
 Phase "starvation": a short request sent one second after a long one (run it against
 ``--max-batch 1`` too to see what the step-level interleaving buys).
-Phase "concurrency": 1, 4, 16 clients (``--concurrency``) streaming one method each
-(``--concurrency-methods pld,ar``): aggregate tokens/s, TTFT and inter-token latency p50/p99.
+Phase "concurrency": 1, 4, 16 clients (``--concurrency``) streaming one method at a time
+(``--concurrency-methods pld,ar``, taking turns level by level over ``--concurrency-requests``
+rounds): aggregate tokens/s, TTFT and inter-token latency p50/p99.
 Phase "disconnect": clients that walk away mid-stream, then as many normal requests, which
 must all be served (the abandoned generations' slots were freed); the server must stay healthy.
 Phase "soak": ``--clients`` clients for ``--soak-seconds``, each sending, at random (seeded),
@@ -131,26 +132,36 @@ async def load_phase(url: str, clients: int, requests: int, lengths: list[int]) 
         return summarise([r for batch in batches for r in batch], time.perf_counter() - start)
 
 
-async def concurrency_phase(url: str, levels: list[int], method: str, max_tokens: int,
-                            requests: int) -> dict[str, Any]:
-    """Throughput against concurrency (issue 28): for each level, that many clients each stream
-    greedy completions of ``max_tokens`` tokens with one method, back to back: ``requests`` times
-    as many as make every level send each prompt equally often (1 client: every prompt in turn)."""
-    out: dict[str, Any] = {}
+async def concurrency_phase(url: str, levels: list[int], methods: list[str], max_tokens: int,
+                            rounds: int) -> dict[str, Any]:
+    """Throughput against concurrency (issue 28): at each level, that many clients each stream
+    greedy completions of ``max_tokens`` tokens with one method, back to back, every prompt sent
+    equally often (1 client: every prompt in turn). The methods take turns level by level, in a
+    rotated order each of ``rounds`` rounds, so that a host whose speed drifts (±20-40 % between
+    runs here) moves every method alike; each (method, level) pools its rounds."""
+    results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    walls: dict[tuple[str, int], float] = {}
     async with httpx.AsyncClient(timeout=600) as client:
-        await stream_one(client, url, PROMPTS[0], 4, method)  # warm-up
-        for level in levels:
-            per_client = requests * -(-len(PROMPTS) // level)
+        for method in methods:
+            await stream_one(client, url, PROMPTS[0], 4, method)  # warm-up
+        for round_ in range(rounds):
+            for level in levels:
+                shift = (round_ + level) % len(methods)
+                for method in methods[shift:] + methods[:shift]:
+                    per_client = -(-len(PROMPTS) // level)
 
-            async def client_task(index: int) -> list[dict[str, Any]]:
-                return [await stream_one(client, url, PROMPTS[(index * per_client + j) % len(PROMPTS)], max_tokens,
-                                         method) for j in range(per_client)]
+                    async def client_task(index: int) -> list[dict[str, Any]]:
+                        return [await stream_one(client, url, PROMPTS[(index * per_client + j) % len(PROMPTS)],
+                                                 max_tokens, method) for j in range(per_client)]
 
-            start = time.perf_counter()
-            batches = await asyncio.gather(*(client_task(i) for i in range(level)))
-            summary = summarise([r for batch in batches for r in batch], time.perf_counter() - start)
-            summary["load_average_1m"] = round(os.getloadavg()[0], 2)
-            out[f"{method}_c{level}"] = summary
+                    start = time.perf_counter()
+                    batches = await asyncio.gather(*(client_task(i) for i in range(level)))
+                    walls[method, level] = walls.get((method, level), 0.0) + time.perf_counter() - start
+                    results.setdefault((method, level), []).extend(r for batch in batches for r in batch)
+    out: dict[str, Any] = {}
+    for (method, level), pooled in results.items():
+        out[f"{method}_c{level}"] = {**summarise(pooled, walls[method, level]),
+                                     "load_average_1m": round(os.getloadavg()[0], 2)}
     return out
 
 
@@ -298,9 +309,8 @@ def run_server_test(args: argparse.Namespace) -> dict[str, Any]:
         result["load"] = asyncio.run(load_phase(args.url, args.clients, args.requests, lengths))
     if "concurrency" in phases:
         levels = [int(x) for x in args.concurrency.split(",")]
-        for method in args.concurrency_methods.split(","):
-            result.update(asyncio.run(concurrency_phase(args.url, levels, method, args.concurrency_tokens,
-                                                        args.concurrency_requests)))
+        result.update(asyncio.run(concurrency_phase(args.url, levels, args.concurrency_methods.split(","),
+                                                    args.concurrency_tokens, args.concurrency_requests)))
     if "disconnect" in phases:
         result["disconnect"] = asyncio.run(disconnect_phase(args.url, args.clients // 2))
     if "soak" in phases:
@@ -403,10 +413,11 @@ def main() -> int:
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="max_tokens cycled over requests")
     parser.add_argument("--phases", default="starvation,load,disconnect", help="server phases to run")
     parser.add_argument("--concurrency", default="1,4,16", help="phase 'concurrency': client counts")
-    parser.add_argument("--concurrency-methods", default="pld,ar", help="phase 'concurrency': one run per method")
+    parser.add_argument("--concurrency-methods", default="pld,ar", help="phase 'concurrency': the methods, taking turns")
     parser.add_argument("--concurrency-tokens", type=int, default=48, help="phase 'concurrency': max_tokens")
     parser.add_argument("--concurrency-requests", type=int, default=1,
-                        help="phase 'concurrency': rounds of requests (each level sends every prompt equally often)")
+                        help="phase 'concurrency': rounds (each sends every prompt equally often at every level, the "
+                             "methods taking turns)")
     parser.add_argument("--soak-seconds", type=float, default=600, help="phase 'soak': how long")
     parser.add_argument("--soak-methods", default=",".join(METHODS), help="phase 'soak': methods the streams use")
     parser.add_argument("--ray-replicas", default=None, help="e.g. 1,2: deploy on a local Ray and compare")

@@ -44,6 +44,7 @@ def test_native_forward_equals_transformers(arch, dtype, attention_kernel):
     context = [(7 * i + 3) % VOCAB for i in range(13)]  # past Gemma's window of 8
     skip = SkipSet.of(attention=[1], mlp=[0, 2])
 
+    @torch.inference_mode()  # as decoding runs (the chain kernel has no backward: it runs with autograd off)
     def run(runner):
         kv = KVCache()
         out = [runner.forward(kv, context, Readout(rows=1))]

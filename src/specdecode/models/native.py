@@ -256,7 +256,7 @@ class NativeDecoder:
                 masks[layer_type] = attention_mask[layer_type]
             elif attention_mask is not None or not chain:
                 masks[layer_type] = attention_mask
-            else:
+            elif not kernel:
                 window = window_of(self.config, layer_type)
                 masks[layer_type] = _chain_mask(past, n, window, hidden.device)
                 starts[layer_type] = _window_start(past, window)
@@ -299,9 +299,8 @@ class NativeDecoder:
 
     def chain_kernel_runs(self, hidden: torch.Tensor) -> bool:
         """Whether chain rows of ``hidden`` attend through the kernel: asked for, attention in float32,
-        and no gradient to carry (the kernel has no backward; a draft head trains through here)."""
-        return (self.chain_kernel and (self.attention_dtype or hidden.dtype) == torch.float32
-                and not (hidden.requires_grad and torch.is_grad_enabled()))
+        and autograd off (the kernel has no backward; decoding runs in inference mode)."""
+        return self.chain_kernel and (self.attention_dtype or hidden.dtype) == torch.float32 and not torch.is_grad_enabled()
 
     def attend_chains(self, q: torch.Tensor,  # [1, heads, N, d]: every request's rows, request after request
                       keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],  # each [1, kv_heads, t_r, d]

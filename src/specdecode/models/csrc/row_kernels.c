@@ -1,6 +1,7 @@
 /* Products for a few rows that stay memory-bound: out[m, n] = sum_k x[m, k] * w[n, k].
- * Two kernels: bf16_rows (bf16 weights and rows) and int8_rows (weights as int8 with a float32 scale
- * per 32 inputs, rows as int16 with a scale each; the LM head's screen, models/heads.py).
+ * Three kernels: bf16_rows (bf16 weights and rows), int8_rows (weights as int8 with a float32 scale
+ * per 32 inputs, rows as int16 with a scale each) and q8_rows (the same weights, rows as int8 with a
+ * scale per 32 inputs); the int8 ones are the LM head's screens (models/heads.py).
  *
  * bf16_rows: oneDNN's bf16 kernel turns compute-bound at ~5 rows on a 2-core Zen 4 (docs/perf.md, stop 26),
  * so a 5-token verification cost 1.4x a 1-token step. Here the weight is packed once as
@@ -10,6 +11,7 @@
  * same order whatever the row count, so k rows give bit for bit what k one-row calls give.
  * Without AVX-512 BF16 this file compiles to `bf16_rows_available() == 0` and is not offered.
  */
+#include <stddef.h>
 #include <stdint.h>
 
 #define LANES 16
@@ -161,6 +163,36 @@ int int8_rows_available(void) { return 1; }
 
 #define GROUP_PAIRS 16
 
+/* The int8 kernels' results: each row's float32 totals of BLOCKS blocks of 16 outputs, times the row's
+ * scale t[m] where rows have one (int8_rows), the last block masked at N. */
+static inline __attribute__((always_inline)) void store_totals(__m512 total[4][8], const float *t, int ROWS,
+                                                               int BLOCKS, int block0, int N, float *out) {
+#pragma GCC unroll 4
+    for (int b = 0; b < BLOCKS; b++) {
+        const int n0 = (block0 + b) * LANES;
+        const int valid = N - n0 < LANES ? N - n0 : LANES;
+        const __mmask16 mask = valid >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1u);
+#pragma GCC unroll 8
+        for (int m = 0; m < ROWS; m++)
+            _mm512_mask_storeu_ps(out + (int64_t)m * N + n0, mask,
+                                  t ? _mm512_mul_ps(total[b][m], _mm512_set1_ps(t[m])) : total[b][m]);
+    }
+}
+
+/* Two accumulators a row and block (the group's integer sum and the total): as many blocks as 32
+ * registers hold, for both int8 kernels. */
+#define INT8_SPANS(CALL)                      \
+    switch (rows) {                           \
+        case 1: SPAN(1, 4, CALL); break;      \
+        case 2: SPAN(2, 4, CALL); break;      \
+        case 3: SPAN(3, 3, CALL); break;      \
+        case 4: SPAN(4, 3, CALL); break;      \
+        case 5: SPAN(5, 2, CALL); break;      \
+        case 6: SPAN(6, 2, CALL); break;      \
+        case 7: SPAN(7, 1, CALL); break;      \
+        default: SPAN(8, 1, CALL); break;     \
+    }
+
 static inline __attribute__((always_inline)) void int8_blocks(
     const int16_t *x, const float *t, const int8_t *q, const float *scale, int K, int ROWS, int BLOCKS,
     int block0, int N, float *out) {
@@ -202,15 +234,7 @@ static inline __attribute__((always_inline)) void int8_blocks(
                 total[b][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part[b][m]), sv, total[b][m]);
         }
     }
-#pragma GCC unroll 4
-    for (int b = 0; b < BLOCKS; b++) {
-        const int n0 = (block0 + b) * LANES;
-        const int valid = N - n0 < LANES ? N - n0 : LANES;
-        const __mmask16 mask = valid >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1u);
-#pragma GCC unroll 8
-        for (int m = 0; m < ROWS; m++)
-            _mm512_mask_storeu_ps(out + (int64_t)m * N + n0, mask, _mm512_mul_ps(total[b][m], _mm512_set1_ps(t[m])));
-    }
+    store_totals(total, t, ROWS, BLOCKS, block0, N, out);
 }
 
 struct int8_args {
@@ -222,24 +246,13 @@ struct int8_args {
     float *out;
 };
 
-/* Two accumulators a row and block (the group's integer sum and the total): as many blocks as 32
- * registers hold. */
 static void int8_span(const void *args, int m0, int rows, int b0, int b1) {
     const struct int8_args *a = (const struct int8_args *)args;
     const int16_t *x = a->x + (int64_t)m0 * a->K;
     const float *t = a->t + m0;
     float *out = a->out + (int64_t)m0 * a->N;
 #define INT8_CALL(ROWS, BLOCKS, block) int8_blocks(x, t, a->q, a->scale, a->K, ROWS, BLOCKS, block, a->N, out)
-    switch (rows) {
-        case 1: SPAN(1, 4, INT8_CALL); break;
-        case 2: SPAN(2, 4, INT8_CALL); break;
-        case 3: SPAN(3, 3, INT8_CALL); break;
-        case 4: SPAN(4, 3, INT8_CALL); break;
-        case 5: SPAN(5, 2, INT8_CALL); break;
-        case 6: SPAN(6, 2, INT8_CALL); break;
-        case 7: SPAN(7, 1, INT8_CALL); break;
-        default: SPAN(8, 1, INT8_CALL); break;
-    }
+    INT8_SPANS(INT8_CALL)
 #undef INT8_CALL
 }
 
@@ -303,14 +316,7 @@ static inline __attribute__((always_inline)) void q8_blocks(
             }
         }
     }
-#pragma GCC unroll 4
-    for (int b = 0; b < BLOCKS; b++) {
-        const int n0 = (block0 + b) * LANES;
-        const int valid = N - n0 < LANES ? N - n0 : LANES;
-        const __mmask16 mask = valid >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1u);
-#pragma GCC unroll 8
-        for (int m = 0; m < ROWS; m++) _mm512_mask_storeu_ps(out + (int64_t)m * N + n0, mask, total[b][m]);
-    }
+    store_totals(total, NULL, ROWS, BLOCKS, block0, N, out);
 }
 
 struct q8_args {
@@ -329,16 +335,7 @@ static void q8_span(const void *args, int m0, int rows, int b0, int b1) {
     const float *xs = a->xs + (int64_t)m0 * (a->K / 32);
     float *out = a->out + (int64_t)m0 * a->N;
 #define Q8_CALL(ROWS, BLOCKS, block) q8_blocks(x, xs, a->q, a->scale, a->wsum, a->K, ROWS, BLOCKS, block, a->N, out)
-    switch (rows) {
-        case 1: SPAN(1, 4, Q8_CALL); break;
-        case 2: SPAN(2, 4, Q8_CALL); break;
-        case 3: SPAN(3, 3, Q8_CALL); break;
-        case 4: SPAN(4, 3, Q8_CALL); break;
-        case 5: SPAN(5, 2, Q8_CALL); break;
-        case 6: SPAN(6, 2, Q8_CALL); break;
-        case 7: SPAN(7, 1, Q8_CALL); break;
-        default: SPAN(8, 1, Q8_CALL); break;
-    }
+    INT8_SPANS(Q8_CALL)
 #undef Q8_CALL
 }
 
