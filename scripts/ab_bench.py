@@ -40,6 +40,7 @@ from specdecode import SpeculativeDecoder, load_model
 torch.set_num_threads(int(sys.argv[2]))
 target = load_model("default", dtype=sys.argv[3])
 decoders = {}
+memories = {}
 print(json.dumps({"ready": True, "file": __import__("specdecode").__file__}), flush=True)
 for line in sys.stdin:
     job = json.loads(line)
@@ -55,12 +56,16 @@ for line in sys.stdin:
         result = decoders[key].generate(job["prompts"][0], max_new_tokens=job["max_new_tokens"], **job["sampling"])
         tokens, prefill = [result.token_ids], result.stats.prefill_s
     else:
+        from specdecode.engine import batch as batch_module
         from specdecode.engine.batch import BatchStepper
         sampling = dict(job["sampling"])
         seed = sampling.pop("seed")
         wave = [decoders[key].start(prompt, max_new_tokens=job["max_new_tokens"], seed=seed + i, **sampling)
                 for i, prompt in enumerate(job["prompts"])]
-        stepper = BatchStepper(wave, adaptive_drafts=job["adaptive"])
+        # what the steps learn, kept across a decoder's waves as a server keeps it (a checkout before
+        # BatchMemory relearns it each wave)
+        learnt = {"memory": memories.setdefault(key, batch_module.BatchMemory())} if hasattr(batch_module, "BatchMemory") else {}
+        stepper = BatchStepper(wave, adaptive_drafts=job["adaptive"], **learnt)
         stepper.prefill_pending()
         prefill = time.perf_counter() - start
         stepper.run()

@@ -470,3 +470,31 @@ def test_a_batched_generation_is_freed_as_soon_as_it_is_dropped():
         assert [r() is None for r in refs] == [True] * len(refs)
     finally:
         gc.enable()
+
+
+def test_what_a_batch_learns_is_kept_for_the_next_one():
+    """A stepper knows no costs until eight steps of varied rows, so a short batch drafted without
+    budgets from start to end (stop 32: `pld` at 16 streams, 0.70× batched `ar` in a benchmark that
+    started a stepper a wave). Steppers sharing a BatchMemory — a decoder's generate_batch calls, a
+    benchmark's waves, the server's one stepper — start from what the earlier ones measured; the
+    budgets stay lossless."""
+    from specdecode.engine.batch import BatchMemory
+
+    target = _target("llama", fast=True)
+    decoder = SpeculativeDecoder(target, "pld", gamma=8, max_ngram=1)
+    prompts = [[5, 6, 7] * 6, [9, 9, 9, 9, 9, 9], [1, 2, 3, 4] * 3, [8, 1] * 5, [3, 1, 4, 1, 5, 9, 2, 6]]
+    alone = [decoder.generate(p, max_new_tokens=20).token_ids for p in prompts]
+    memory = BatchMemory()
+    BatchStepper([decoder.start(p, max_new_tokens=20) for p in prompts], adaptive_drafts=True, memory=memory).run()
+    assert memory.costs.line() is not None and memory.rest_s is not None and memory.survival
+    generations = [decoder.start(p, max_new_tokens=20) for p in prompts]
+    second = BatchStepper(generations, adaptive_drafts=True, memory=memory)
+    assert second.costs is memory.costs and second._draft_budgets(second._drafting_groups(second.active)) != {}
+    assert BatchStepper().costs.line() is None  # without the memory: nothing known yet
+    second.run()
+    assert [g.result().token_ids for g in generations] == alone
+    results = decoder.generate(prompts, max_new_tokens=20)  # the decoder's own memory, kept across calls
+    learnt = len(decoder._batch_memory.costs.samples)
+    assert [r.token_ids for r in results] == alone and learnt > 0
+    decoder.generate(prompts, max_new_tokens=20)
+    assert len(decoder._batch_memory.costs.samples) > learnt

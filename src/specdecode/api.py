@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, overload
 
 from specdecode import methods
-from specdecode.engine.batch import BatchStepper
+from specdecode.engine.batch import BatchMemory, BatchStepper
 from specdecode.engine.loop import Generation
 from specdecode.engine.stats import GenerationResult
 from specdecode.errors import InvalidSettingError, PromptError
@@ -36,6 +36,7 @@ class SpeculativeDecoder:
         self.draft = _as_model(draft)
         self.method = method
         self.method_options = method_options
+        self._batch_memory = BatchMemory()  # what generate_batch's steps learn, kept across calls
         # Build once with default sampling so bad options or a mismatched draft fail here, not mid-run.
         self._start(GenerationSettings())
 
@@ -91,11 +92,14 @@ class SpeculativeDecoder:
         return self.start(prompt, **settings).result()
 
     def generate_batch(self, prompts: list[str] | list[list[int]], max_batch_rows: int | None = None,
-                       **settings: Any) -> list[GenerationResult]:
-        """:meth:`generate` of several prompts in one batch (``max_batch_rows``: see
-        :class:`~specdecode.engine.batch.BatchStepper`)."""
+                       adaptive_drafts: bool = True, **settings: Any) -> list[GenerationResult]:
+        """:meth:`generate` of several prompts in one batch (``max_batch_rows``, ``adaptive_drafts``:
+        see :class:`~specdecode.engine.batch.BatchStepper`; the budgets are on by default, as in
+        ``specdecode serve``: drafting every token a method would alone costs a batch more than it
+        returns, docs/serving.md)."""
         generations = [self.start(p, **settings) for p in prompts]
-        BatchStepper(generations, max_batch_rows=max_batch_rows).run()
+        BatchStepper(generations, max_batch_rows=max_batch_rows, adaptive_drafts=adaptive_drafts,
+                     memory=self._batch_memory).run()
         return [generation.result() for generation in generations]
 
 

@@ -27,7 +27,7 @@ from specdecode.bench.contenders import OurMethod, parse_spec
 from specdecode.bench.dataset import BenchPrompt
 from specdecode.bench.metrics import EnergyMeter
 from specdecode.bench.runner import BASELINE, WARMUP_TOKENS, BenchConfig, build_contenders, encode_prompts, environment
-from specdecode.engine.batch import BatchStepper
+from specdecode.engine.batch import BatchMemory, BatchStepper
 from specdecode.errors import InvalidSettingError
 from specdecode.models.loading import LoadedModel, pair_draft
 from specdecode.timing import clock
@@ -82,13 +82,14 @@ def run_throughput(
     contenders = build_contenders(target, draft, [parse_spec(m) for m in methods], [], config.sampling)
     encoded = encode_prompts(target, prompts, config)
     widest = max(concurrency)
+    memories = {contender.label: BatchMemory() for contender in contenders}  # learnt across waves, as a server does
 
     def serve_wave(contender: OurMethod, wave: int, max_new_tokens: int, c: int) -> tuple[list, float, float, int]:
         """Requests ``wave .. wave + c`` decoded together: results, seconds, of which prefill, steps."""
         start = clock(target.device)
         settings = config.settings(wave, max_new_tokens)
         generations = [contender.start(p, settings) for p in encoded[wave:wave + c]]
-        stepper = BatchStepper(generations, adaptive_drafts=adaptive_drafts)
+        stepper = BatchStepper(generations, adaptive_drafts=adaptive_drafts, memory=memories[contender.label])
         stepper.prefill_pending()  # the wave's prompts, together (the first step would do it)
         prefill = clock(target.device) - start
         forwards = 0

@@ -46,9 +46,25 @@ from specdecode.propose.base import Draft
 MAX_DRAFT_BUDGET = 64  # draft tokens a request may be given in one batched step (the tuned row buckets' top)
 
 
+@dataclass
+class BatchMemory:
+    """What batched steps learn about their targets on this machine — a verification forward's
+    seconds against its rows, each drafter's seconds against its levels, the rest of a step, each
+    drafter's pooled keep chances — kept across batches by whoever runs many (the server's one
+    stepper, a decoder's ``generate_batch`` calls, a benchmark's waves). A fresh stepper knows no
+    costs until eight steps of varied rows, and drafts without budgets until then: a short batch
+    (`pld` finishing 64 tokens in ~6 steps) never learnt them (stop 32)."""
+
+    costs: LinearCost = field(default_factory=lambda: LinearCost())
+    draft_costs: dict[tuple, LinearCost] = field(default_factory=dict)
+    survival: dict[tuple, Survival] = field(default_factory=dict)
+    rest_s: float | None = None
+
+
 class BatchStepper:
     def __init__(self, generations: Iterable[Generation] = (), max_batch_rows: int | None = None,
-                 adaptive_drafts: bool = False, prefill_chunk: int | None = None) -> None:
+                 adaptive_drafts: bool = False, prefill_chunk: int | None = None,
+                 memory: BatchMemory | None = None) -> None:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise InvalidSettingError(f"prefill_chunk must be >= 1 prompt tokens, got {prefill_chunk}")
         self.active: list[Generation] = []
@@ -56,10 +72,10 @@ class BatchStepper:
         self.adaptive_drafts = adaptive_drafts
         self.prefill_chunk = prefill_chunk
         self._prefilling: dict[Generation, _Prefill] = {}  # joined, prompt not yet all in the cache
-        self.costs = LinearCost()  # a batched verification forward's seconds against its rows
-        self.draft_costs: dict[tuple, LinearCost] = {}  # a drafting group's seconds against its levels
-        self._rest_s: float | None = None  # a step's time outside drafting and verifying
-        self.survival: dict[tuple, Survival] = {}  # each drafter's, pooled over its requests
+        self.memory = memory if memory is not None else BatchMemory()
+        self.costs = self.memory.costs  # a batched verification forward's seconds against its rows
+        self.draft_costs = self.memory.draft_costs  # a drafting group's seconds against its levels
+        self.survival = self.memory.survival  # each drafter's keep chances, pooled over its requests
         self._survival: dict[Generation, Survival] = {}  # each request's own
         # generations whose prefill or drafting raised (a bug in a method), taken out of the batch
         # before any shared forward: the others go on; the caller reads and clears this
@@ -191,7 +207,8 @@ class BatchStepper:
         self.active = [g for g in self.active if g.stop_reason is None]
         if steps:  # the rest of a step (acceptance, bookkeeping), smoothed over the last few steps
             rest = time.perf_counter() - started - drafting_s - verifying_s
-            self._rest_s = rest if self._rest_s is None else 0.8 * self._rest_s + 0.2 * rest
+            memory = self.memory
+            memory.rest_s = rest if memory.rest_s is None else 0.8 * memory.rest_s + 0.2 * rest
         return {g: added[g] for g in steps}
 
     def _drafting_groups(self, generations: list[Generation]) -> dict[tuple, list[Generation]]:
@@ -249,7 +266,7 @@ class BatchStepper:
         if line is None:
             return {}
         a, b = line
-        fixed = a + (self._rest_s or 0.0)
+        fixed = a + (self.memory.rest_s or 0.0)
         room = {g: min(g.room(), MAX_DRAFT_BUDGET) for members in groups.values() for g in members}
         chances = {g: self.keep_chances(g, room[g]) for g in room}
         depth = {group: max(room[g] for g in members) for group, members in groups.items()}
@@ -293,7 +310,7 @@ class BatchStepper:
         a, b = line
         chains = {g: s for g, s in steps.items() if s.draft.parents is None}
         rows = sum(len(s.fed) for s in steps.values())
-        cost = a + b * rows + drafting_s + (self._rest_s or 0.0)
+        cost = a + b * rows + drafting_s + (self.memory.rest_s or 0.0)
         chances = {g: self.keep_chances(g, len(s.draft)) for g, s in chains.items()}
         expected = len(steps) + sum(sum(c) for c in chances.values())
         while True:
