@@ -137,6 +137,17 @@ def _output(out: torch.Tensor | None, rows: int, columns: int, dtype: torch.dtyp
     return out
 
 
+def _int8_groups(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values [M, K]`` in groups of 32 inputs (K zero-padded): each group's integers in [-127, 127]
+    ``[M, G, 32]`` (as float32) and its float32 scale ``max|v| / 127`` ``[M, G, 1]`` (1 for a zero
+    group) — the weights' quantization and q8's rows' alike."""
+    count, width = values.shape
+    grouped = F.pad(values.float(), (0, -(-width // GROUP_K) * GROUP_K - width)).view(count, -1, GROUP_K)
+    scale = grouped.abs().amax(dim=2, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(grouped / scale).clamp_(-127, 127), scale
+
+
 class Int8Groups:
     """A weight ``[N, K]`` (K even) as int8 with a float32 scale per 32 inputs (``scale = max|w| / 127``
     over the group): ``dequantized()`` is what the kernel multiplies by, exactly (a 7-bit integer
@@ -149,10 +160,8 @@ class Int8Groups:
         assert in_features % 2 == 0 and layout in ("pairs", "quads")
         self.out_features, self.in_features = out_features, in_features
         padded_k = -(-in_features // GROUP_K) * GROUP_K
-        grouped = F.pad(weight.detach().float(), (0, padded_k - in_features)).view(out_features, -1, GROUP_K)
-        scale = grouped.abs().amax(dim=2, keepdim=True) / 127
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round(grouped / scale).clamp_(-127, 127).to(torch.int8)
+        levels, scale = _int8_groups(weight.detach())
+        q = levels.to(torch.int8)
         self.q, self.scale = q.view(out_features, padded_k)[:, :in_features], scale.squeeze(2)
         padded_n = -(-out_features // LANES) * LANES
         blocks = padded_n // LANES
@@ -181,10 +190,7 @@ def quantize_groups(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     also the rows as multiplied, ``xq · scale`` in float64 (exact), for the screen's bound."""
     count, in_features = rows.shape
     padded_k = -(-in_features // GROUP_K) * GROUP_K
-    grouped = F.pad(rows.float(), (0, padded_k - in_features)).view(count, -1, GROUP_K)
-    scale = grouped.abs().amax(dim=2, keepdim=True) / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    xq = torch.round(grouped / scale).clamp_(-127, 127)
+    xq, scale = _int8_groups(rows)
     rounded = (xq.double() * scale.double()).view(count, padded_k)[:, :in_features]
     return (xq + 128).to(torch.uint8).view(count, padded_k), scale.view(count, -1).contiguous(), rounded
 
